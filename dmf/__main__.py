@@ -1,0 +1,5 @@
+import sys
+
+from dmf.cli import main
+
+sys.exit(main())

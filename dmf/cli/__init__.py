@@ -1,0 +1,61 @@
+"""The ``dmf`` command line: one entry point, one sub-command per operation.
+
+Each area registers its sub-commands from its own module (``dmf/cli/<area>.py``, a ``register``
+function); every command is a thin layer over the Python API. Errors of our own
+(:class:`dmf.errors.DmfError`) are printed as one message without a traceback, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from dmf.errors import DmfError
+
+AREAS = ["data", "train", "use"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dmf import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="dmf",
+        description="Distributed matrix factorization (biased ALS) on Dask.",
+    )
+    parser.add_argument("--version", action="version", version=f"dmf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for area in AREAS:
+        try:
+            mod = importlib.import_module(f"dmf.cli.{area}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"dmf.cli.{area}":
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        rc = args.func(args)
+    except DmfError as exc:
+        print(f"dmf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dmf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

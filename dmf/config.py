@@ -1,0 +1,335 @@
+"""The YAML config: typed sections with documented fields.
+
+A config file has the sections ``data``, ``synth``, ``store``, ``split``, ``blocks``, ``model``,
+``train``, ``cluster``, ``evaluate`` and ``output``. Every field has a default, so an empty file is
+valid (it trains on nothing, and says so). Unknown keys and bad values raise
+:class:`dmf.errors.ConfigError` naming the dotted key, e.g. ``model.reg: Input should be greater
+than or equal to 0``.
+
+``--set key.path=value`` overrides are applied to the raw mapping before validation, so they are
+checked exactly like values from the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dmf.errors import ConfigError
+
+PositiveInt = int
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Columns(Section):
+    """Where each field is in the raw input: a column name, or a 0-based position."""
+
+    user: str | int = "user"
+    item: str | int = "item"
+    rating: str | int = "rating"
+    timestamp: str | int | None = None
+
+
+class DataConfig(Section):
+    """Raw ratings to ingest."""
+
+    source: str | list[str] | None = None
+    """File, directory or glob (or a list of them). Relative paths are relative to the config file."""
+    format: Literal["auto", "csv", "tsv", "parquet"] = "auto"
+    preset: (
+        Literal[
+            "movielens-100k",
+            "movielens-1m",
+            "movielens-10m",
+            "movielens-20m",
+            "movielens-25m",
+            "movielens-32m",
+        ]
+        | None
+    ) = None
+    """Reads a MovieLens release's ratings file with the right delimiter, columns and header."""
+    delimiter: str | None = None
+    """Field separator for CSV; may be several characters (MovieLens 1M/10M use ``::``)."""
+    header: bool | Literal["auto"] = "auto"
+    columns: Columns = Field(default_factory=Columns)
+    compression: Literal["auto", "none", "gzip", "zstd"] = "auto"
+    duplicates: Literal["error", "last", "mean"] = "error"
+    """Policy for repeated (user, item) pairs: fail, keep the latest by timestamp (then by input
+    order), or average them."""
+    invalid_ratings: Literal["error", "drop"] = "error"
+    """Policy for NaN, infinite or null ratings."""
+    rating_range: tuple[float, float] | None = None
+    """Inclusive valid range of ratings, e.g. [0.5, 5]."""
+    out_of_range: Literal["error", "drop", "clip"] = "error"
+    batch_rows: PositiveInt = Field(default=1_000_000, ge=1)
+    """Rows per streaming batch; memory use of ingest scales with this, not with the input."""
+
+
+class SynthConfig(Section):
+    """Planted-truth ratings, written by ``dmf synth`` or by ``dmf run`` when ``data.source`` is
+    missing."""
+
+    enabled: bool = False
+    path: str = "runs/synth"
+    n_users: PositiveInt = Field(default=10_000, ge=1)
+    n_items: PositiveInt = Field(default=2_000, ge=1)
+    n_ratings: PositiveInt = Field(default=500_000, ge=1)
+    rank: int = Field(default=8, ge=0)
+    noise: float = Field(default=0.5, ge=0)
+    """Standard deviation sigma of Gaussian noise added to each rating."""
+    user_skew: float = Field(default=0.5, ge=0)
+    """Zipf-like exponent of user activity (0 = uniform)."""
+    item_skew: float = Field(default=0.8, ge=0)
+    """Zipf-like exponent of item popularity (0 = uniform)."""
+    mu: float = 3.5
+    bias_scale: float = Field(default=0.3, ge=0)
+    factor_scale: float = Field(default=0.5, ge=0)
+    round_to: float | None = None
+    """Round ratings to a multiple of this (e.g. 0.5 or 1) after clipping."""
+    clip: tuple[float, float] | None = None
+    seed: int = 0
+    files: PositiveInt = Field(default=1, ge=1)
+
+
+class StoreConfig(Section):
+    path: str = "runs/store"
+    overwrite: bool = False
+    """Replace an existing store. Without it, writing into a non-empty directory is refused."""
+
+
+class SplitConfig(Section):
+    method: Literal["none", "random", "user", "temporal"] = "random"
+    """``random``: each rating independently (seeded hash); ``user``: a fraction of each user's
+    ratings; ``temporal``: the latest ratings by timestamp."""
+    validation: float = Field(default=0.0, ge=0, lt=1)
+    test: float = Field(default=0.1, ge=0, lt=1)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.validation + self.test >= 1:
+            raise ValueError("validation + test must be below 1")
+        return self
+
+
+class BlocksConfig(Section):
+    target_ratings: PositiveInt = Field(default=2_000_000, ge=1)
+    """Target number of train ratings per block; a block's memory is about 12 bytes a rating on
+    disk and (rank+1)*8 bytes a rating while being solved in sub-batches."""
+    n_blocks: int | None = Field(default=None, ge=1)
+    """If set, overrides target_ratings: this many blocks per side (fewer if there are fewer rows)."""
+
+
+class ModelConfig(Section):
+    rank: int = Field(default=10, ge=0)
+    reg: float = Field(default=0.1, ge=0)
+    """lambda: L2 penalty on the factor vectors."""
+    reg_bias: float | None = Field(default=None, ge=0)
+    """L2 penalty on the biases; defaults to ``reg``."""
+    weighted_reg: bool = False
+    """ALS-WR (Zhou et al. 2008, Spark's regParam): each row's penalty is scaled by its number of
+    train ratings."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Storage type of the factors; normal equations are always accumulated in float64."""
+    init_scale: float = Field(default=0.1, gt=0)
+    """Item factors start as N(0, init_scale^2 / rank), from ``seed``."""
+    seed: int = 0
+
+    @property
+    def effective_reg_bias(self) -> float:
+        return self.reg if self.reg_bias is None else self.reg_bias
+
+
+class EarlyStopping(Section):
+    patience: int = Field(default=3, ge=1)
+    """Stop after this many iterations without a better validation RMSE; keep the best model."""
+    min_delta: float = Field(default=0.0, ge=0)
+
+
+class TrainConfig(Section):
+    iterations: int = Field(default=10, ge=0)
+    tolerance: float = Field(default=0.0, ge=0)
+    """Stop when the relative decrease of the objective over an iteration is below this."""
+    early_stopping: EarlyStopping | None = None
+    checkpoint_every: int = Field(default=1, ge=0)
+    """Write a checkpoint every N iterations (0: never)."""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    cache_blocks: Literal["auto", "always", "never"] = "auto"
+    """Keep rating blocks in worker memory between iterations (``auto``: when they fit in half the
+    cluster's memory), or read them from disk every half-iteration."""
+    sub_batch_bytes: PositiveInt = Field(default=64 * 2**20, ge=2**16)
+    """Working-set bound of the block solver: rows are solved in sub-batches of about this size."""
+    progress: Literal["auto", "on", "off"] = "auto"
+    """Progress bars per half-iteration: ``auto`` shows them only on a terminal."""
+    retries: int = Field(default=2, ge=0)
+    """How often Dask reruns a block task whose worker died."""
+
+
+class JobqueueConfig(Section):
+    system: Literal["slurm", "pbs", "sge", "lsf"] = "slurm"
+    jobs: int = Field(default=1, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the dask-jobqueue cluster class (cores, memory, queue, walltime...)."""
+
+
+class ClusterConfig(Section):
+    kind: Literal["local", "address", "scheduler_file", "jobqueue"] = "local"
+    n_workers: int = Field(default=2, ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+    memory_limit: str | int = "auto"
+    """Per worker, e.g. "4GiB"; ``auto`` shares the machine's memory between workers."""
+    processes: bool = True
+    dashboard_address: str | None = ":8787"
+    address: str | None = None
+    scheduler_file: str | None = None
+    local_directory: str | None = None
+    jobqueue: JobqueueConfig = Field(default_factory=JobqueueConfig)
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> ClusterConfig:
+        if self.kind == "address" and not self.address:
+            raise ValueError("cluster.kind 'address' needs cluster.address")
+        if self.kind == "scheduler_file" and not self.scheduler_file:
+            raise ValueError("cluster.kind 'scheduler_file' needs cluster.scheduler_file")
+        return self
+
+
+class EvaluateConfig(Section):
+    split: Literal["test", "validation"] = "test"
+    k: int = Field(default=10, ge=1)
+    threshold: float = 4.0
+    """A held-out rating at or above this is relevant for the ranking metrics."""
+    cold_start: Literal["fallback", "drop"] = "fallback"
+    """Unknown users or items: predict from the known biases (``fallback``) or skip (``drop``)."""
+    ranking: bool = True
+
+
+class OutputConfig(Section):
+    model: str = "runs/model"
+    overwrite: bool = True
+    plot: bool = True
+
+
+class Config(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    blocks: BlocksConfig = Field(default_factory=BlocksConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    base_dir: str = Field(default=".", exclude=True)
+    """Directory relative paths are resolved against (the config file's directory)."""
+
+    def resolve(self, path: str | Path) -> Path:
+        """Resolve a path from the config against the config file's directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"base_dir"})
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of the named sections, used to match checkpoints and stores to configs."""
+        d = self.to_dict()
+        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, _, value = item.partition("=")
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    raw: dict[str, Any] | None = None,
+) -> Config:
+    """Read and validate a config.
+
+    Parameters
+    ----------
+    path
+        YAML file; ``None`` for defaults (optionally with ``raw``).
+    overrides
+        ``key.path=value`` strings, as given to ``--set``.
+    raw
+        A mapping used instead of (or, with ``path``, merged over) the file's contents.
+    """
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: the top level must be a mapping of sections")
+        data = loaded
+        base = p.resolve().parent
+    if raw:
+        data = _deep_merge(data, raw)
+    data = apply_overrides(data, overrides)
+    try:
+        cfg = Config.model_validate({**data, "base_dir": str(base)})
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+    return cfg
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
