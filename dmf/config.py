@@ -97,6 +97,8 @@ class SynthConfig(Section):
     clip: tuple[float, float] | None = None
     seed: int = 0
     files: PositiveInt = Field(default=1, ge=1)
+    """Number of output files the ratings are spread over."""
+    format: Literal["parquet", "csv"] = "parquet"
 
 
 class StoreConfig(Section):

@@ -14,7 +14,7 @@ import sys
 
 from dmf.errors import DmfError
 
-AREAS = ["data", "train", "use"]
+AREAS = ["store", "datasets", "train", "use"]
 
 
 def build_parser() -> argparse.ArgumentParser:
