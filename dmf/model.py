@@ -134,6 +134,9 @@ class Model:
             (tmp / "model.json").write_text(json.dumps(model_json, indent=1, default=_json_default))
             old = None
             if path.exists():
+                # Training checkpoints live inside the model directory: carry them over.
+                if (path / "checkpoints").is_dir():
+                    os.replace(path / "checkpoints", tmp / "checkpoints")
                 old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
                 os.replace(path, old)
             os.replace(tmp, path)

@@ -1,0 +1,130 @@
+"""Training checkpoints: the factor matrices and the loop's state after an iteration.
+
+    checkpoints/
+      iter-00003/
+        state.json          iteration, history, fingerprints, and a sha256 of every array file
+        user_factors.npy user_bias.npy item_factors.npy item_bias.npy   (and best_* when early
+                                                                        stopping keeps a best model)
+
+A checkpoint is written into a temporary directory, ``state.json`` last, then renamed: a directory
+named ``iter-*`` is complete by construction, and its checksums catch later corruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmf.errors import CheckpointError
+
+log = logging.getLogger("dmf")
+
+STATE = "state.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checkpoint(
+    directory: str | Path,
+    iteration: int,
+    arrays: dict[str, np.ndarray],
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``iteration`` atomically and prune all but the newest ``keep``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"iter-{iteration:05d}"
+    tmp = directory / f".tmp-{iteration:05d}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        sums = {}
+        for name, arr in arrays.items():
+            f = tmp / f"{name}.npy"
+            np.save(f, arr, allow_pickle=False)
+            sums[f.name] = _sha256(f)
+        doc = {**state, "iteration": iteration, "files": sums}
+        (tmp / STATE).write_text(json.dumps(doc, indent=1))
+        with open(tmp / STATE) as fh:
+            os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("iter-*") if p.is_dir())
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read and verify one checkpoint; a missing or altered file is a CheckpointError."""
+    path = Path(path)
+    sf = path / STATE
+    if not sf.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {STATE}")
+    try:
+        state = json.loads(sf.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {sf} is not valid JSON: {exc}") from exc
+    arrays = {}
+    for fname, digest in state["files"].items():
+        f = path / fname
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {f} is missing")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"checkpoint file {f} is corrupt (checksum mismatch)")
+        arrays[fname[: -len(".npy")]] = np.load(f, allow_pickle=False)
+    return state, arrays
+
+
+def latest_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
+    errors = []
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return read_checkpoint(path)
+        except CheckpointError as exc:
+            log.warning("dmf: skipping checkpoint: %s", exc)
+            errors.append(str(exc))
+    if errors:
+        raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
+    return None
+
+
+def describe_mismatch(
+    saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
+) -> list[str]:
+    """Dotted keys whose values differ between two nested mappings, with both values."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += describe_mismatch(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: checkpoint has {a!r}, now {b!r}")
+    return out

@@ -1,0 +1,468 @@
+"""Distributed ALS on Dask: the training loop.
+
+One iteration is two half-iterations of the same code with the roles swapped:
+
+    users given items:  broadcast (V, c); one task per by_user block -> (U, b) of its rows
+    items given users:  broadcast (U, b); one task per by_item block -> (V, c) of its rows
+
+Each task reads its block from the store's Parquet on the worker (or takes it from the worker's
+memory when blocks are cached), solves every row with :func:`dmf.solver.solve_block`, and returns
+the rows' new factors and biases with the block's share of the objective. The driver holds the
+factor matrices, never the ratings.
+
+Layers, as in the style guide: the maths (:mod:`dmf.solver`), the function run on a worker
+(:func:`solve_block_task`), and orchestration (:class:`Trainer`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmf.blocks import RatingBlock, other_side
+from dmf.checkpoint import describe_mismatch, latest_checkpoint, write_checkpoint
+from dmf.cluster import blas_single_thread, maybe_connect
+from dmf.config import Config
+from dmf.errors import CheckpointError, TrainingError
+from dmf.model import Model
+from dmf.solver import BlockSolution, penalty_term, solve_block
+from dmf.store import Store, read_block_file
+
+log = logging.getLogger("dmf")
+
+
+# ---------------------------------------------------------------------------------------------
+# What runs on a worker
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FixedSide:
+    """The side held fixed in a half-iteration: broadcast to every worker once."""
+
+    factors: np.ndarray  # (n_rows, rank)
+    bias: np.ndarray  # (n_rows,)
+
+
+@dataclass(frozen=True)
+class SolveParams:
+    mu: float
+    reg: float
+    reg_bias: float
+    weighted_reg: bool
+    dtype: str
+    sub_batch_bytes: int
+
+
+def load_block(path: str, side: str, start: int, stop: int) -> RatingBlock:
+    """Read a block on a worker (the task cached between iterations when caching is on)."""
+    return read_block_file(path, side, start, stop)
+
+
+def solve_block_task(
+    block: RatingBlock | tuple[str, str, int, int], fixed: FixedSide, params: SolveParams
+) -> BlockSolution:
+    """Solve one block on a worker: ``block`` is a cached RatingBlock or (path, side, start, stop)."""
+    if not isinstance(block, RatingBlock):
+        block = read_block_file(*block)
+    with blas_single_thread():
+        return solve_block(
+            block,
+            fixed.factors,
+            fixed.bias,
+            params.mu,
+            params.reg,
+            params.reg_bias,
+            params.weighted_reg,
+            params.dtype,
+            params.sub_batch_bytes,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------------------------
+def initial_factors(store: Store, config: Config) -> dict[str, np.ndarray]:
+    """Starting point: U = 0, b = 0 (solved first), V ~ N(0, init_scale^2/rank), c = 0.
+
+    Drawn on the driver from ``model.seed`` alone, so runs are reproducible whatever the number
+    of workers or blocks. Items with no train ratings start (and stay) at zero.
+    """
+    m = config.model
+    dtype = np.dtype(m.dtype)
+    rng = np.random.default_rng(m.seed)
+    rank = m.rank
+    v = rng.normal(0.0, m.init_scale / math.sqrt(max(rank, 1)), size=(store.n_items, rank))
+    v[store.counts("item") == 0] = 0.0
+    return {
+        "user_factors": np.zeros((store.n_users, rank), dtype=dtype),
+        "user_bias": np.zeros(store.n_users, dtype=dtype),
+        "item_factors": v.astype(dtype),
+        "item_bias": np.zeros(store.n_items, dtype=dtype),
+    }
+
+
+def _rmse_on_split(store: Store, split: str, mu: float, f: dict[str, np.ndarray]) -> float | None:
+    """RMSE of held-out ratings (known users and items only), streamed in record batches."""
+    import pyarrow.parquet as pq
+
+    path = store.path / split / "part-0.parquet"
+    if store.n_split(split) == 0 or not path.is_file():
+        return None
+    sse, n = 0.0, 0
+    for batch in pq.ParquetFile(path).iter_batches(
+        batch_size=1 << 20, columns=["user", "item", "rating"]
+    ):
+        u = batch.column(0).to_numpy()
+        i = batch.column(1).to_numpy()
+        r = batch.column(2).to_numpy().astype(np.float64)
+        pred = predict_indices(mu, f, u, i)
+        sse += float(np.square(r - pred).sum())
+        n += len(r)
+    return math.sqrt(sse / n) if n else None
+
+
+def predict_indices(
+    mu: float, f: dict[str, np.ndarray], users: np.ndarray, items: np.ndarray
+) -> np.ndarray:
+    """mu + b_i + c_j + u_i . v_j for dense index arrays, in float64."""
+    uf = f["user_factors"][users].astype(np.float64)
+    vf = f["item_factors"][items].astype(np.float64)
+    return (
+        mu
+        + f["user_bias"][users].astype(np.float64)
+        + f["item_bias"][items].astype(np.float64)
+        + np.einsum("ij,ij->i", uf, vf)
+    )
+
+
+class Trainer:
+    """Runs ALS on a store with a Dask client. Use :func:`train` unless you need the pieces."""
+
+    def __init__(self, store: Store, config: Config, client, quiet: bool = False):
+        self.store = store
+        self.config = config
+        self.client = client
+        self.quiet = quiet
+        m = config.model
+        self.params = SolveParams(
+            mu=store.mu,
+            reg=m.reg,
+            reg_bias=m.effective_reg_bias,
+            weighted_reg=m.weighted_reg,
+            dtype=m.dtype,
+            sub_batch_bytes=config.train.sub_batch_bytes,
+        )
+        self.counts = {"user": store.counts("user"), "item": store.counts("item")}
+        self.cached: dict[str, list] | None = None
+        self.model_dir = config.resolve(config.output.model)
+        self.checkpoint_dir = self.model_dir / "checkpoints"
+
+    # -- block caching -----------------------------------------------------------------------
+    def _should_cache(self) -> bool:
+        mode = self.config.train.cache_blocks
+        if mode != "auto":
+            return mode == "always"
+        info = (
+            self.client.scheduler_info(n_workers=-1)
+            if _accepts_n_workers(self.client)
+            else self.client.scheduler_info()
+        )
+        total_mem = sum(w.get("memory_limit") or 0 for w in info["workers"].values())
+        # In memory a block costs ~16 bytes a rating (int64 indptr amortised, int32 col, float32
+        # value, Parquet decode temporaries); both sides are cached.
+        need = 2 * 16 * self.store.n_train
+        return total_mem > 0 and need < 0.5 * total_mem
+
+    def _block_inputs(self, side: str) -> list:
+        if self.cached is not None:
+            return self.cached[side]
+        return [(path, side, start, stop) for _, path, start, stop in self.store.block_args(side)]
+
+    def cache_blocks(self) -> None:
+        """Load every block once into worker memory, as tasks (recomputed if a worker dies)."""
+        self.cached = {}
+        for side in ("user", "item"):
+            self.cached[side] = [
+                self.client.submit(
+                    load_block,
+                    path,
+                    side,
+                    start,
+                    stop,
+                    key=f"load-{side}-block-{b:05d}-{self.store.fingerprint}",
+                    pure=False,
+                )
+                for b, path, start, stop in self.store.block_args(side)
+            ]
+
+    # -- one half-iteration --------------------------------------------------------------------
+    def half_step(self, side: str, it: int, f: dict[str, np.ndarray]) -> dict[str, float]:
+        """Solve every row of ``side`` given the other side; updates ``f`` in place."""
+        from distributed import as_completed
+        from distributed.client import FutureCancelledError
+
+        other = other_side(side)
+        fixed = FixedSide(f[f"{other}_factors"], f[f"{other}_bias"])
+        inputs = self._block_inputs(side)
+        for attempt in range(3):
+            try:
+                return self._run_half_step(side, it, f, fixed, inputs, as_completed, attempt)
+            except FutureCancelledError as exc:
+                # The broadcast copy was lost with every worker that held it: broadcast again.
+                log.warning(
+                    "dmf: %s half-step of iteration %d lost data (%s); retrying", side, it, exc
+                )
+        raise TrainingError(f"{side} half-step of iteration {it} failed three times")
+
+    def _run_half_step(self, side, it, f, fixed, inputs, as_completed, attempt):
+        from tqdm.auto import tqdm
+
+        [fixed_fut] = self.client.scatter([fixed], broadcast=True, hash=False)
+        futures = [
+            self.client.submit(
+                solve_block_task,
+                blk,
+                fixed_fut,
+                self.params,
+                key=f"solve-{side}s-{it}-{b:05d}" + (f"-retry{attempt}" if attempt else ""),
+                retries=self.config.train.retries,
+                pure=False,
+            )
+            for b, blk in enumerate(inputs)
+        ]
+        bar = tqdm(
+            total=len(futures),
+            desc=f"iter {it} {side}s",
+            unit="block",
+            leave=False,
+            disable=self._progress_disabled(),
+            file=sys.stderr,
+        )
+        sse = abs_err = penalty = 0.0
+        nnz = 0
+        new_f = np.empty_like(f[f"{side}_factors"])
+        new_b = np.empty_like(f[f"{side}_bias"])
+        try:
+            for fut in as_completed(futures):
+                sol: BlockSolution = fut.result()
+                new_f[sol.start : sol.start + sol.n_rows] = sol.factors
+                new_b[sol.start : sol.start + sol.n_rows] = sol.bias
+                sse += sol.sse
+                abs_err += sol.abs_err
+                penalty += sol.penalty
+                nnz += sol.nnz
+                bar.update(1)
+                fut.release()
+        finally:
+            bar.close()
+            fixed_fut.release()
+        f[f"{side}_factors"] = new_f
+        f[f"{side}_bias"] = new_b
+        m = self.config.model
+        other = other_side(side)
+        other_pen = penalty_term(
+            f[f"{other}_factors"],
+            f[f"{other}_bias"],
+            self.counts[other],
+            m.reg,
+            m.effective_reg_bias,
+            m.weighted_reg,
+        )
+        return {"sse": sse, "abs_err": abs_err, "objective": sse + penalty + other_pen, "nnz": nnz}
+
+    def _progress_disabled(self) -> bool | None:
+        mode = self.config.train.progress
+        if self.quiet or mode == "off":
+            return True
+        return None if mode == "auto" else False
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: the model section and the store."""
+        return {"model": self.config.to_dict()["model"], "store": self.store.fingerprint}
+
+    def run(self, resume: bool = False) -> Model:
+        cfg = self.config
+        tc = cfg.train
+        f = initial_factors(self.store, cfg)
+        history: list[dict[str, Any]] = []
+        best: dict[str, Any] | None = None  # early stopping: best validation RMSE and factors
+        start_it = 1
+        stopped = ""
+        if resume:
+            found = latest_checkpoint(self.checkpoint_dir)
+            if found is None:
+                self._say(f"dmf: no checkpoint in {self.checkpoint_dir}; starting from scratch")
+            else:
+                state, arrays = found
+                diff = describe_mismatch(state["fingerprint"], self.fingerprint())
+                if diff:
+                    raise CheckpointError(
+                        f"checkpoint in {self.checkpoint_dir} was made with a different config or "
+                        "store: "
+                        + "; ".join(diff)
+                        + ". Train without --resume (or use another output.model)."
+                    )
+                f = {
+                    k: arrays[k] for k in ("user_factors", "user_bias", "item_factors", "item_bias")
+                }
+                history = state["history"]
+                if "best_user_factors" in arrays:
+                    best = {
+                        "rmse": state["best_rmse"],
+                        "iteration": state["best_iteration"],
+                        "f": {k: arrays["best_" + k] for k in f},
+                    }
+                start_it = state["iteration"] + 1
+                stopped = state.get("stopped", "")
+                self._say(
+                    f"dmf: resuming after iteration {state['iteration']} from {self.checkpoint_dir}"
+                )
+
+        if self._should_cache():
+            self.cache_blocks()
+        n_train = self.store.n_train
+        from distributed import span
+
+        prev_obj = history[-1]["objective"] if history else None
+        it = start_it
+        while it <= tc.iterations and not stopped:
+            t0 = time.perf_counter()
+            with span("dmf-train", f"iteration-{it}"):
+                u = self.half_step("user", it, f)
+                i = self.half_step("item", it, f)
+            seconds = time.perf_counter() - t0
+            self._check_finite(f, it)
+            val = _rmse_on_split(self.store, "validation", self.store.mu, f)
+            rec = {
+                "iteration": it,
+                "train_rmse": math.sqrt(i["sse"] / n_train) if n_train else None,
+                "train_mae": i["abs_err"] / n_train if n_train else None,
+                "validation_rmse": val,
+                "objective": i["objective"],
+                "objective_after_user_step": u["objective"],
+                "seconds": seconds,
+                "ratings_per_second": n_train / seconds if seconds > 0 else None,
+            }
+            history.append(rec)
+            self._report(rec)
+            # Stopping rules.
+            if tc.early_stopping is not None and val is not None:
+                if best is None or val < best["rmse"] - tc.early_stopping.min_delta:
+                    best = {"rmse": val, "iteration": it, "f": {k: v.copy() for k, v in f.items()}}
+                elif it - best["iteration"] >= tc.early_stopping.patience:
+                    stopped = f"early stopping: no better validation RMSE since iteration {best['iteration']}"
+            if tc.tolerance and prev_obj is not None and not stopped:
+                rel = (prev_obj - rec["objective"]) / max(abs(prev_obj), 1e-300)
+                if rel < tc.tolerance:
+                    stopped = (
+                        f"converged: relative objective change {rel:.2e} < tolerance {tc.tolerance}"
+                    )
+            prev_obj = rec["objective"]
+            if tc.checkpoint_every and (
+                it % tc.checkpoint_every == 0 or stopped or it == tc.iterations
+            ):
+                self._checkpoint(it, f, history, best, stopped)
+            it += 1
+        if stopped:
+            self._say(f"dmf: {stopped}")
+        final = f
+        meta: dict[str, Any] = {"stopped": stopped or "iterations", "iterations_run": len(history)}
+        if best is not None:
+            final = best["f"]
+            meta.update(best_iteration=best["iteration"], best_validation_rmse=best["rmse"])
+            if best["iteration"] != len(history):
+                self._say(
+                    f"dmf: keeping the model of iteration {best['iteration']} (best validation RMSE)"
+                )
+        model = Model(
+            mu=self.store.mu,
+            user_ids=self.store.ids("user"),
+            item_ids=self.store.ids("item"),
+            user_factors=final["user_factors"],
+            user_bias=final["user_bias"],
+            item_factors=final["item_factors"],
+            item_bias=final["item_bias"],
+            config=cfg.to_dict(),
+            history=history,
+            store_fingerprint=self.store.fingerprint,
+            store_path=str(self.store.path.resolve()),
+            meta=meta,
+        )
+        model.save(self.model_dir, overwrite=cfg.output.overwrite, plot=cfg.output.plot)
+        self._say(f"dmf: model written to {self.model_dir}")
+        return model
+
+    def _checkpoint(self, it, f, history, best, stopped) -> None:
+        arrays = dict(f)
+        state: dict[str, Any] = {
+            "fingerprint": self.fingerprint(),
+            "history": history,
+            "stopped": stopped,
+        }
+        if best is not None:
+            arrays.update({"best_" + k: v for k, v in best["f"].items()})
+            state.update(best_rmse=best["rmse"], best_iteration=best["iteration"])
+        write_checkpoint(
+            self.checkpoint_dir, it, arrays, state, keep=self.config.train.keep_checkpoints
+        )
+
+    @staticmethod
+    def _check_finite(f: dict[str, np.ndarray], it: int) -> None:
+        for k, v in f.items():
+            if not np.all(np.isfinite(v)):
+                raise TrainingError(f"iteration {it}: {k} has non-finite values")
+
+    def _report(self, rec: dict[str, Any]) -> None:
+        val = rec["validation_rmse"]
+        self._say(
+            f"iter {rec['iteration']:3d}  train RMSE {rec['train_rmse']:.4f}  "
+            f"val RMSE {'-' if val is None else f'{val:.4f}'}  objective {rec['objective']:.6e}  "
+            f"{rec['seconds']:.2f} s  {(rec['ratings_per_second'] or 0) / 1e6:.2f}M ratings/s"
+        )
+
+    def _say(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+
+def _accepts_n_workers(client) -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+
+
+def train(
+    store: Store | str | Path,
+    config: Config,
+    client=None,
+    resume: bool = False,
+    address: str | None = None,
+    scheduler_file: str | None = None,
+    quiet: bool = False,
+) -> Model:
+    """Train a model on ``store`` with ``config``; save it to ``config.output.model`` and return it.
+
+    Parameters
+    ----------
+    store
+        An opened :class:`Store` or its path.
+    client
+        An existing ``distributed.Client`` (e.g. a notebook's). Without one, the cluster of
+        ``config.cluster`` (or ``address`` / ``scheduler_file``) is used, started and stopped here
+        if it is a LocalCluster.
+    resume
+        Continue from the newest complete checkpoint in ``<output.model>/checkpoints``.
+    """
+    if not isinstance(store, Store):
+        store = Store.open(config.resolve(store))
+    if store.n_train == 0:
+        raise TrainingError(f"store {store.path} has no train ratings")
+    with maybe_connect(config, client, address, scheduler_file, quiet=quiet) as c:
+        return Trainer(store, config, c, quiet=quiet).run(resume=resume)
