@@ -20,6 +20,7 @@ import logging
 import math
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,9 @@ class Trainer:
         )
         self.counts = {"user": store.counts("user"), "item": store.counts("item")}
         self.cached: dict[str, list] | None = None
+        # Task keys must be unique per run: Dask hands back the result (or error) of any live
+        # task with the same key. The hex token is dropped from the dashboard's task names.
+        self.token = uuid.uuid4().hex[:8]
         self.model_dir = config.resolve(config.output.model)
         self.checkpoint_dir = self.model_dir / "checkpoints"
 
@@ -195,7 +199,7 @@ class Trainer:
                     side,
                     start,
                     stop,
-                    key=f"load-{side}-block-{b:05d}-{self.store.fingerprint}",
+                    key=f"load-{side}-block-{b:05d}-{self.token}",
                     pure=False,
                 )
                 for b, path, start, stop in self.store.block_args(side)
@@ -230,7 +234,8 @@ class Trainer:
                 blk,
                 fixed_fut,
                 self.params,
-                key=f"solve-{side}s-{it}-{b:05d}" + (f"-retry{attempt}" if attempt else ""),
+                key=f"solve-{side}s-{it}-{b:05d}-{self.token}"
+                + (f"-retry{attempt}" if attempt else ""),
                 retries=self.config.train.retries,
                 pure=False,
             )

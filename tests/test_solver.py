@@ -1,0 +1,87 @@
+"""The block solver against the dense reference, row by row, on one block in memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference import dense_matrix, solve_row
+
+from dmf.blocks import RatingBlock
+from dmf.errors import TrainingError
+from dmf.solver import penalty_term, solve_block
+
+
+def _problem(seed=0, n_rows=120, n_other=50, density=0.3, rank=4, empty_rows=(3, 17)):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((n_rows, n_other)) < density
+    mask[list(empty_rows)] = False
+    mask[5, :] = True  # one long row
+    rows, cols = np.nonzero(mask)
+    vals = rng.normal(3.5, 1.0, len(rows))
+    fixed = rng.normal(0, 0.5, (n_other, rank))
+    fixed_b = rng.normal(0, 0.2, n_other)
+    return rows, cols, vals, fixed, fixed_b
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("rank", [0, 1, 4])
+def test_solver_matches_reference_rows(weighted, rank):
+    rows, cols, vals, fixed, fixed_b = _problem(rank=rank)
+    mu, reg, reg_bias = 3.4, 0.3, 0.05
+    block = RatingBlock.from_coo("user", 0, 120, rows, cols, vals)
+    sol = solve_block(block, fixed, fixed_b, mu, reg, reg_bias, weighted, dtype="float64")
+    R = dense_matrix(120, 50, rows, cols, vals)
+    for i in range(120):
+        u, b = solve_row(R[i], fixed, fixed_b, mu, reg, reg_bias, weighted)
+        np.testing.assert_allclose(sol.factors[i], u, rtol=1e-10, atol=1e-12)
+        assert sol.bias[i] == pytest.approx(b, rel=1e-10, abs=1e-12)
+    # Empty rows stay exactly zero.
+    assert not sol.factors[[3, 17]].any() and not sol.bias[[3, 17]].any()
+    # The block's share of the objective, recomputed densely.
+    pred = mu + sol.bias[:, None] + fixed_b[None, :] + sol.factors @ fixed.T
+    sse = np.nansum((R - pred) ** 2)
+    assert sol.sse == pytest.approx(sse, rel=1e-10)
+    counts = np.bincount(rows, minlength=120)
+    assert sol.penalty == pytest.approx(
+        penalty_term(sol.factors, sol.bias, counts, reg, reg_bias, weighted), rel=1e-12
+    )
+
+
+def test_sub_batch_size_does_not_change_the_answer():
+    rows, cols, vals, fixed, fixed_b = _problem(seed=2, rank=6)
+    block = RatingBlock.from_coo("item", 10, 130, rows + 10, cols, vals)
+    big = solve_block(block, fixed, fixed_b, 3.0, 0.1, 0.1, dtype="float64")
+    # 4 KiB forces many sub-batches and the segmented path for long rows.
+    small = solve_block(block, fixed, fixed_b, 3.0, 0.1, 0.1, dtype="float64", sub_batch_bytes=4096)
+    np.testing.assert_allclose(small.factors, big.factors, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(small.bias, big.bias, rtol=1e-12, atol=1e-14)
+    assert small.sse == pytest.approx(big.sse, rel=1e-12)
+
+
+def test_float32_storage_rounds_but_solves_in_float64():
+    rows, cols, vals, fixed, fixed_b = _problem(seed=3)
+    block = RatingBlock.from_coo("user", 0, 120, rows, cols, vals)
+    s64 = solve_block(block, fixed, fixed_b, 3.0, 0.1, 0.1, dtype="float64")
+    s32 = solve_block(block, fixed.astype(np.float32), fixed_b.astype(np.float32), 3.0, 0.1, 0.1)
+    assert s32.factors.dtype == np.float32 and s32.bias.dtype == np.float32
+    np.testing.assert_allclose(s32.factors, s64.factors, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_input_is_a_loud_error():
+    rows, cols, vals, fixed, fixed_b = _problem(seed=4)
+    vals = vals.copy()
+    vals[7] = np.nan
+    block = RatingBlock.from_coo("user", 0, 120, rows, cols, vals)
+    with pytest.raises(TrainingError, match=r"user block \[0, 120\)"):
+        solve_block(block, fixed, fixed_b, 3.0, 0.1, 0.1)
+
+
+def test_block_invariants_are_checked():
+    with pytest.raises(ValueError, match="indptr"):
+        RatingBlock("user", 0, 2, np.array([0, 2, 1]), np.zeros(1, np.int32), np.zeros(1))
+    with pytest.raises(ValueError, match="holds row indices"):
+        RatingBlock.from_coo("user", 5, 7, np.array([4]), np.array([0]), np.array([1.0]))
+    with pytest.raises(ValueError, match="not sorted"):
+        RatingBlock.from_coo(
+            "user", 0, 3, np.array([2, 1]), np.array([0, 0]), np.ones(2), assume_sorted=True
+        )

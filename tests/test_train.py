@@ -1,0 +1,208 @@
+"""The distributed trainer against the dense reference, and its invariants.
+
+Every run here goes through a real LocalCluster with worker processes and a real store on disk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import random_ratings
+from reference import als_reference, dense_matrix
+
+from dmf.config import load_config
+from dmf.errors import TrainingError
+from dmf.model import Model
+from dmf.store import Store, store_from_arrays
+from dmf.train import initial_factors, train
+
+
+def _config(tmp_path, **model):
+    model = {"rank": 3, "reg": 0.2, "dtype": "float64", **model}
+    return load_config(
+        raw={
+            "model": model,
+            "train": {"iterations": 4, "checkpoint_every": 0, "progress": "off"},
+            "output": {"model": str(tmp_path / "model"), "plot": False},
+        }
+    )
+
+
+def _store(tmp_path, n_blocks=3, name="store", n_users=70, n_items=45, nnz=1200, seed=5):
+    u, i, r = random_ratings(n_users, n_items, nnz, seed=seed)
+    return store_from_arrays(
+        tmp_path / name, u, i, r, n_users=n_users, n_items=n_items, n_blocks=n_blocks
+    ), (u, i, r)
+
+
+def _reference(store: Store, data, cfg, iterations):
+    u, i, r = data
+    R = dense_matrix(store.n_users, store.n_items, u, i, r.astype(np.float64))
+    m = cfg.model
+    V0 = initial_factors(store, cfg)["item_factors"]
+    return als_reference(R, store.mu, V0, iterations, m.reg, m.effective_reg_bias, m.weighted_reg)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {},
+        {"reg_bias": 0.02},
+        {"weighted_reg": True, "reg": 0.05},
+        {"rank": 0},
+    ],
+    ids=["default", "reg_bias", "als-wr", "rank0"],
+)
+def test_matches_dense_reference(tmp_path, client, model):
+    store, data = _store(tmp_path)
+    cfg = _config(tmp_path, **model)
+    got = train(store, cfg, client=client, quiet=True)
+    U, b, V, c, hist = _reference(store, data, cfg, 4)
+    for a, e in (
+        (got.user_factors, U),
+        (got.user_bias, b),
+        (got.item_factors, V),
+        (got.item_bias, c),
+    ):
+        np.testing.assert_allclose(a, e, rtol=1e-8, atol=1e-10)
+    for rec, (j_users, j_items) in zip(got.history, hist, strict=True):
+        assert rec["objective_after_user_step"] == pytest.approx(j_users, rel=1e-9)
+        assert rec["objective"] == pytest.approx(j_items, rel=1e-9)
+    if cfg.model.rank == 0:
+        assert got.user_factors.shape == (store.n_users, 0)
+
+
+def test_objective_never_increases(tmp_path, client):
+    store, _ = _store(tmp_path, nnz=2000)
+    cfg = _config(tmp_path, rank=5, reg=0.05)
+    cfg.train.iterations = 12
+    hist = train(store, cfg, client=client, quiet=True).history
+    seq = [x for h in hist for x in (h["objective_after_user_step"], h["objective"])]
+    for before, after in zip(seq, seq[1:], strict=False):
+        assert after <= before * (1 + 1e-12), seq
+
+
+def test_float32_storage_is_close_to_float64(tmp_path, client):
+    store, _ = _store(tmp_path)
+    m64 = train(store, _config(tmp_path), client=client, quiet=True)
+    m32 = train(store, _config(tmp_path, dtype="float32"), client=client, quiet=True)
+    assert m32.user_factors.dtype == np.float32
+    np.testing.assert_allclose(m32.item_factors, m64.item_factors, rtol=1e-3, atol=1e-4)
+
+
+def test_same_result_for_any_block_count(tmp_path, client):
+    results = []
+    for nb in (1, 4, 9):
+        store, _ = _store(tmp_path, n_blocks=nb, name=f"store{nb}")
+        assert store.n_blocks("user") == nb
+        results.append(train(store, _config(tmp_path), client=client, quiet=True))
+    for m in results[1:]:
+        np.testing.assert_allclose(m.user_factors, results[0].user_factors, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(m.item_bias, results[0].item_bias, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_workers", [1, 4])
+def test_same_result_for_any_worker_count(tmp_path, client, n_workers):
+    from distributed import Client, LocalCluster
+
+    store, _ = _store(tmp_path, n_blocks=5)
+    base = train(store, _config(tmp_path), client=client, quiet=True)  # 2 workers
+    with (
+        LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=None) as lc,
+        Client(lc) as c,
+    ):
+        other = train(store, _config(tmp_path), client=c, quiet=True)
+    np.testing.assert_allclose(other.user_factors, base.user_factors, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(other.item_factors, base.item_factors, rtol=1e-10, atol=1e-12)
+
+
+def test_more_blocks_than_ratings(tmp_path, client):
+    store = store_from_arrays(
+        tmp_path / "s", [0, 1, 2], [2, 0, 1], [4.0, 2.0, 5.0], n_users=5, n_items=4, n_blocks=50
+    )
+    m = train(store, _config(tmp_path, rank=2), client=client, quiet=True)
+    assert np.isfinite(m.user_factors).all()
+
+
+def test_rows_without_ratings_stay_zero(tmp_path, client):
+    u, i, r = random_ratings(30, 20, 300, seed=9)
+    keep = (u != 7) & (i != 4)
+    store = store_from_arrays(
+        tmp_path / "s", u[keep], i[keep], r[keep], n_users=33, n_items=21, n_blocks=2
+    )
+    m = train(store, _config(tmp_path), client=client, quiet=True)
+    for idx in (7, 30, 31, 32):
+        assert not m.user_factors[idx].any() and m.user_bias[idx] == 0
+    for idx in (4, 20):
+        assert not m.item_factors[idx].any() and m.item_bias[idx] == 0
+    assert all(
+        np.isfinite(a).all() for a in (m.user_factors, m.item_factors, m.user_bias, m.item_bias)
+    )
+
+
+def test_nan_in_fit_is_a_loud_error(tmp_path, client):
+    u, i, r = random_ratings(20, 10, 80, seed=2)
+    r[5] = np.nan
+    store = store_from_arrays(tmp_path / "s", u, i, r, n_blocks=2)
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(store, _config(tmp_path), client=client, quiet=True)
+
+
+def test_planted_truth_is_recovered_to_the_noise_level(tmp_path, client):
+    sigma = 0.5
+    u, i, r = random_ratings(400, 300, 60_000, seed=11, rank=3, noise=sigma)
+    test = np.random.default_rng(0).random(len(u)) < 0.1
+    store = store_from_arrays(
+        tmp_path / "s", u[~test], i[~test], r[~test], n_users=400, n_items=300, n_blocks=3
+    )
+    cfg = _config(tmp_path, rank=3, reg=0.05)
+    cfg.train.iterations = 15
+    m = train(store, cfg, client=client, quiet=True)
+    f = {
+        "user_factors": m.user_factors,
+        "user_bias": m.user_bias,
+        "item_factors": m.item_factors,
+        "item_bias": m.item_bias,
+    }
+    from dmf.train import predict_indices
+
+    rmse = np.sqrt(np.mean((predict_indices(m.mu, f, u[test], i[test]) - r[test]) ** 2))
+    assert rmse < 1.05 * sigma, rmse
+
+
+def test_model_round_trips_and_records_history(tmp_path, client):
+    store, _ = _store(tmp_path)
+    cfg = _config(tmp_path)
+    m = train(store, cfg, client=client, quiet=True)
+    back = Model.load(tmp_path / "model")
+    np.testing.assert_array_equal(back.user_factors, m.user_factors)
+    np.testing.assert_array_equal(back.item_bias, m.item_bias)
+    assert back.mu == m.mu and back.store_fingerprint == store.fingerprint
+    assert [h["iteration"] for h in back.history] == [1, 2, 3, 4]
+    lines = (tmp_path / "model" / "history.csv").read_text().splitlines()
+    assert lines[0].startswith("iteration,train_rmse,validation_rmse,objective") and len(lines) == 5
+
+
+def test_early_stopping_keeps_the_best_model(tmp_path, client):
+    u, i, r = random_ratings(60, 40, 1500, seed=4, noise=1.0)
+    val = np.arange(len(u)) % 5 == 0
+    store = store_from_arrays(
+        tmp_path / "s",
+        u[~val],
+        i[~val],
+        r[~val],
+        n_users=60,
+        n_items=40,
+        n_blocks=2,
+        held_out={"validation": (u[val], i[val], r[val])},
+    )
+    # Rank 8 with almost no regularisation overfits: validation RMSE turns up.
+    cfg = _config(tmp_path, rank=8, reg=1e-4)
+    cfg.train.iterations = 30
+    cfg.train.early_stopping = {"patience": 2}
+    m = train(store, cfg, client=client, quiet=True)
+    vals = [h["validation_rmse"] for h in m.history]
+    best = int(np.argmin(vals)) + 1
+    assert m.meta["best_iteration"] == best
+    assert len(m.history) == best + 2 < 30
+    assert m.meta["best_validation_rmse"] == pytest.approx(min(vals))
