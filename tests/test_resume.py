@@ -1,0 +1,251 @@
+"""Checkpoints and resume: a run killed with SIGKILL and resumed ends with the uninterrupted model.
+
+The interrupted run is a real separate process (its own LocalCluster), killed with SIGKILL once a
+checkpoint for iteration >= 2 exists; the resumed run continues from the newest complete
+checkpoint. Checkpoints from another config or store are refused naming what differs, and corrupt
+checkpoint files are detected by their checksums.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import random_ratings
+
+from dmf.checkpoint import list_checkpoints, read_checkpoint
+from dmf.config import load_config
+from dmf.errors import CheckpointError
+from dmf.store import store_from_arrays
+from dmf.train import train
+
+# Enough iterations that the run is still going when the test kills it after checkpoint 2.
+N_ITER = 30
+
+# The training process when the CLI is not used: the same calls `dmf train` makes.
+DRIVER = """\
+import sys
+from dmf.config import load_config
+from dmf.train import train
+
+if __name__ == "__main__":
+    cfg = load_config(sys.argv[1])
+    train(cfg.store.path, cfg, resume="--resume" in sys.argv[2:])
+"""
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    u, i, r = random_ratings(1500, 800, 120_000, seed=5)
+    return store_from_arrays(tmp_path_factory.mktemp("resume") / "store", u, i, r, n_blocks=6)
+
+
+def raw_config(store, model_dir: Path, iterations: int = N_ITER, **model) -> dict:
+    return {
+        "store": {"path": str(store.path)},
+        "model": {"rank": 12, "reg": 0.05, "dtype": "float64", "seed": 3, **model},
+        "train": {"iterations": iterations, "checkpoint_every": 1, "progress": "off"},
+        "cluster": {
+            "n_workers": 2,
+            "threads_per_worker": 1,
+            "memory_limit": "1GiB",
+            "dashboard_address": None,
+        },
+        "output": {"model": str(model_dir), "plot": False},
+    }
+
+
+def assert_same_model(a, b, rtol=1e-12):
+    for k in ("user_factors", "user_bias", "item_factors", "item_bias"):
+        np.testing.assert_allclose(getattr(b, k), getattr(a, k), rtol=rtol, atol=0, err_msg=k)
+
+
+def start_training(config_path: Path, tmp_path: Path) -> subprocess.Popen:
+    """Run training as its own process (and process group, so nothing outlives the test)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    return subprocess.Popen(
+        [sys.executable, str(driver), str(config_path)],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "driver.log", "wb"),  # noqa: SIM115 - closed with the process
+        start_new_session=True,
+    )
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process we started and whatever it spawned (its worker processes)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(store, client, tmp_path):
+    # Uninterrupted reference.
+    cfg_a = load_config(raw=raw_config(store, tmp_path / "model-a"))
+    a = train(store, cfg_a, client=client, quiet=True)
+    assert [h["iteration"] for h in a.history] == list(range(1, N_ITER + 1))
+
+    # The same training in another process, killed after its second checkpoint.
+    model_b = tmp_path / "model-b"
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(yaml.safe_dump(raw_config(store, model_b)))
+    proc = start_training(config_path, tmp_path)
+    ckpt_dir = model_b / "checkpoints"
+    try:
+        deadline = time.monotonic() + 60
+        while not any(
+            int(p.name.split("-")[1]) >= 2 for p in list_checkpoints(ckpt_dir)
+        ):  # poll quickly: an iteration takes ~0.1 s
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()
+            assert time.monotonic() < deadline, "no checkpoint 2 within 60 s"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+
+    # Killed mid-run: no final model, and only complete checkpoints are visible.
+    assert not (model_b / "model.json").exists()
+    done = list_checkpoints(ckpt_dir)
+    assert done, "the kill left no checkpoint"
+    last = max(int(p.name.split("-")[1]) for p in done)
+    assert 2 <= last < N_ITER, f"killed after iteration {last}: the test did not interrupt"
+    for p in done:
+        state, _ = read_checkpoint(p)  # verifies every file's checksum
+        if state["iteration"] == last:
+            newest_history = state["history"]
+        assert state["iteration"] == int(p.name.split("-")[1])
+        assert [h["iteration"] for h in state["history"]] == list(range(1, state["iteration"] + 1))
+    leftovers = [p.name for p in ckpt_dir.iterdir() if not p.name.startswith(("iter-", ".tmp-"))]
+    assert leftovers == []
+
+    # Resume from the newest complete checkpoint, in this process.
+    cfg_b = load_config(raw=raw_config(store, model_b))
+    b = train(store, cfg_b, client=client, resume=True, quiet=True)
+    assert_same_model(a, b)
+    # It did resume (rather than start again): the first iterations' records, timings included,
+    # are those of the killed process.
+    assert b.history[:last] == newest_history
+    assert [h["iteration"] for h in b.history] == list(range(1, N_ITER + 1))
+    np.testing.assert_allclose(
+        [h["objective"] for h in b.history], [h["objective"] for h in a.history], rtol=1e-12
+    )
+
+
+def test_resume_of_finished_run_changes_nothing(store, client, tmp_path):
+    cfg = load_config(raw=raw_config(store, tmp_path / "model", iterations=3))
+    a = train(store, cfg, client=client, quiet=True)
+    b = train(store, cfg, client=client, resume=True, quiet=True)
+    assert_same_model(a, b, rtol=0)
+    assert b.history == a.history  # nothing was run again (timings included)
+
+
+def test_resume_keeps_early_stopping_state(client, tmp_path):
+    """The best model and patience survive a resume: same stop and same kept model."""
+    u, i, r = random_ratings(300, 200, 12_000, seed=8, noise=1.0)
+    val = np.arange(len(u)) % 5 == 0
+    st = store_from_arrays(
+        tmp_path / "store",
+        u[~val],
+        i[~val],
+        r[~val],
+        n_users=300,
+        n_items=200,
+        n_blocks=3,
+        held_out={"validation": (u[val], i[val], r[val])},
+    )
+    raw = raw_config(st, tmp_path / "model-a", iterations=25, rank=20, reg=0.001)
+    raw["train"]["early_stopping"] = {"patience": 2}
+    a = train(st, load_config(raw=raw), client=client, quiet=True)
+    assert a.meta["stopped"].startswith("early stopping"), a.meta  # the test needs it to stop
+    best_it = a.meta["best_iteration"]
+    assert best_it < len(a.history)
+
+    # Train to just after the best iteration, then resume to the end.
+    raw_b = raw_config(st, tmp_path / "model-b", iterations=best_it + 1, rank=20, reg=0.001)
+    raw_b["train"]["early_stopping"] = {"patience": 2}
+    first = train(st, load_config(raw=raw_b), client=client, quiet=True)
+    raw_b["train"]["iterations"] = 25
+    b = train(st, load_config(raw=raw_b), client=client, resume=True, quiet=True)
+    assert b.history[: best_it + 1] == first.history  # resumed, not started again
+    assert b.meta["best_iteration"] == best_it
+    assert len(b.history) == len(a.history)
+    assert_same_model(a, b)
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [({"rank": 13}, "model.rank"), ({"reg": 0.07}, "model.reg"), ({"seed": 4}, "model.seed")],
+)
+def test_checkpoint_of_other_config_is_refused(store, client, tmp_path, change, key):
+    train(store, load_config(raw=raw_config(store, tmp_path / "m", 2)), client=client, quiet=True)
+    other = load_config(raw=raw_config(store, tmp_path / "m", 4, **change))
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")) as err:
+        train(store, other, client=client, resume=True, quiet=True)
+    # Only the differing key is named.
+    assert str(err.value).count("checkpoint has") == 1, err.value
+
+
+def test_checkpoint_of_other_store_is_refused(store, client, tmp_path):
+    train(store, load_config(raw=raw_config(store, tmp_path / "m", 2)), client=client, quiet=True)
+    u, i, r = random_ratings(1500, 800, 120_000, seed=6)
+    other = store_from_arrays(tmp_path / "other-store", u, i, r, n_blocks=6)
+    with pytest.raises(CheckpointError, match="store"):
+        train(
+            other,
+            load_config(raw=raw_config(other, tmp_path / "m", 4)),
+            client=client,
+            resume=True,
+            quiet=True,
+        )
+
+
+def flip_bytes(path: Path) -> None:
+    """Flip bytes in the data part of a .npy file (the header stays loadable)."""
+    data = bytearray(path.read_bytes())
+    for k in range(len(data) - 64, len(data) - 8, 7):
+        data[k] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_newest_checkpoint_is_skipped(store, client, tmp_path, caplog):
+    cfg = load_config(raw=raw_config(store, tmp_path / "m", 4))
+    a = train(store, cfg, client=client, quiet=True)
+    ckpts = list_checkpoints(tmp_path / "m" / "checkpoints")
+    assert [p.name for p in ckpts] == ["iter-00003", "iter-00004"]
+    flip_bytes(ckpts[-1] / "item_factors.npy")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        read_checkpoint(ckpts[-1])
+
+    with caplog.at_level(logging.WARNING, logger="dmf"):
+        b = train(store, cfg, client=client, resume=True, quiet=True)
+    assert any("iter-00004" in r.getMessage() for r in caplog.records), caplog.text
+    state3, _ = read_checkpoint(ckpts[0])
+    assert b.history[:3] == state3["history"]  # resumed from checkpoint 3, not from scratch
+    assert b.history[3]["seconds"] != a.history[3]["seconds"]  # iteration 4 was run again
+    # Iteration 4 was recomputed from checkpoint 3: the same model, the full history.
+    assert_same_model(a, b)
+    assert [h["iteration"] for h in b.history] == [1, 2, 3, 4]
+
+
+def test_no_usable_checkpoint_is_an_error(store, client, tmp_path):
+    cfg = load_config(raw=raw_config(store, tmp_path / "m", 3))
+    train(store, cfg, client=client, quiet=True)
+    ckpts = list_checkpoints(tmp_path / "m" / "checkpoints")
+    flip_bytes(ckpts[-1] / "user_factors.npy")
+    (ckpts[0] / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="no usable checkpoint") as err:
+        train(store, cfg, client=client, resume=True, quiet=True)
+    assert ckpts[0].name in str(err.value) and ckpts[-1].name in str(err.value)
