@@ -1,0 +1,375 @@
+"""Shared helpers of the benchmark scripts: machine and versions, the GEMM rate, ALS flop counts,
+a peak-RSS sampler, planted data, and markdown output.
+
+Every benchmark measures its arithmetic floor in the same run as its timings: ``gemm_rate``
+times a float64 matrix product on this machine, with BLAS limited to a given number of threads,
+and ``als_flops`` counts the arithmetic one ALS iteration needs. ``floor seconds = flops / rate``;
+the fraction of the floor reached is ``floor seconds / measured seconds`` (1.0 = at the limit).
+
+Run from the repository root (the scripts put ``scripts/`` on ``sys.path`` themselves).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+
+
+# -- machine and versions ------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_flags() -> str:
+    """The widest SIMD the CPU reports (it bounds the GEMM rate)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    for f in ("avx512f", "avx2", "avx", "sse4_2"):
+        if f in flags:
+            return f
+    return "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """Cores, memory, CPU model, OS and the BLAS-related environment of this machine."""
+    import psutil
+
+    return {
+        "cpu": _cpu_model(),
+        "simd": _cpu_flags(),
+        "logical cores": os.cpu_count(),
+        "physical cores": psutil.cpu_count(logical=False),
+        "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "os": f"{platform.system()} {platform.release()}",
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(not set)"),
+        "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE", "(not set)"),
+    }
+
+
+def _version(mod: str) -> str:
+    try:
+        m = __import__(mod)
+        return str(getattr(m, "__version__", "?"))
+    except Exception:  # noqa: BLE001 - optional packages may be missing
+        return "not installed"
+
+
+def versions() -> dict[str, str]:
+    """Versions of python, numpy, the BLAS numpy runs, pyarrow, dask, distributed, dmf, pyspark."""
+    import numpy
+    from threadpoolctl import threadpool_info
+
+    blas = [
+        f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}, "
+        f"{i.get('threading_layer')})"
+        for i in threadpool_info()
+        if i.get("user_api") == "blas"
+    ]
+    return {
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "BLAS": "; ".join(blas) or "unknown",
+        "pyarrow": _version("pyarrow"),
+        "dask": _version("dask"),
+        "distributed": _version("distributed"),
+        "dmf": _version("dmf"),
+        "pyspark": _version("pyspark"),
+        "git": git_state(),
+    }
+
+
+def git_state() -> str:
+    """The commit benchmarked, and whether dmf/ had uncommitted changes when it ran."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "dmf"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{head} (dmf/ with uncommitted changes)" if dirty else head
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# -- the arithmetic floor ------------------------------------------------------------------------
+def gemm_rate(threads: int = 1, n: int = 2048, repeats: int = 5) -> float:
+    """Float64 GEMM rate of this machine in GFLOP/s, BLAS limited to ``threads`` threads.
+
+    Best of ``repeats`` products of two (n, n) matrices, 2 n^3 flops each; the best run is the
+    one least disturbed by other processes, and the rate the hardware can reach now.
+    """
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n))
+    b = rng.standard_normal((n, n))
+    out = np.empty((n, n))
+    best = float("inf")
+    with threadpool_limits(limits=threads, user_api="blas"):
+        np.matmul(a, b, out=out)  # warm up: thread pool, page faults
+        for _ in range(repeats):
+            t = time.perf_counter()
+            np.matmul(a, b, out=out)
+            best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best / 1e9
+
+
+@dataclass
+class AlsFlops:
+    """Flops of one full ALS iteration (both half-iterations).
+
+    ``floor``: the arithmetic the exact solve needs at least: per rating, the symmetric half of
+    the augmented (rank+1)^2 Gram update, (rank+1)(rank+2)/2 multiply-adds = (rank+1)(rank+2)
+    flops (the issue's ``nnz (rank+1)(rank+2)`` per half-iteration); the right-hand side,
+    2 (rank+1); and per row a Cholesky factorisation, (rank+1)^3 / 3, plus two triangular
+    solves, 2 (rank+1)^2.
+
+    ``executed``: what dmf's solver runs as written: the full (not symmetric) Gram as a batched
+    GEMM, 2 (rank+1)^2 per rating; the right-hand side and the residual, 2 (rank+1) each; and an
+    LU solve (numpy.linalg.solve), 2/3 (rank+1)^3 + 2 (rank+1)^2 per row. Padding of sub-batches
+    to a common length adds up to ~25% more, not counted here.
+    """
+
+    floor: float
+    executed: float
+
+
+def als_flops(
+    nnz_user_side: int, nnz_item_side: int, rank: int, n_users: int, n_items: int
+) -> AlsFlops:
+    """Flops of one full iteration: users solved from their ratings, then items from theirs.
+
+    ``nnz_*_side`` are the train ratings seen by that half-iteration (equal for a full store);
+    ``n_users``/``n_items`` count rows with at least one rating (rows without are not solved).
+    """
+    k1 = rank + 1
+    nnz = nnz_user_side + nnz_item_side
+    rows = n_users + n_items
+    floor = nnz * (k1 * (k1 + 1) + 2 * k1) + rows * (k1**3 / 3 + 2 * k1**2)
+    executed = nnz * (2 * k1 * k1 + 4 * k1) + rows * (2 * k1**3 / 3 + 2 * k1**2)
+    return AlsFlops(float(floor), float(executed))
+
+
+# -- peak memory ---------------------------------------------------------------------------------
+class PeakRSS:
+    """Sample the RSS of this process and all its descendants in a background thread.
+
+    Use as a context manager. ``peaks`` maps pid to (peak bytes, process name); ``driver`` is
+    this process's peak; ``total`` the largest sum over all processes at one sample. Worker
+    processes of a LocalCluster and a Spark JVM are descendants, so both are covered.
+    """
+
+    def __init__(self, interval: float = 0.1):
+        self.interval = interval
+        self.peaks: dict[int, tuple[int, str]] = {}
+        self.total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        procs = [me]
+        try:
+            procs += me.children(recursive=True)
+        except psutil.Error:
+            pass
+        total = 0
+        for p in procs:
+            try:
+                rss = p.memory_info().rss
+                name = self.peaks.get(p.pid, (0, ""))[1] or " ".join(p.cmdline()[:3])[:80]
+            except psutil.Error:
+                continue
+            total += rss
+            if rss > self.peaks.get(p.pid, (0, ""))[0]:
+                self.peaks[p.pid] = (rss, name)
+        self.total = max(self.total, total)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def driver(self) -> int:
+        return self.peaks.get(os.getpid(), (0, ""))[0]
+
+    def of(self, pids: Iterable[int]) -> list[int]:
+        return [self.peaks.get(p, (0, ""))[0] for p in pids]
+
+
+def worker_pids(client) -> dict[str, int]:
+    """Worker address -> pid of the worker process (not its nanny)."""
+    return client.run(os.getpid)
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f}"
+
+
+# -- planted data --------------------------------------------------------------------------------
+def planted_ratings(
+    n_ratings: int,
+    n_users: int | None = None,
+    n_items: int | None = None,
+    rank: int = 8,
+    noise: float = 0.5,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Distinct (user, item, rating) triples with planted biased low-rank structure.
+
+    Users and items are drawn with mildly skewed popularity, duplicates removed (so a few less
+    than ``n_ratings`` may come back). Default shape: n_users = n_ratings / 100 and
+    n_items = n_ratings / 1000, i.e. 100 ratings per user and 1000 per item on average (the
+    aspect of MovieLens 20M). Returns (users, items, ratings float32, n_users, n_items).
+    """
+    rng = np.random.default_rng(seed)
+    n_users = n_users or max(10, n_ratings // 100)
+    n_items = n_items or max(10, n_ratings // 1000)
+    # Skewed draws: a power of a uniform puts more mass on low indices (popular rows).
+    m = int(n_ratings * 1.05) + 1000
+    u = (rng.random(m) ** 1.5 * n_users).astype(np.int64)
+    i = (rng.random(m) ** 2.0 * n_items).astype(np.int64)
+    key = np.unique(u * n_items + i)
+    if len(key) > n_ratings:
+        key = rng.choice(key, n_ratings, replace=False)
+        key.sort()
+    u, i = key // n_items, key % n_items
+    del key
+    scale = 0.5 / np.sqrt(max(rank, 1))
+    U = rng.normal(0, 1, (n_users, rank)) * np.sqrt(scale)
+    V = rng.normal(0, 1, (n_items, rank)) * np.sqrt(scale)
+    b = rng.normal(0, 0.3, n_users)
+    c = rng.normal(0, 0.3, n_items)
+    r = np.empty(len(u), dtype=np.float32)
+    step = 5_000_000  # bound the float64 temporaries
+    for s in range(0, len(u), step):
+        us, is_ = u[s : s + step], i[s : s + step]
+        r[s : s + step] = (
+            3.5
+            + b[us]
+            + c[is_]
+            + np.einsum("ij,ij->i", U[us], V[is_])
+            + rng.normal(0, noise, len(us))
+        )
+    return u, i, r, n_users, n_items
+
+
+def split_test(n: int, fraction: float = 0.1, seed: int = 1) -> np.ndarray:
+    """Boolean mask of the test ratings: a seeded random ``fraction`` of ``n``."""
+    return np.random.default_rng(seed).random(n) < fraction
+
+
+# -- markdown ------------------------------------------------------------------------------------
+def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table; floats are printed with 3 significant digits."""
+
+    def fmt(x: Any) -> str:
+        if isinstance(x, float):
+            if x != x:
+                return "-"
+            return f"{x:.3g}" if abs(x) < 1e4 else f"{x:,.0f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def md_kv(title: str, d: dict[str, Any]) -> str:
+    return md_table([title, "value"], d.items())
+
+
+@dataclass
+class Report:
+    """A benchmark's markdown section: heading, provenance (machine, versions, command, date),
+    then the sections the script adds."""
+
+    title: str
+    intro: str = ""
+    parts: list[str] = field(default_factory=list)
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+
+    def render(self) -> str:
+        head = [f"# {self.title}", ""]
+        if self.intro:
+            head += [self.intro, ""]
+        head += [
+            f"Date: {now_utc()}",
+            "",
+            "Command (from the repository root):",
+            "",
+            "```",
+            command_line(),
+            "```",
+            "",
+            md_kv("machine", machine_info()),
+            "",
+            md_kv("package", versions()),
+            "",
+        ]
+        return "\n".join(head + [p + "\n" for p in self.parts])
+
+    def write(self, name: str) -> Path:
+        """Write docs/benchmarks_<name>.md atomically and return its path."""
+        DOCS.mkdir(exist_ok=True)
+        out = DOCS / f"benchmarks_{name}.md"
+        tmp = out.with_suffix(".md.tmp")
+        tmp.write_text(self.render())
+        os.replace(tmp, out)
+        return out
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,367 @@
+"""Seconds per ALS iteration beside the arithmetic floor measured in the same run.
+
+Two measurements:
+
+1. Distributed: ``dmf.train.train`` on planted ratings (10M; 100M with ``--large``) at ranks 10,
+   64 and 128, on a LocalCluster of 2 worker processes x 1 thread. Seconds per full iteration
+   (median of the iterations after the first, which also loads the blocks) beside the floor:
+   ``als_flops(...).floor / (workers * threads * gemm_rate(1))``.
+2. Solver only: the largest user block and the largest item block of the store through
+   ``dmf.solver.solve_block`` in this process, BLAS on one thread, best of ``--repeats``, beside
+   the one-thread floor. With ``--profile``, py-spy samples the solver and the table says which
+   lines of dmf/solver.py the time goes to.
+
+Writes docs/benchmarks_train.md. Example::
+
+    .venv/bin/python scripts/bench_train.py                 # 10M ratings, ranks 10 64 128
+    .venv/bin/python scripts/bench_train.py --large         # and 100M
+    .venv/bin/python scripts/bench_train.py --sizes 1e6 --ranks 10 --iterations 2   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+from bench_common import (  # noqa: E402
+    REPO,
+    PeakRSS,
+    Report,
+    als_flops,
+    gemm_rate,
+    log,
+    md_table,
+    planted_ratings,
+    split_test,
+    worker_pids,
+)
+
+from dmf.store import Store, store_from_arrays  # noqa: E402
+
+
+def planted_store(path: Path, n: int, target_ratings: int = 2_000_000, seed: int = 0) -> Store:
+    """A store of ~n planted train ratings (and a 10% test split), reused if already built."""
+    tag = {"n": n, "seed": seed, "target": target_ratings}
+    stamp = path / "bench.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == tag:
+        return Store.open(path)
+    log(f"building a planted store of {n:,} ratings in {path}")
+    u, i, r, nu, ni = planted_ratings(int(n / 0.9), seed=seed)
+    test = split_test(len(u))
+    store = store_from_arrays(
+        path,
+        u[~test],
+        i[~test],
+        r[~test],
+        n_users=nu,
+        n_items=ni,
+        target_ratings=target_ratings,
+        held_out={"test": (u[test], i[test], r[test])},
+        overwrite=True,
+    )
+    stamp.write_text(json.dumps(tag))
+    return store
+
+
+def active_rows(store: Store) -> tuple[int, int]:
+    return int((store.counts("user") > 0).sum()), int((store.counts("item") > 0).sum())
+
+
+def train_once(store: Store, client, rank: int, iterations: int, cache: str, out: Path) -> dict:
+    """Train with dmf.train.train on ``client``; returns per-iteration seconds and RMSEs."""
+    from dmf.config import load_config
+    from dmf.train import train
+
+    cfg = load_config(
+        raw={
+            "model": {"rank": rank, "reg": 0.1},
+            "train": {
+                "iterations": iterations,
+                "checkpoint_every": 0,
+                "progress": "off",
+                "cache_blocks": cache,
+            },
+            "output": {"model": str(out), "plot": False, "overwrite": True},
+        }
+    )
+    t = time.perf_counter()
+    model = train(store, cfg, client=client, quiet=True)
+    wall = time.perf_counter() - t
+    secs = [h["seconds"] for h in model.history]
+    return {
+        "seconds": secs,
+        "steady": statistics.median(secs[1:]) if len(secs) > 1 else secs[0],
+        "first": secs[0],
+        "wall": wall,
+        "train_rmse": model.history[-1]["train_rmse"],
+    }
+
+
+def solver_micro(store: Store, rank: int, repeats: int) -> list[dict]:
+    """The largest block of each side through solve_block on one BLAS thread, best of N."""
+    from threadpoolctl import threadpool_limits
+
+    from dmf.solver import solve_block
+
+    rng = np.random.default_rng(0)
+    out = []
+    for side, other in (("user", "item"), ("item", "user")):
+        b = int(np.argmax(store.block_nnz(side)))
+        block = store.read_block(side, b)
+        n_other = store.n_rows(other)
+        fixed = rng.normal(0, 0.3, (n_other, rank)).astype(np.float32)
+        fbias = rng.normal(0, 0.3, n_other).astype(np.float32)
+        best = float("inf")
+        with threadpool_limits(limits=1, user_api="blas"):
+            for _ in range(repeats):
+                t = time.perf_counter()
+                solve_block(block, fixed, fbias, store.mu, 0.1, 0.1)
+                best = min(best, time.perf_counter() - t)
+        rows = int((block.counts > 0).sum())
+        fl = als_flops(block.nnz, 0, rank, rows, 0)
+        out.append(
+            {
+                "side": side,
+                "block": b,
+                "rows": rows,
+                "nnz": block.nnz,
+                "mean_len": block.nnz / max(rows, 1),
+                "seconds": best,
+                "floor_flops": fl.floor,
+                "exec_flops": fl.executed,
+            }
+        )
+    return out
+
+
+_PROFILE_DRIVER = """
+import sys, numpy as np
+from threadpoolctl import threadpool_limits
+from dmf.store import Store
+from dmf.solver import solve_block
+store = Store.open(sys.argv[1]); rank = int(sys.argv[2])
+rng = np.random.default_rng(0)
+for side, other in (("user", "item"), ("item", "user")):
+    block = store.read_block(side, int(np.argmax(store.block_nnz(side))))
+    n = store.n_rows(other)
+    V = rng.normal(0, 0.3, (n, rank)).astype(np.float32); c = rng.normal(0, 0.3, n).astype(np.float32)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for _ in range(3):
+            solve_block(block, V, c, store.mu, 0.1, 0.1)
+"""
+
+
+def profile_solver(store: Store, rank: int) -> str | None:
+    """py-spy the solver micro-benchmark; return a table of time per line of dmf/solver.py."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(pyspy).exists():
+        log("py-spy not found: pip install py-spy to profile the solver")
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        drv = Path(d) / "drive.py"
+        drv.write_text(_PROFILE_DRIVER)
+        raw = Path(d) / "profile.txt"
+        cmd = [pyspy, "record", "-r", "250", "-f", "raw", "-o", str(raw), "--"]
+        cmd += [sys.executable, str(drv), str(store.path), str(rank)]
+        subprocess.run(cmd, check=True, capture_output=True)
+        lines = raw.read_text().splitlines()
+    src = (REPO / "dmf" / "solver.py").read_text().splitlines()
+    per_line: Counter[str] = Counter()
+    total = 0
+    for line in lines:
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        inside = [f for f in frames if "solver.py" in f]
+        if not any("solve_block" in f for f in frames):
+            continue  # reading the store, imports
+        total += int(n)
+        key = inside[-1] if inside else frames[-1]
+        per_line[key] += int(n)
+    rows = []
+    for key, n in per_line.most_common(12):
+        code = ""
+        if "solver.py:" in key:
+            lineno = int(key.rsplit(":", 1)[1].rstrip(")"))
+            code = "`" + src[lineno - 1].strip().replace("|", "\\|")[:70] + "`"
+        rows.append([key.replace("|", "\\|"), 100.0 * n / total, code])
+    return md_table(["frame (function, file:line)", "% of solver samples", "code"], rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", type=float, nargs="+", default=[10e6], help="train ratings")
+    p.add_argument("--large", action="store_true", help="add 100M ratings")
+    p.add_argument("--ranks", type=int, nargs="+", default=[10, 64, 128])
+    p.add_argument("--large-ranks", type=int, nargs="+", default=[10, 64])
+    p.add_argument("--iterations", type=int, default=4)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", default="auto", choices=["auto", "always", "never"])
+    p.add_argument("--repeats", type=int, default=3, help="solver micro-benchmark: best of N")
+    p.add_argument("--profile", action="store_true", help="py-spy the solver at rank 64")
+    p.add_argument("--data", default="runs/bench", help="where planted stores are kept")
+    p.add_argument("--out", default="train", help="writes docs/benchmarks_<out>.md")
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes] + ([100_000_000] if args.large else [])
+    data = Path(args.data)
+    data.mkdir(parents=True, exist_ok=True)
+
+    from distributed import Client, LocalCluster
+
+    from dmf.cluster import BLAS_ENV
+
+    gemm_before = gemm_rate(1)
+    log(f"GEMM rate, 1 thread: {gemm_before:.1f} GFLOP/s")
+    report = Report(
+        "Benchmark: seconds per ALS iteration beside the arithmetic floor",
+        intro=(
+            "Planted ratings (biased rank-8 truth plus noise, skewed popularity, 100 ratings per "
+            "user and 1000 per item on average), 10% held out. dmf.train.train on a LocalCluster of "
+            f"{args.workers} worker processes x {args.threads} thread, BLAS pinned to one thread "
+            "per Dask thread. **s/iter** is the median of the iterations after the first (the first "
+            "also reads the blocks from Parquet into worker memory: column *first iter*). "
+            "**floor** = `als_flops(...).floor / (threads x GEMM rate of 1 thread)`: the "
+            "least arithmetic of one exact iteration (per rating the symmetric half of the "
+            "(rank+1)^2 Gram update, (rank+1)(rank+2) flops, and the right-hand side; per row a "
+            "Cholesky solve) at the float64 GEMM rate measured in this run. "
+            "**of floor** = floor / s/iter (1.0 would be at the machine's limit). "
+            "The issue's target: rank 64 on 10M ratings in at most 4 s per iteration on 2 cores."
+        ),
+    )
+    dist_rows = []
+    micro_rows = []
+    profile_md = None
+    threads_total = args.workers * args.threads
+    for n in sizes:
+        store = planted_store(data / f"planted-{n}", n)
+        nu, ni = active_rows(store)
+        ranks = args.ranks if n <= 20_000_000 else args.large_ranks
+        cluster = LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=args.threads,
+            processes=True,
+            dashboard_address=None,
+            env=BLAS_ENV,
+        )
+        client = Client(cluster)
+        pids = worker_pids(client)
+        try:
+            for rank in ranks:
+                log(f"{n:,} ratings, rank {rank}: training {args.iterations} iterations")
+                with PeakRSS() as mem:
+                    res = train_once(
+                        store, client, rank, args.iterations, args.cache, data / "model"
+                    )
+                fl = als_flops(store.n_train, store.n_train, rank, nu, ni)
+                floor_s = fl.floor / (threads_total * gemm_before * 1e9)
+                dist_rows.append(
+                    [
+                        f"{store.n_train:,}",
+                        rank,
+                        res["steady"],
+                        res["first"],
+                        floor_s,
+                        floor_s / res["steady"],
+                        fl.executed / res["steady"] / 1e9,
+                        store.n_train / res["steady"] / 1e6,
+                        max(mem.of(pids.values())) / 2**30,
+                        res["train_rmse"],
+                    ]
+                )
+                log(f"  s/iter {res['steady']:.2f} (floor {floor_s:.2f}); all: {res['seconds']}")
+        finally:
+            client.close()
+            cluster.close()
+        if n <= 20_000_000:
+            for rank in ranks:
+                log(f"solver micro-benchmark, rank {rank}")
+                for m in solver_micro(store, rank, args.repeats):
+                    floor_s = m["floor_flops"] / (gemm_before * 1e9)
+                    micro_rows.append(
+                        [
+                            f"{store.n_train:,}",
+                            rank,
+                            m["side"],
+                            f"{m['nnz']:,}",
+                            m["rows"],
+                            m["mean_len"],
+                            m["seconds"],
+                            floor_s,
+                            floor_s / m["seconds"],
+                            m["exec_flops"] / m["seconds"] / 1e9,
+                        ]
+                    )
+            if args.profile and profile_md is None and 64 in ranks:
+                log("profiling the solver at rank 64 with py-spy")
+                profile_md = profile_solver(store, 64)
+    gemm_after = gemm_rate(1)
+    log(f"GEMM rate, 1 thread, at the end: {gemm_after:.1f} GFLOP/s")
+
+    report.add(
+        f"GEMM rate (float64, 2048x2048, best of 5, 1 BLAS thread): {gemm_before:.1f} GFLOP/s "
+        f"before, {gemm_after:.1f} GFLOP/s after the runs; floors use the first. "
+        f"Cluster: {args.workers} workers x {args.threads} thread, blocks cached: {args.cache}."
+    )
+    report.add("## Distributed training (dmf.train.train)")
+    report.add(
+        md_table(
+            [
+                "train ratings",
+                "rank",
+                "s/iter",
+                "first iter s",
+                "floor s",
+                "of floor",
+                "executed GFLOP/s",
+                "M ratings/s",
+                "peak worker RSS GiB",
+                "train RMSE",
+            ],
+            dist_rows,
+        )
+    )
+    report.add(
+        "*executed GFLOP/s*: the arithmetic dmf's solver actually performs (full Gram GEMM, LU "
+        "solve, residuals; `AlsFlops.executed`) divided by s/iter, to compare with "
+        f"{threads_total} x the GEMM rate."
+    )
+    if micro_rows:
+        report.add("## Solver only: one block, one thread (dmf.solver.solve_block)")
+        report.add(
+            md_table(
+                [
+                    "store ratings",
+                    "rank",
+                    "side",
+                    "block ratings",
+                    "rows",
+                    "ratings/row",
+                    "s",
+                    "floor s (1 thread)",
+                    "of floor",
+                    "executed GFLOP/s",
+                ],
+                micro_rows,
+            )
+        )
+    if profile_md:
+        report.add("## Where the solver's time goes (py-spy, rank 64, both sides' largest block)")
+        report.add(profile_md)
+    path = report.write(args.out)
+    log(f"wrote {path}")
+    print(report.render())
+
+
+if __name__ == "__main__":
+    main()
