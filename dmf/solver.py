@@ -144,8 +144,9 @@ def solve_block(
         target = block.vals.astype(np.float64) - mu - fixed_bias[block.cols].astype(np.float64)
         order = np.argsort(counts, kind="stable")
         sorted_counts = counts[order]
-        row_bytes = k1 * 8 * 2  # G (float64) plus its float32/64 gather temporaries
-        reg_diag = np.arange(k1)
+        row_bytes = k1 * 8 * 2  # A (float64) plus its gather temporary
+        # The short-row form needs every penalty positive (it divides by them).
+        woodbury_ok = reg > 0 and reg_bias > 0
         for a, b, length in _plan_sub_batches(sorted_counts, row_bytes, sub_batch_bytes):
             rows = order[a:b]
             if length * row_bytes > sub_batch_bytes:
@@ -168,21 +169,18 @@ def solve_block(
             offs = np.arange(length)
             mask = offs[None, :] < cnt[:, None]  # (m, L)
             pos = np.where(mask, block.indptr[rows][:, None] + offs[None, :], 0)
-            cols = block.cols[pos]
-            g = np.empty((len(rows), length, k1), dtype=np.float64)
-            g[:, :, :rank] = fixed_factors[cols]
-            g[:, :, :rank] *= mask[:, :, None]
-            g[:, :, rank] = mask
+            # A: the rows [v_j, 1] of every rating, zero on padding, float64.
+            a_mat = np.empty((len(rows), length, k1), dtype=np.float64)
+            np.multiply(fixed_factors[block.cols[pos]], mask[:, :, None], out=a_mat[:, :, :rank])
+            a_mat[:, :, rank] = mask
             t = np.where(mask, target[pos], 0.0)
-            gt = g.transpose(0, 2, 1)
-            gram = np.matmul(gt, g)  # (m, k1, k1)
-            rhs = np.matmul(gt, t[:, :, None])  # (m, k1, 1)
-            gram[:, reg_diag[:rank], reg_diag[:rank]] += lam[rows][:, None]
-            gram[:, rank, rank] += lam_b[rows]
-            x = _batched_solve(gram, rhs)[:, :, 0]
+            if length < k1 and woodbury_ok:
+                x = _solve_short_rows(a_mat, t, lam[rows], lam_b[rows])
+            else:
+                x = _solve_gram(a_mat, t, lam[rows], lam_b[rows])
             x = x.astype(dtype).astype(np.float64)  # the stored (rounded) solution
             x_all[rows] = x
-            resid = t - np.matmul(g, x[:, :, None])[:, :, 0]  # padding: g = 0, t = 0
+            resid = t - np.matmul(a_mat, x[:, :, None])[:, :, 0]  # padding: A = 0, t = 0
             sse += float(np.einsum("ij,ij->", resid, resid))
             abs_err += float(np.abs(resid).sum())
 
@@ -197,6 +195,40 @@ def solve_block(
         )
     penalty = penalty_term(factors, bias, counts, reg, reg_bias, weighted_reg)
     return BlockSolution(block.start, factors, bias, sse, abs_err, penalty, block.nnz)
+
+
+def _solve_gram(a_mat: np.ndarray, t: np.ndarray, lam: np.ndarray, lam_b: np.ndarray) -> np.ndarray:
+    """Rows with at least rank+1 ratings: x = (A^T A + P)^-1 A^T t, P = diag(lam, .., lam, lam_b).
+
+    a_mat (m, L, k1), t (m, L), lam and lam_b (m,); returns x (m, k1)."""
+    k1 = a_mat.shape[2]
+    at = a_mat.transpose(0, 2, 1)
+    gram = np.matmul(at, a_mat)  # (m, k1, k1): one batched BLAS call
+    rhs = np.matmul(at, t[:, :, None])  # (m, k1, 1)
+    diag = np.arange(k1 - 1)
+    gram[:, diag, diag] += lam[:, None]
+    gram[:, k1 - 1, k1 - 1] += lam_b
+    return _batched_solve(gram, rhs)[:, :, 0]
+
+
+def _solve_short_rows(
+    a_mat: np.ndarray, t: np.ndarray, lam: np.ndarray, lam_b: np.ndarray
+) -> np.ndarray:
+    """Rows with fewer ratings (L) than unknowns (k1): the same solution through an L x L system.
+
+    By the Woodbury identity, (A^T A + P)^-1 A^T t = P^-1 A^T (A P^-1 A^T + I)^-1 t, so a row
+    costs L^2 k1 + L^3 instead of L k1^2 + k1^3: most rows of real rating data are this short.
+    Padding rows of A are zero, which puts ones on the padded diagonal and zeros in y there."""
+    m, length, k1 = a_mat.shape
+    p_inv = np.empty((m, k1))
+    p_inv[:, : k1 - 1] = (1.0 / lam)[:, None]
+    p_inv[:, k1 - 1] = 1.0 / lam_b
+    scaled = a_mat * p_inv[:, None, :]  # A P^-1
+    kern = np.matmul(scaled, a_mat.transpose(0, 2, 1))  # (m, L, L)
+    idx = np.arange(length)
+    kern[:, idx, idx] += 1.0
+    y = np.linalg.solve(kern, t[:, :, None])  # (m, L, 1)
+    return np.matmul(scaled.transpose(0, 2, 1), y)[:, :, 0]
 
 
 def _batched_solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:

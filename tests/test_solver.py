@@ -24,9 +24,12 @@ def _problem(seed=0, n_rows=120, n_other=50, density=0.3, rank=4, empty_rows=(3,
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("rank", [0, 1, 4])
+@pytest.mark.parametrize("rank", [0, 1, 4, 20])
 def test_solver_matches_reference_rows(weighted, rank):
+    # Rows hold ~15 ratings (row 5 holds 50): at rank 20 most rows are shorter than the 21
+    # unknowns and take the Woodbury form, row 5 the normal equations.
     rows, cols, vals, fixed, fixed_b = _problem(rank=rank)
+    assert rank < 20 or (np.bincount(rows) < rank + 1).sum() > 50
     mu, reg, reg_bias = 3.4, 0.3, 0.05
     block = RatingBlock.from_coo("user", 0, 120, rows, cols, vals)
     sol = solve_block(block, fixed, fixed_b, mu, reg, reg_bias, weighted, dtype="float64")
@@ -56,6 +59,17 @@ def test_sub_batch_size_does_not_change_the_answer():
     np.testing.assert_allclose(small.factors, big.factors, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(small.bias, big.bias, rtol=1e-12, atol=1e-14)
     assert small.sse == pytest.approx(big.sse, rel=1e-12)
+
+
+def test_short_rows_without_regularisation_use_the_normal_equations():
+    # reg_bias = 0 rules out the Woodbury form (it divides by the penalties): same answer anyway.
+    rows, cols, vals, fixed, fixed_b = _problem(seed=6, rank=20, density=0.6)
+    block = RatingBlock.from_coo("user", 0, 120, rows, cols, vals)
+    sol = solve_block(block, fixed, fixed_b, 3.0, 0.2, 0.0, dtype="float64")
+    R = dense_matrix(120, 50, rows, cols, vals)
+    for i in (0, 5, 50):
+        u, b = solve_row(R[i], fixed, fixed_b, 3.0, 0.2, 0.0, False)
+        np.testing.assert_allclose(sol.factors[i], u, rtol=1e-9, atol=1e-11)
 
 
 def test_float32_storage_rounds_but_solves_in_float64():

@@ -50,8 +50,9 @@ def _reference(store: Store, data, cfg, iterations):
         {"reg_bias": 0.02},
         {"weighted_reg": True, "reg": 0.05},
         {"rank": 0},
+        {"rank": 24},
     ],
-    ids=["default", "reg_bias", "als-wr", "rank0"],
+    ids=["default", "reg_bias", "als-wr", "rank0", "short-rows"],
 )
 def test_matches_dense_reference(tmp_path, client, model):
     store, data = _store(tmp_path)
