@@ -1,0 +1,110 @@
+"""``dmf train`` and ``dmf run`` (the whole job: synthesize or ingest if needed, train, evaluate)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dmf.cli.common import add_cluster_args, add_config_arg, cluster_kwargs, config_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on a store", description="Store -> model.")
+    add_config_arg(p)
+    add_cluster_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--store", help="store directory (default: store.path of the config)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or per-iteration lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "run",
+        help="the whole job: synthesize/ingest if needed, train, evaluate",
+        description="Ingest if the store is missing, train, then evaluate on the test split.",
+    )
+    add_config_arg(p)
+    add_cluster_args(p)
+    p.add_argument("--resume", action="store_true", help="continue training from a checkpoint")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dmf.store import Store
+    from dmf.train import train
+
+    cfg = config_from_args(args)
+    store = Store.open(cfg.resolve(args.store or cfg.store.path))
+    train(store, cfg, resume=args.resume, quiet=args.quiet, **cluster_kwargs(args))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dmf.cluster import connect
+    from dmf.train import train
+
+    cfg = config_from_args(args)
+    with connect(cfg, quiet=args.quiet, **cluster_kwargs(args)) as client:
+        store = prepare_store(cfg, client, quiet=args.quiet)
+        model = train(store, cfg, client=client, resume=args.resume, quiet=args.quiet)
+        if store.n_split(cfg.evaluate.split) == 0:
+            print(
+                f"dmf run: the store has no {cfg.evaluate.split} split; skipping evaluation",
+                file=sys.stderr,
+            )
+            return 0
+        from dmf.evaluate import evaluate, format_metrics
+
+        e = cfg.evaluate
+        metrics = evaluate(
+            model,
+            store,
+            split=e.split,
+            k=e.k,
+            threshold=e.threshold,
+            cold_start=e.cold_start,
+            ranking=e.ranking,
+            client=client,
+        )
+    out = cfg.resolve(cfg.output.model) / "evaluation.json"
+    out.write_text(json.dumps(metrics, indent=1))
+    print(format_metrics(metrics))
+    print(f"dmf run: metrics written to {out}", file=sys.stderr)
+    return 0
+
+
+def prepare_store(cfg, client, quiet: bool = False):
+    """Open the configured store, making it first when it is missing (synth, then ingest)."""
+    from dmf.errors import StoreError
+    from dmf.store import Store
+
+    path = cfg.resolve(cfg.store.path)
+    try:
+        store = Store.open(path)
+    except StoreError:
+        store = None
+    if store is not None:
+        from dmf.ingest import store_is_current
+
+        if store_is_current(store, cfg):
+            if not quiet:
+                print(
+                    f"dmf: using the store at {path} ({store.n_train:,} train ratings)",
+                    file=sys.stderr,
+                )
+            return store
+        if not cfg.store.overwrite:
+            raise StoreError(
+                f"the store at {path} was made from other inputs or settings than this config; "
+                "set store.overwrite: true to rebuild it, or point store.path elsewhere"
+            )
+    if cfg.synth.enabled:
+        from dmf.synth import synth
+
+        out = cfg.resolve(cfg.synth.path)
+        if not (out / "synth.json").is_file():
+            synth(cfg.synth, out, overwrite=True, progress=None if not quiet else False)
+    from dmf.ingest import ingest
+
+    return ingest(cfg, client=client)
