@@ -1,0 +1,406 @@
+"""Evaluation on a held-out split: RMSE, MAE and ranking metrics at k, blockwise on Dask.
+
+Definitions (for one user u with held-out ratings; R_u = the held-out items rated at or above
+``threshold``, the *relevant* items; L_u = the top-k list of the model's items, excluding the
+items u rated in train; hit_p = 1 if the item at position p of L_u is in R_u)::
+
+    precision@k = sum_p hit_p / k
+    recall@k    = sum_p hit_p / |R_u|
+    NDCG@k      = (sum_p hit_p / log2(p + 1)) / (sum_{p <= min(k, |R_u|)} 1 / log2(p + 1))
+    AP@k        = (sum_p hit_p * precision@p) / min(k, |R_u|)        (MAP: its mean)
+
+Each is averaged over the users with at least one relevant held-out item (as Spark's
+RankingMetrics and LensKit do). RMSE and MAE are over every held-out rating.
+
+Cold start: a held-out pair whose user or item has no train ratings (unknown to the model, or
+known by id but without train ratings in the model's own store) is a cold-start pair. With
+``cold_start="fallback"`` it is predicted from the known biases (mu + c_j, mu + b_i or mu) and
+counts in every metric (an unknown relevant item is a miss); with ``"drop"`` it is left out of
+every metric. Both report the counts.
+
+Plumbing: the split is streamed once in record batches and spread into one temporary file per
+user block (bounded memory on the driver); then one task per user block reads its held-out
+ratings and its train block (the seen items) on the worker, with the item factors broadcast once,
+and returns sums that the driver adds up.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dmf.errors import InputError, StoreError
+from dmf.model import Model, check_cold_start
+from dmf.recommend import SeenItems, csr_rows, default_tile_users, score_tile, top_n
+from dmf.store import Store
+
+METRICS = ("precision", "recall", "ndcg", "map")
+
+
+# ---------------------------------------------------------------------------------------------
+# The maths
+# ---------------------------------------------------------------------------------------------
+def ranking_from_hits(hits: np.ndarray, n_relevant: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Per-user precision, recall, NDCG and AP at ``k`` from the hit matrix of the top-k lists.
+
+    Parameters
+    ----------
+    hits : ndarray of bool, shape (m, k') with k' <= k
+        hits[u, p] is true when the item at position p + 1 of user u's list is relevant (a list
+        shorter than k is padded with False).
+    n_relevant : ndarray, shape (m,)
+        |R_u| >= 1 for every row.
+    k : int
+
+    Returns
+    -------
+    dict of ndarrays of shape (m,): 'precision', 'recall', 'ndcg', 'map' (AP of each user).
+    """
+    m = hits.shape[0]
+    h = np.zeros((m, k), dtype=np.float64)
+    h[:, : hits.shape[1]] = hits
+    n_rel = np.asarray(n_relevant, dtype=np.float64)
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    n_hit = h.sum(axis=1)
+    ideal = np.cumsum(disc)[np.minimum(n_rel, k).astype(np.int64) - 1]
+    prec_at_p = np.cumsum(h, axis=1) / np.arange(1, k + 1)
+    return {
+        "precision": n_hit / k,
+        "recall": n_hit / n_rel,
+        "ndcg": (h @ disc) / ideal,
+        "map": (prec_at_p * h).sum(axis=1) / np.minimum(n_rel, k),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# What runs on a worker
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalItems:
+    """Item side of the model, broadcast once; ``store_to_model`` maps store item indices."""
+
+    factors: np.ndarray  # (n_items_model, rank)
+    bias: np.ndarray  # (n_items_model,)
+    mu: float
+    store_to_model: np.ndarray | None  # (n_items_store,) or None when the indices are the same
+    store_known: np.ndarray | None  # (n_items_store,) bool: has train ratings (own store only)
+
+
+@dataclass(frozen=True)
+class EvalUsers:
+    """The users of one store block: model rows of store users [start, stop)."""
+
+    start: int
+    stop: int
+    factors: np.ndarray  # (stop - start, rank); zero rows for unknown users
+    bias: np.ndarray  # (stop - start,)
+    known: np.ndarray  # (stop - start,) bool
+    train_block: str  # path of by_user/block=NNNNN
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    k: int
+    threshold: float
+    cold_start: str
+    ranking: bool
+    tile_users: int | None
+
+
+def evaluate_block_task(heldout_file: str, users: EvalUsers, items: EvalItems, p: EvalParams):
+    """Sums of squared and absolute errors and of ranking metrics over one user block."""
+    from dmf.cluster import blas_single_thread
+    from dmf.store import read_block_file
+
+    t = pq.read_table(heldout_file, columns=["user", "item", "rating"])
+    lu = t.column("user").to_numpy().astype(np.int64) - users.start
+    si = t.column("item").to_numpy().astype(np.int64)
+    r = t.column("rating").to_numpy().astype(np.float64)
+    mi = si if items.store_to_model is None else items.store_to_model[si]
+    ku = users.known[lu]
+    ki = mi >= 0
+    if items.store_known is not None:
+        ki &= items.store_known[si]
+    known = ku & ki
+    out: dict[str, Any] = {
+        "n_heldout": len(r),
+        "cold_users": int((~ku).sum()),
+        "cold_items": int((~ki).sum()),
+        "cold_pairs": int((~known).sum()),
+    }
+    if p.cold_start == "drop":
+        lu, mi, r, ku, ki = lu[known], mi[known], r[known], ku[known], ki[known]
+    pred = np.full(len(r), items.mu)
+    pred[ku] += users.bias[lu[ku]]
+    pred[ki] += items.bias[mi[ki]]
+    both = ku & ki
+    pred[both] += np.einsum(
+        "ij,ij->i",
+        users.factors[lu[both]].astype(np.float64),
+        items.factors[mi[both]].astype(np.float64),
+    )
+    err = r - pred
+    out.update(n=len(r), sse=float(err @ err), sae=float(np.abs(err).sum()))
+    out.update({f"{m}_sum": 0.0 for m in METRICS}, n_users_ranked=0)
+    if not p.ranking or len(r) == 0:
+        return out
+
+    rel = r >= p.threshold
+    rel_users, n_rel = np.unique(lu[rel], return_counts=True)  # local rows, sorted
+    if len(rel_users) == 0:
+        return out
+    n_items = len(items.bias)
+    # Relevant (user position, model item) pairs as keys; unknown items can never be hit.
+    pos_of = np.full(users.stop - users.start, -1, dtype=np.int64)
+    pos_of[rel_users] = np.arange(len(rel_users))
+    rel_ok = rel & ki
+    rel_keys = np.unique(pos_of[lu[rel_ok]] * n_items + mi[rel_ok])
+
+    # Seen (train) items of the ranked users, from the store's by_user block.
+    blk = read_block_file(users.train_block, "user", users.start, users.stop)
+    rep, cols, _ = csr_rows(blk.indptr, blk.cols, rel_users)
+    cols = cols.astype(np.int64)
+    if items.store_to_model is not None:
+        cols = items.store_to_model[cols]
+        keep = cols >= 0
+        rep, cols = rep[keep], cols[keep]
+    indptr = np.zeros(len(rel_users) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rep, minlength=len(rel_users)), out=indptr[1:])
+    seen = SeenItems(indptr, cols)
+
+    tile = p.tile_users or default_tile_users(n_items)
+    sums = dict.fromkeys(METRICS, 0.0)
+    with blas_single_thread():
+        for a in range(0, len(rel_users), tile):
+            b = min(len(rel_users), a + tile)
+            rows = rel_users[a:b]
+            s = score_tile(
+                users.factors[rows], users.bias[rows], items.factors, items.bias, items.mu
+            )
+            srep, scol, _ = csr_rows(seen.indptr, seen.cols, np.arange(a, b))
+            s[srep, scol] = -np.inf
+            top, vals = top_n(s, p.k)
+            keys = np.arange(a, b)[:, None] * n_items + top
+            hits = np.isin(keys, rel_keys) & np.isfinite(vals)
+            per_user = ranking_from_hits(hits, n_rel[a:b], p.k)
+            for m in METRICS:
+                sums[m] += float(per_user[m].sum())
+    out.update({f"{m}_sum": sums[m] for m in METRICS}, n_users_ranked=len(rel_users))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------------------------
+def _partition_split(store: Store, split: str, tmp: Path, batch_rows: int) -> dict[int, str]:
+    """Spread the held-out ratings into one Parquet file per user block (streamed)."""
+    src = store.path / split / "part-0.parquet"
+    bounds = store.bounds("user")
+    n_users = store.n_users
+    writers: dict[int, pq.ParquetWriter] = {}
+    files: dict[int, str] = {}
+    try:
+        pf = pq.ParquetFile(src)
+        row0 = 0
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=["user", "item", "rating"]):
+            t = pa.Table.from_batches([batch])
+            u = t.column("user").to_numpy()
+            bad = (u < 0) | (u >= n_users)
+            it = t.column("item").to_numpy()
+            bad |= (it < 0) | (it >= store.n_items)
+            if np.any(bad):
+                row = row0 + int(np.flatnonzero(bad)[0])
+                raise StoreError(
+                    f"{src}: row {row} has a user or item index outside the store's id maps; "
+                    "the store is corrupt, re-run `dmf ingest`"
+                )
+            row0 += len(t)
+            blk = np.searchsorted(bounds, u, side="right") - 1
+            order = np.argsort(blk, kind="stable")
+            blk_sorted = blk[order]
+            t = t.take(pa.array(order))
+            present = np.unique(blk_sorted)
+            cuts = np.searchsorted(blk_sorted, present)
+            ends = np.append(cuts[1:], len(blk_sorted))
+            for b, lo, hi in zip(present.tolist(), cuts, ends, strict=True):
+                if b not in writers:
+                    files[b] = str(tmp / f"block={b:05d}.parquet")
+                    writers[b] = pq.ParquetWriter(files[b], t.schema)
+                writers[b].write_table(t.slice(lo, hi - lo))
+    finally:
+        for w in writers.values():
+            w.close()
+    return files
+
+
+def _index_maps(model: Model, store: Store):
+    """store user index -> model row, store item index -> model row (None: the same), and the
+    'has train ratings' masks when the store is the model's own."""
+    from dmf.model import lookup_ids
+
+    own = bool(model.store_fingerprint) and model.store_fingerprint == store.fingerprint
+    if own and model.n_users == store.n_users and model.n_items == store.n_items:
+        return None, None, store.counts("user") > 0, store.counts("item") > 0
+    u = lookup_ids(store.ids("user"), model.user_ids)
+    i = lookup_ids(store.ids("item"), model.item_ids)
+    return u, i, None, None
+
+
+def evaluate(
+    model: Model,
+    store: Store | str | Path,
+    split: str = "test",
+    k: int = 10,
+    threshold: float = 4.0,
+    cold_start: str = "fallback",
+    client=None,
+    ranking: bool = True,
+    tile_users: int | None = None,
+    batch_rows: int = 1 << 20,
+) -> dict[str, Any]:
+    """Error and ranking metrics of ``model`` on a held-out split of ``store``.
+
+    Parameters
+    ----------
+    model
+        A trained model.
+    store
+        The store (or its path) holding the split and the train ratings to exclude from the
+        candidate lists; normally the store the model was trained on. Raw ids connect the two
+        if it is another store.
+    split : 'test' or 'validation'
+    k : int
+        Length of the top-k lists.
+    threshold : float
+        A held-out rating at or above this is relevant.
+    cold_start : 'fallback' or 'drop'
+        See the module docstring.
+    client
+        A ``distributed.Client``; ``None`` runs the block tasks in a local loop.
+    ranking
+        Compute the ranking metrics (they score every item for each user with a relevant item:
+        the costly part); RMSE and MAE alone need only the held-out pairs.
+
+    Returns
+    -------
+    dict with ``rmse``, ``mae``, ``n`` (held-out ratings scored), ``precision``, ``recall``,
+    ``ndcg``, ``map`` (at ``k``; None when no user has a relevant item), ``n_users_ranked``,
+    ``cold_users``, ``cold_items``, ``cold_pairs`` (pairs with an unknown user, item, either),
+    and the arguments ``split``, ``k``, ``threshold``, ``cold_start``.
+    """
+    check_cold_start(cold_start)
+    if k < 1:
+        raise InputError(f"k must be at least 1, not {k}")
+    if not isinstance(store, Store):
+        store = Store.open(store)
+    if split not in ("test", "validation"):
+        raise InputError(f"split must be 'test' or 'validation', not {split!r}")
+    src = store.path / split / "part-0.parquet"
+    if store.n_split(split) == 0 or not src.is_file():
+        raise StoreError(
+            f"store {store.path} has no {split} ratings: ingest with split.{split} > 0 "
+            "to hold some out"
+        )
+    u_map, i_map, u_has, i_has = _index_maps(model, store)
+    items = EvalItems(model.item_factors, model.item_bias, model.mu, i_map, i_has)
+    params = EvalParams(k, threshold, cold_start, ranking, tile_users)
+    bounds = store.bounds("user")
+
+    def users_of(b: int) -> EvalUsers:
+        lo, hi = int(bounds[b]), int(bounds[b + 1])
+        if u_map is None:
+            f, bias = model.user_factors[lo:hi], model.user_bias[lo:hi]
+            known = u_has[lo:hi]
+        else:
+            rows = u_map[lo:hi]
+            known = rows >= 0
+            f = np.where(known[:, None], model.user_factors[np.maximum(rows, 0)], 0)
+            bias = np.where(known, model.user_bias[np.maximum(rows, 0)], 0)
+            f = f.astype(model.user_factors.dtype)
+        return EvalUsers(lo, hi, f, bias, known, str(store.block_path("user", b)))
+
+    tmp = store.path.parent / f".{store.path.name}.eval-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        files = _partition_split(store, split, tmp, batch_rows)
+        blocks = sorted(files)
+        if client is not None and blocks:
+            [items_f] = client.scatter([items], broadcast=True)
+            user_fs = client.scatter([users_of(b) for b in blocks])
+            futures = [
+                client.submit(
+                    evaluate_block_task,
+                    files[b],
+                    uf,
+                    items_f,
+                    params,
+                    key=f"evaluate-block-{b:05d}-{uuid.uuid4().hex[:6]}",
+                    pure=False,
+                )
+                for b, uf in zip(blocks, user_fs, strict=True)
+            ]
+            parts = client.gather(futures)
+        else:
+            parts = [evaluate_block_task(files[b], users_of(b), items, params) for b in blocks]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    total = {key: sum(p[key] for p in parts) for key in parts[0]} if parts else {}
+    n = int(total.get("n", 0))
+    n_ranked = int(total.get("n_users_ranked", 0))
+    result: dict[str, Any] = {
+        "split": split,
+        "n": n,
+        "rmse": math.sqrt(total["sse"] / n) if n else None,
+        "mae": total["sae"] / n if n else None,
+        "k": k,
+        "threshold": threshold,
+    }
+    for m in METRICS:
+        result[m] = total[f"{m}_sum"] / n_ranked if ranking and n_ranked else None
+    result.update(
+        n_users_ranked=n_ranked,
+        cold_start=cold_start,
+        cold_users=int(total.get("cold_users", 0)),
+        cold_items=int(total.get("cold_items", 0)),
+        cold_pairs=int(total.get("cold_pairs", 0)),
+        n_heldout=int(total.get("n_heldout", 0)),
+    )
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The metrics as a small two-column text table, for the terminal."""
+    k = result["k"]
+    rows = [
+        ("split", result["split"]),
+        ("held-out ratings", result["n_heldout"]),
+        ("scored", result["n"]),
+        ("RMSE", result["rmse"]),
+        ("MAE", result["mae"]),
+        (f"precision@{k}", result["precision"]),
+        (f"recall@{k}", result["recall"]),
+        (f"NDCG@{k}", result["ndcg"]),
+        (f"MAP@{k}", result["map"]),
+        (f"users ranked (>= 1 rating >= {result['threshold']:g})", result["n_users_ranked"]),
+        (f"cold-start pairs ({result['cold_start']})", result["cold_pairs"]),
+        ("  unknown users / items", f"{result['cold_users']} / {result['cold_items']}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return str(v)
+
+    return "\n".join(f"{name:<{width}}  {fmt(v)}" for name, v in rows)

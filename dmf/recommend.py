@@ -1,0 +1,546 @@
+"""Top-N recommendation: for a few users on the driver, or for everyone, blockwise on Dask.
+
+Three layers, as in training:
+
+- the maths on arrays (:func:`score_tile`, :func:`top_n`, :func:`recommend_rows`): score a tile
+  of users against every item, mask the items each user rated in train, keep the best N with a
+  partial selection (``np.argpartition``), never a full sort and never more than one tile of
+  users x items in memory;
+- the function run on a worker per user block (:func:`recommend_block_task`): it reads the
+  block's train ratings from the store (``by_user/block=NNNNN``) for the seen items, runs the
+  maths, and writes its part of the output Parquet (or returns it);
+- orchestration (:func:`recommend_all`): item factors and biases broadcast once, one task per
+  user block, the parts combined atomically at the end.
+
+Output rows are ``(user, rank, item, score)``: raw user id, rank 1..N, raw item id, predicted
+rating. A user with fewer than N unseen items gets fewer rows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dmf.errors import InputError, ModelError
+
+if TYPE_CHECKING:
+    from dmf.model import Model
+    from dmf.store import Store
+
+# Bound on the float32 score tile (users x items) of one task; 64 MiB is 160 users at 100k items.
+DEFAULT_TILE_BYTES = 64 * 2**20
+# Users per task when there is no store to take the blocks from.
+_CHUNK_USERS = 100_000
+
+RECS_SCHEMA_FIELDS = ("user", "rank", "item", "score")
+
+
+# ---------------------------------------------------------------------------------------------
+# The maths
+# ---------------------------------------------------------------------------------------------
+def score_tile(
+    user_factors: np.ndarray,
+    user_bias: np.ndarray,
+    item_factors: np.ndarray,
+    item_bias: np.ndarray,
+    mu: float,
+) -> np.ndarray:
+    """Predicted ratings of a tile of users for every item.
+
+    Parameters
+    ----------
+    user_factors : ndarray, shape (m, rank)
+    user_bias : ndarray, shape (m,)
+    item_factors : ndarray, shape (n_items, rank)
+    item_bias : ndarray, shape (n_items,)
+
+    Returns
+    -------
+    ndarray, shape (m, n_items), float32: mu + b_i + c_j + u_i . v_j.
+    """
+    s = np.matmul(user_factors.astype(np.float32, copy=False), item_factors.T.astype(np.float32))
+    s += item_bias.astype(np.float32)[None, :]
+    s += (user_bias.astype(np.float64) + mu).astype(np.float32)[:, None]
+    return s
+
+
+def top_n(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` best columns of each row, best first (ties by lower column index).
+
+    Parameters
+    ----------
+    scores : ndarray, shape (m, n_cols); ``-inf`` marks a column that may not be chosen.
+    n : int
+
+    Returns
+    -------
+    (cols, vals): ndarrays of shape (m, min(n, n_cols)); entries whose value is ``-inf`` are not
+    real choices (the row had fewer than ``n`` allowed columns) and must be dropped by the caller.
+    """
+    m, n_cols = scores.shape
+    k = min(n, n_cols)
+    if k == 0 or m == 0:
+        return np.zeros((m, 0), dtype=np.int64), np.zeros((m, 0), dtype=scores.dtype)
+    if k < n_cols:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(n_cols), (m, n_cols))
+    vals = np.take_along_axis(scores, part, axis=1)
+    # Sort the k survivors: by score descending, then column ascending, so results are stable.
+    order = np.lexsort((part, -vals), axis=1)
+    cols = np.take_along_axis(part, order, axis=1).astype(np.int64)
+    return cols, np.take_along_axis(vals, order, axis=1)
+
+
+def csr_rows(indptr: np.ndarray, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Gather the entries of ``rows`` of a CSR matrix, vectorised.
+
+    Returns (row position in ``rows`` (nnz_sel,), column (nnz_sel,), entry position (nnz_sel,)).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    starts = indptr[rows]
+    counts = indptr[rows + 1] - starts
+    total = int(counts.sum())
+    rep = np.repeat(np.arange(len(rows)), counts)
+    offs = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    pos = np.repeat(starts, counts) + offs
+    return rep, cols[pos], pos
+
+
+@dataclass
+class SeenItems:
+    """Items each of ``m`` users may not be recommended, as CSR over those users.
+
+    indptr : ndarray, shape (m + 1,); cols : ndarray, shape (nnz,) of item indices.
+    """
+
+    indptr: np.ndarray
+    cols: np.ndarray
+
+    @classmethod
+    def none(cls, m: int) -> SeenItems:
+        return cls(np.zeros(m + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
+
+
+def recommend_rows(
+    user_factors: np.ndarray,
+    user_bias: np.ndarray,
+    item_factors: np.ndarray,
+    item_bias: np.ndarray,
+    mu: float,
+    n: int,
+    seen: SeenItems | None = None,
+    tile_users: int | None = None,
+    allowed_items: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Top ``n`` items for each of ``m`` users, tile by tile.
+
+    Parameters
+    ----------
+    user_factors : ndarray, shape (m, rank); user_bias : ndarray, shape (m,)
+    item_factors : ndarray, shape (n_items, rank); item_bias : ndarray, shape (n_items,)
+    seen
+        Items to exclude per user (CSR over the m users), e.g. their train ratings.
+    tile_users
+        Users scored at once; the score tile is ``tile_users x n_items`` float32. Default: as many
+        as fit in :data:`DEFAULT_TILE_BYTES`.
+    allowed_items
+        Optional bool mask, shape (n_items,): items that may be recommended at all.
+
+    Returns
+    -------
+    (row, rank, item, score): flat arrays of equal length, sorted by row then rank; ``row`` indexes
+    the m users, ``rank`` counts from 1, ``item`` is an item index.
+    """
+    m = len(user_bias)
+    n_items = len(item_bias)
+    if tile_users is None:
+        tile_users = default_tile_users(n_items)
+    tile_users = max(1, int(tile_users))
+    seen = seen if seen is not None else SeenItems.none(m)
+    out_row, out_rank, out_item, out_score = [], [], [], []
+    for a in range(0, m, tile_users):
+        b = min(m, a + tile_users)
+        s = score_tile(user_factors[a:b], user_bias[a:b], item_factors, item_bias, mu)
+        if allowed_items is not None:
+            s[:, ~allowed_items] = -np.inf
+        rep, cols, _ = csr_rows(seen.indptr, seen.cols, np.arange(a, b))
+        s[rep, cols] = -np.inf
+        cols_top, vals = top_n(s, n)
+        ok = np.isfinite(vals)
+        ranks = np.broadcast_to(np.arange(1, cols_top.shape[1] + 1), cols_top.shape)
+        rows = np.broadcast_to(np.arange(a, b)[:, None], cols_top.shape)
+        out_row.append(rows[ok])
+        out_rank.append(ranks[ok])
+        out_item.append(cols_top[ok])
+        out_score.append(vals[ok])
+    if not out_row:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z.astype(np.int32), z, np.zeros(0, dtype=np.float32)
+    return (
+        np.concatenate(out_row).astype(np.int64),
+        np.concatenate(out_rank).astype(np.int32),
+        np.concatenate(out_item).astype(np.int64),
+        np.concatenate(out_score).astype(np.float32),
+    )
+
+
+def default_tile_users(n_items: int, tile_bytes: int = DEFAULT_TILE_BYTES) -> int:
+    """Users per score tile so that a tile (users x items, float32, and its negation for the
+    partial selection) stays within ``tile_bytes``."""
+    return max(1, tile_bytes // max(1, 8 * n_items))
+
+
+def recs_table(
+    user_ids: pa.Array, rank: np.ndarray, item_ids: pa.Array, score: np.ndarray
+) -> pa.Table:
+    """The output table: raw user id, rank (int32), raw item id, score (float32)."""
+    return pa.table(
+        {
+            "user": user_ids,
+            "rank": pa.array(rank, type=pa.int32()),
+            "item": item_ids,
+            "score": pa.array(score, type=pa.float32()),
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What runs on a worker
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ItemSide:
+    """Everything about the items a task needs: broadcast to every worker once."""
+
+    factors: np.ndarray  # (n_items, rank)
+    bias: np.ndarray  # (n_items,)
+    ids: pa.Array  # (n_items,) raw ids
+    mu: float
+
+
+@dataclass(frozen=True)
+class UserPart:
+    """The users of one task: their rows in the model, and where their seen items are."""
+
+    factors: np.ndarray  # (m, rank)
+    bias: np.ndarray  # (m,)
+    ids: pa.Array  # (m,) raw ids
+    # Train ratings of these users: the store block (path, start, stop) and each user's row in
+    # it (-1: no train ratings there, e.g. a user the store does not have). None: exclude nothing.
+    block: tuple[str, int, int] | None = None
+    rows_in_block: np.ndarray | None = None  # (m,)
+
+
+def _seen_for_part(part: UserPart, item_map: np.ndarray | None) -> SeenItems:
+    from dmf.store import read_block_file
+
+    m = len(part.bias)
+    if part.block is None:
+        return SeenItems.none(m)
+    path, start, stop = part.block
+    blk = read_block_file(path, "user", start, stop)
+    rows = part.rows_in_block
+    has = rows >= 0
+    rep, cols, _ = csr_rows(blk.indptr, blk.cols, rows[has])
+    rep = np.flatnonzero(has)[rep]
+    if item_map is not None:
+        # Store item index -> model item index (-1: an item the model does not know).
+        cols = item_map[cols]
+        keep = cols >= 0
+        rep, cols = rep[keep], cols[keep]
+    # rep is sorted (rows in order, entries of a row contiguous), so this is CSR already.
+    indptr = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rep, minlength=m), out=indptr[1:])
+    return SeenItems(indptr, cols.astype(np.int64))
+
+
+def recommend_block_task(
+    part: UserPart,
+    items: ItemSide,
+    n: int,
+    tile_users: int | None,
+    out_file: str | None,
+    item_map: np.ndarray | None = None,
+) -> pa.Table | dict[str, Any]:
+    """Top-N for one block of users (runs on a worker; its name shows on the dashboard).
+
+    Returns the block's table, or writes it to ``out_file`` and returns ``{"rows": ...}``.
+    """
+    from dmf.cluster import blas_single_thread
+
+    seen = _seen_for_part(part, item_map)
+    with blas_single_thread():
+        row, rank, item, score = recommend_rows(
+            part.factors, part.bias, items.factors, items.bias, items.mu, n, seen, tile_users
+        )
+    table = recs_table(part.ids.take(pa.array(row)), rank, items.ids.take(pa.array(item)), score)
+    if out_file is None:
+        return table
+    pq.write_table(table, out_file, compression="zstd")
+    return {"rows": len(table), "file": out_file}
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------------------------
+def _store_index_maps(model: Model, store: Store) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Model user index -> store user index, and store item index -> model item index.
+
+    ``None`` where the two index spaces are the same (the model was trained on this store).
+    """
+    from dmf.model import lookup_ids
+
+    same = (
+        model.store_fingerprint
+        and model.store_fingerprint == store.fingerprint
+        and model.n_users == store.n_users
+        and model.n_items == store.n_items
+    )
+    if same:
+        return None, None
+    user_to_store = lookup_ids(model.user_ids, store.ids("user"))
+    item_to_model = lookup_ids(store.ids("item"), model.item_ids)
+    return user_to_store, item_to_model
+
+
+def _parts(
+    model: Model,
+    user_idx: np.ndarray,
+    store: Store | None,
+) -> list[UserPart]:
+    """Split the model users ``user_idx`` (sorted) into one part per store user block."""
+    if store is None:
+        return [
+            UserPart(
+                model.user_factors[sel],
+                model.user_bias[sel],
+                model.user_ids.take(pa.array(sel)),
+            )
+            for sel in (
+                user_idx[a : a + _CHUNK_USERS] for a in range(0, len(user_idx), _CHUNK_USERS)
+            )
+        ]
+    user_to_store, _ = _store_index_maps(model, store)
+    sidx = user_idx if user_to_store is None else user_to_store[user_idx]
+    bounds = store.bounds("user")
+    n_blocks = len(bounds) - 1
+    # Users the store does not have go with block 0, with no seen items.
+    blk = np.where(sidx >= 0, np.searchsorted(bounds, sidx, side="right") - 1, 0)
+    blk = np.clip(blk, 0, max(n_blocks - 1, 0))
+    order = np.argsort(blk, kind="stable")
+    user_idx, sidx, blk = user_idx[order], sidx[order], blk[order]
+    cuts = np.searchsorted(blk, np.arange(n_blocks + 1))
+    parts = []
+    for b in range(n_blocks):
+        lo, hi = cuts[b], cuts[b + 1]
+        if lo == hi:
+            continue
+        sel = user_idx[lo:hi]
+        rows = np.where(sidx[lo:hi] >= 0, sidx[lo:hi] - bounds[b], -1)
+        parts.append(
+            UserPart(
+                model.user_factors[sel],
+                model.user_bias[sel],
+                model.user_ids.take(pa.array(sel)),
+                (str(store.block_path("user", b)), int(bounds[b]), int(bounds[b + 1])),
+                rows.astype(np.int64),
+            )
+        )
+    return parts
+
+
+def recommend_all(
+    model: Model,
+    store: Store | str | Path | None,
+    n: int = 10,
+    users: Sequence[Any] | pa.Array | np.ndarray | None = None,
+    client=None,
+    out: str | Path | None = None,
+    tile_users: int | None = None,
+    cold_start: str = "fallback",
+) -> pa.Table | Path:
+    """Top-``n`` items for every user (or for ``users``), excluding items each rated in train.
+
+    Parameters
+    ----------
+    model
+        The trained model.
+    store
+        The store the model was trained on (or its path): each user's train items are read from
+        its ``by_user`` blocks, one task per block. ``None``: exclude nothing.
+    n
+        Recommendations per user.
+    users
+        Raw user ids, shape (n_users_wanted,); default all of the model's users. Unknown users
+        get the cold-start fallback (items ranked by mu + c_j) or, with ``cold_start="drop"``, no
+        rows.
+    client
+        A ``distributed.Client``: one task per user block, item side broadcast once. ``None``: the
+        same tasks run in a local loop.
+    out
+        ``None``: return a :class:`pyarrow.Table`. A path ending in ``.parquet``: one Parquet
+        file. Any other path: a directory of Parquet parts. Written atomically (temp + rename).
+    tile_users
+        Users scored at once per task; the tile is ``tile_users x n_items`` float32.
+
+    Returns
+    -------
+    pyarrow.Table with columns (user, rank, item, score), ``n`` rows per user (fewer if the user
+    has fewer unseen items), ordered by user as given (all users: by block), then rank; or the
+    path written.
+    """
+    from dmf.model import check_cold_start, lookup_ids
+
+    check_cold_start(cold_start)
+    if n < 1:
+        raise InputError(f"n must be at least 1, not {n}")
+    if store is not None and not hasattr(store, "read_block"):
+        from dmf.store import Store
+
+        store = Store.open(store)
+    cold_ids = None
+    if users is None:
+        user_idx = np.arange(model.n_users, dtype=np.int64)
+        wanted = None
+    else:
+        wanted = model.as_ids(users, "user")
+        idx = lookup_ids(wanted, model.user_ids)
+        user_idx = np.unique(idx[idx >= 0])
+        if cold_start == "fallback" and np.any(idx < 0):
+            cold_ids = pc_unique(wanted.filter(pa.array(idx < 0)))
+
+    _, item_map = _store_index_maps(model, store) if store is not None else (None, None)
+    items = ItemSide(model.item_factors, model.item_bias, model.item_ids, model.mu)
+    parts = _parts(model, user_idx, store)
+
+    out_path = Path(out) if out is not None else None
+    tmp_dir = None
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp_dir.mkdir()
+    try:
+        files = [
+            None if tmp_dir is None else str(tmp_dir / f"part-{k:05d}.parquet")
+            for k in range(len(parts))
+        ]
+        if client is not None and parts:
+            [items_f] = client.scatter([items], broadcast=True)
+            map_f = None
+            if item_map is not None:
+                [map_f] = client.scatter([item_map], broadcast=True)
+            part_fs = client.scatter(parts)
+            futures = [
+                client.submit(
+                    recommend_block_task,
+                    pf,
+                    items_f,
+                    n,
+                    tile_users,
+                    f,
+                    map_f,
+                    key=f"recommend-block-{k:05d}-{uuid.uuid4().hex[:6]}",
+                    pure=False,
+                )
+                for k, (pf, f) in enumerate(zip(part_fs, files, strict=True))
+            ]
+            results = client.gather(futures)
+        else:
+            results = [
+                recommend_block_task(p, items, n, tile_users, f, item_map)
+                for p, f in zip(parts, files, strict=True)
+            ]
+        cold_table = None
+        if cold_ids is not None and len(cold_ids):
+            cold_table = _cold_recs(model, cold_ids, n, tile_users)
+            if tmp_dir is not None:
+                f = str(tmp_dir / f"part-{len(parts):05d}.parquet")
+                pq.write_table(cold_table, f, compression="zstd")
+                files.append(f)
+        if out_path is None:
+            tables = list(results) + ([cold_table] if cold_table is not None else [])
+            table = _concat(tables, model)
+            if wanted is not None:
+                # Order as the caller listed the users.
+                first = pc_unique(wanted)
+                pos = lookup_ids(table.column("user").combine_chunks(), first)
+                order = np.lexsort((table.column("rank").to_numpy(), pos))
+                table = table.take(pa.array(order))
+            return table
+        return _finish(tmp_dir, out_path, files, model)
+    finally:
+        if tmp_dir is not None and tmp_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _cold_recs(model: Model, cold_ids: pa.Array, n: int, tile_users: int | None) -> pa.Table:
+    """Fallback recommendations for users the model does not know: ranked by mu + c_j."""
+    rank0 = np.zeros((1, model.rank), dtype=model.item_factors.dtype)
+    _, rank, item, score = recommend_rows(
+        rank0, np.zeros(1), model.item_factors, model.item_bias, model.mu, n, None, tile_users
+    )
+    m = len(cold_ids)
+    k = len(item)
+    return recs_table(
+        cold_ids.take(pa.array(np.repeat(np.arange(m), k))),
+        np.tile(rank, m),
+        model.item_ids.take(pa.array(np.tile(item, m))),
+        np.tile(score, m),
+    )
+
+
+def pc_unique(a: pa.Array) -> pa.Array:
+    import pyarrow.compute as pc
+
+    return pc.unique(a)
+
+
+def _empty(model: Model) -> pa.Table:
+    return recs_table(
+        pa.array([], type=model.user_ids.type),
+        np.zeros(0, dtype=np.int32),
+        pa.array([], type=model.item_ids.type),
+        np.zeros(0, dtype=np.float32),
+    )
+
+
+def _concat(tables: list[pa.Table], model: Model) -> pa.Table:
+    tables = [t for t in tables if t is not None]
+    if not tables:
+        return _empty(model)
+    return pa.concat_tables(tables).combine_chunks()
+
+
+def _finish(tmp_dir: Path, out_path: Path, files: list[str | None], model: Model) -> Path:
+    """Move the parts into place atomically: one file (streamed together) or a directory."""
+    files = [f for f in files if f is not None and os.path.exists(f)]
+    if out_path.suffix == ".parquet":
+        tmp_file = tmp_dir / "combined.parquet"
+        schema = _empty(model).schema
+        with pq.ParquetWriter(tmp_file, schema, compression="zstd") as w:
+            for f in files:
+                # Row group by row group: memory stays at one part's row group.
+                pf = pq.ParquetFile(f)
+                for g in range(pf.num_row_groups):
+                    w.write_table(pf.read_row_group(g).cast(schema))
+        if out_path.is_dir():
+            raise ModelError(f"output {out_path} is a directory; give a .parquet file name")
+        os.replace(tmp_file, out_path)
+        return out_path
+    if not files:
+        pq.write_table(_empty(model), tmp_dir / "part-00000.parquet")
+    if out_path.exists():
+        old = out_path.parent / f".{out_path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_path, old)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    os.replace(tmp_dir, out_path)
+    return out_path

@@ -1,0 +1,242 @@
+"""Model methods: predict (and cold start), fold-in, similar items; `dmf predict` and `dmf similar`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+from conftest import random_ratings
+
+from dmf.cli import main
+from dmf.errors import InputError, ModelError
+from dmf.model import Model, load
+from dmf.solver import solve_block
+from dmf.store import store_from_arrays
+
+
+def random_model(store, rank=3, seed=0, reg=0.1, reg_bias=None, weighted_reg=False, dtype=None):
+    """A model over ``store``'s ids with random factors and biases (as if trained)."""
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype or np.float32)
+    return Model(
+        mu=store.mu,
+        user_ids=store.ids("user"),
+        item_ids=store.ids("item"),
+        user_factors=rng.normal(0, 0.5, (store.n_users, rank)).astype(dt),
+        user_bias=rng.normal(0, 0.3, store.n_users).astype(dt),
+        item_factors=rng.normal(0, 0.5, (store.n_items, rank)).astype(dt),
+        item_bias=rng.normal(0, 0.3, store.n_items).astype(dt),
+        config={
+            "model": {"rank": rank, "reg": reg, "reg_bias": reg_bias, "weighted_reg": weighted_reg}
+        },
+        store_fingerprint=store.fingerprint,
+        store_path=str(store.path),
+    )
+
+
+@pytest.fixture
+def str_store(tmp_path):
+    """30 users 'u0'.. x 20 items 'i0'.. with string raw ids, 2 blocks a side."""
+    u, i, r = random_ratings(30, 20, 250, seed=3)
+    return store_from_arrays(
+        tmp_path / "sstore",
+        u,
+        i,
+        r,
+        n_users=30,
+        n_items=20,
+        n_blocks=2,
+        user_ids=pa.array([f"u{k}" for k in range(30)]),
+        item_ids=pa.array([f"i{k}" for k in range(20)]),
+    )
+
+
+def _factors_from_files(path):
+    """Read the saved factor files directly (not through Model.load)."""
+    out = {}
+    for side in ("user", "item"):
+        t = pq.read_table(path / f"{side}_factors.parquet")
+        f = np.array(t.column("factors").to_pylist(), dtype=np.float64)
+        out[side] = (t.column("id").to_pylist(), t.column("bias").to_numpy().astype(np.float64), f)
+    return out
+
+
+def test_predict_equals_saved_factors(small_store, tmp_path):
+    model = random_model(small_store, rank=4, seed=1)
+    model.save(tmp_path / "model", plot=False)
+    loaded = load(tmp_path / "model")
+    f = _factors_from_files(tmp_path / "model")
+    uid, b, uf = f["user"]
+    iid, c, vf = f["item"]
+    rng = np.random.default_rng(0)
+    pu = rng.integers(0, len(uid), 500)
+    pi = rng.integers(0, len(iid), 500)
+    users = [uid[k] for k in pu]
+    items = [iid[k] for k in pi]
+    expected = small_store.mu + b[pu] + c[pi] + np.einsum("ij,ij->i", uf[pu], vf[pi])
+    got = loaded.predict(users, items)
+    assert got.shape == (500,)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_predict_cold_start_fallback_and_drop(str_store):
+    m = random_model(str_store, seed=2)
+    users = ["u1", "nobody", "u2", "nobody"]
+    items = ["i3", "i4", "zzz", "zzz"]
+    p = m.predict(users, items, return_info=True)
+    assert not np.any(np.isnan(p.scores))
+    u1, u2, i3, i4 = 1, 2, 3, 4
+    exp0 = m.mu + m.user_bias[u1] + m.item_bias[i3] + float(m.user_factors[u1] @ m.item_factors[i3])
+    np.testing.assert_allclose(
+        p.scores, [exp0, m.mu + m.item_bias[i4], m.mu + m.user_bias[u2], m.mu], rtol=1e-6
+    )
+    assert (p.cold_users, p.cold_items, p.cold_pairs) == (2, 2, 3)
+    assert p.known.tolist() == [True, False, False, False]
+
+    d = m.predict(users, items, cold_start="drop", return_info=True)
+    assert d.known.tolist() == [True, False, False, False]
+    np.testing.assert_allclose(d.scores, [exp0], rtol=1e-6)
+    assert d.cold_pairs == 3
+    np.testing.assert_allclose(m.predict(users, items, cold_start="drop"), [exp0], rtol=1e-6)
+
+    with pytest.raises(InputError, match="cold_start"):
+        m.predict(users, items, cold_start="nan")
+
+
+def test_predict_accepts_numpy_arrow_and_text_ids(small_store):
+    m = random_model(small_store)
+    a = m.predict(np.array([3, 7]), np.array([1, 2]))
+    b = m.predict(pa.array([3, 7]), pa.chunked_array([[1], [2]]))
+    c = m.predict(["3", "7"], ["1", "2"])  # integer ids read from text
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+    with pytest.raises(InputError, match="user ids"):
+        m.predict(["x"], ["1"])
+    with pytest.raises(ModelError, match="pairwise"):
+        m.predict([1, 2], [1])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fold_in_equals_one_more_user_half_iteration(str_store, weighted):
+    m = random_model(str_store, rank=3, seed=4, reg=0.3, reg_bias=0.05, weighted_reg=weighted)
+    block = str_store.read_block("user", 1)
+    sol = solve_block(block, m.item_factors, m.item_bias, m.mu, 0.3, 0.05, weighted)
+    item_ids = str_store.ids("item")
+    for row in (0, block.n_rows - 1):
+        lo, hi = block.indptr[row], block.indptr[row + 1]
+        assert hi > lo
+        items = item_ids.take(pa.array(block.cols[lo:hi]))
+        # Given in a different order than the store's: the solution must not depend on it.
+        f, bias = m.fold_in(items[::-1], block.vals[lo:hi][::-1])
+        assert f.shape == (3,)
+        np.testing.assert_allclose(f, sol.factors[row], rtol=1e-5, atol=1e-6)
+        assert bias == pytest.approx(float(sol.bias[row]), rel=1e-5, abs=1e-6)
+
+
+def test_fold_in_unknown_items_ignored_and_duplicates_refused(str_store):
+    m = random_model(str_store, reg=0.2)
+    f1, b1 = m.fold_in(["i1", "i5"], [4.0, 2.0])
+    f2, b2 = m.fold_in(["i1", "new-item", "i5"], [4.0, 5.0, 2.0])
+    np.testing.assert_array_equal(f1, f2)
+    assert b1 == b2
+    f0, b0 = m.fold_in(["nothing"], [3.0])
+    assert not np.any(f0) and b0 == 0.0
+    with pytest.raises(InputError, match="more than once"):
+        m.fold_in(["i1", "i1"], [4.0, 2.0])
+    with pytest.raises(InputError, match="ratings"):
+        m.fold_in(["i1", "i2"], [4.0])
+
+
+def test_recommend_for_ratings_matches_brute_force(str_store):
+    m = random_model(str_store, reg=0.2)
+    items, ratings = ["i2", "i7", "i9"], [5.0, 1.0, 4.0]
+    f, b = m.fold_in(items, ratings)
+    scores = m.mu + b + m.item_bias.astype(np.float64) + m.item_factors.astype(np.float64) @ f
+    scores[[2, 7, 9]] = -np.inf
+    want = np.argsort(-scores, kind="stable")[:5]
+    recs = m.recommend_for_ratings(items, ratings, n=5)
+    assert recs.column("item").to_pylist() == [f"i{k}" for k in want]
+    assert recs.column("rank").to_pylist() == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(recs.column("score").to_numpy(), scores[want], rtol=1e-5)
+
+
+def test_similar_items_by_cosine(str_store):
+    m = random_model(str_store, rank=4, seed=5)
+    m.item_factors[6] = 0.0  # an item without ratings: no direction, never similar
+    v = m.item_factors.astype(np.float64)
+    norm = np.linalg.norm(v, axis=1)
+    t = m.similar_items(["i3", "i0"], n=4)
+    assert t.column_names == ["item", "rank", "similar", "score"]
+    for q, qi in (("i3", 3), ("i0", 0)):
+        cos = np.full(m.n_items, -np.inf)
+        ok = norm > 0
+        cos[ok] = v[ok] @ v[qi] / (norm[ok] * norm[qi])
+        cos[qi] = -np.inf
+        want = np.argsort(-cos, kind="stable")[:4]
+        rows = t.filter(pa.compute.equal(t.column("item"), q))
+        assert rows.column("similar").to_pylist() == [f"i{k}" for k in want]
+        np.testing.assert_allclose(rows.column("score").to_numpy(), cos[want], rtol=1e-5)
+        assert "i6" not in rows.column("similar").to_pylist()
+    with pytest.raises(InputError, match="unknown item"):
+        m.similar_items(["i3", "nope"])
+
+
+def test_similar_items_needs_factors(small_store):
+    m = random_model(small_store, rank=0)
+    with pytest.raises(ModelError, match="rank 0"):
+        m.similar_items([1])
+
+
+# -- command line -------------------------------------------------------------------------------
+def test_cli_predict_csv_and_parquet(str_store, tmp_path, capsys):
+    m = random_model(str_store, seed=6)
+    m.save(tmp_path / "model", plot=False)
+    pairs = pa.table({"user": ["u1", "u2", "ghost"], "item": ["i3", "i4", "i5"]})
+    pcsv.write_csv(pairs, tmp_path / "pairs.csv")
+    pq.write_table(pairs, tmp_path / "pairs.parquet")
+    expected = m.predict(["u1", "u2", "ghost"], ["i3", "i4", "i5"])
+
+    assert main(["predict", str(tmp_path / "model"), "--pairs", str(tmp_path / "pairs.csv")]) == 0
+    out, err = capsys.readouterr()
+    got = pcsv.read_csv(pa.py_buffer(out.encode()))
+    assert got.column("user").to_pylist() == ["u1", "u2", "ghost"]
+    np.testing.assert_allclose(got.column("score").to_numpy(), expected, rtol=1e-6)
+    assert "1 cold-start" in err
+
+    rc = main(
+        [
+            "predict",
+            str(tmp_path / "model"),
+            "--pairs",
+            str(tmp_path / "pairs.parquet"),
+            "--out",
+            str(tmp_path / "scores.parquet"),
+            "--cold-start",
+            "drop",
+        ]
+    )
+    assert rc == 0
+    t = pq.read_table(tmp_path / "scores.parquet")
+    assert t.column("user").to_pylist() == ["u1", "u2"]
+    np.testing.assert_allclose(t.column("score").to_numpy(), expected[:2], rtol=1e-6)
+
+
+def test_cli_predict_bad_file_names_column(str_store, tmp_path, capsys):
+    random_model(str_store).save(tmp_path / "model", plot=False)
+    pcsv.write_csv(pa.table({"uid": ["u1"], "item": ["i1"]}), tmp_path / "bad.csv")
+    rc = main(["predict", str(tmp_path / "model"), "--pairs", str(tmp_path / "bad.csv")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "bad.csv" in err and "'user'" in err
+
+
+def test_cli_similar(str_store, tmp_path, capsys):
+    m = random_model(str_store, seed=7)
+    m.save(tmp_path / "model", plot=False)
+    assert main(["similar", str(tmp_path / "model"), "--items", "i2,i5", "-n", "3"]) == 0
+    got = pcsv.read_csv(pa.py_buffer(capsys.readouterr().out.encode()))
+    want = m.similar_items(["i2", "i5"], n=3)
+    assert got.column("similar").to_pylist() == want.column("similar").to_pylist()
+    assert got.num_rows == 6

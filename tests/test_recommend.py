@@ -1,0 +1,186 @@
+"""Top-N recommendation: brute-force reference, seen items excluded, on the cluster and without."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+from conftest import random_ratings
+from test_model import random_model
+
+from dmf.cli import main
+from dmf.errors import InputError
+from dmf.recommend import recommend_all, top_n
+from dmf.store import store_from_arrays
+
+N_USERS, N_ITEMS = 45, 25
+
+
+@pytest.fixture
+def rated(tmp_path):
+    """A store with string ids (3 user blocks) and the train arrays it was built from."""
+    u, i, r = random_ratings(N_USERS, N_ITEMS, 500, seed=11)
+    # User 44 rated every item but one; user 43 rated nothing.
+    keep = u < 43
+    u, i, r = u[keep], i[keep], r[keep]
+    u = np.concatenate([u, np.full(N_ITEMS - 1, 44)])
+    i = np.concatenate([i, np.arange(1, N_ITEMS)])
+    r = np.concatenate([r, np.full(N_ITEMS - 1, 3.0, dtype=np.float32)])
+    store = store_from_arrays(
+        tmp_path / "store",
+        u,
+        i,
+        r,
+        n_users=N_USERS,
+        n_items=N_ITEMS,
+        n_blocks=3,
+        user_ids=pa.array([f"u{k}" for k in range(N_USERS)]),
+        item_ids=pa.array([f"i{k}" for k in range(N_ITEMS)]),
+    )
+    return store, u, i
+
+
+def brute_force(model, seen_u, seen_i, users, n):
+    """Full scores, seen items set to -inf, full sort: {user index: [(item index, score)]}."""
+    s = (
+        model.mu
+        + model.user_bias.astype(np.float64)[:, None]
+        + model.item_bias.astype(np.float64)[None, :]
+        + model.user_factors.astype(np.float64) @ model.item_factors.astype(np.float64).T
+    )
+    if seen_u is not None:
+        s[seen_u, seen_i] = -np.inf
+    out = {}
+    for k in users:
+        order = np.argsort(-s[k], kind="stable")[:n]
+        out[k] = [(int(j), float(s[k, j])) for j in order if np.isfinite(s[k, j])]
+    return out
+
+
+def check_against(table, ref, user_ids):
+    by_user = {}
+    for row in table.to_pylist():
+        by_user.setdefault(row["user"], []).append(row)
+    assert set(by_user) == {user_ids[k] for k in ref}
+    for k, want in ref.items():
+        got = by_user[user_ids[k]]
+        assert [g["rank"] for g in got] == list(range(1, len(want) + 1))
+        assert [g["item"] for g in got] == [f"i{j}" for j, _ in want]
+        np.testing.assert_allclose([g["score"] for g in got], [s for _, s in want], rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_client", [False, True])
+def test_recommend_all_equals_brute_force(rated, request, use_client):
+    store, u, i = rated
+    client = request.getfixturevalue("client") if use_client else None
+    model = random_model(store, rank=4, seed=3)
+    table = recommend_all(model, store, n=6, client=client, tile_users=4)
+    ref = brute_force(model, u, i, range(N_USERS), 6)
+    ids = [f"u{k}" for k in range(N_USERS)]
+    check_against(table, ref, ids)
+    # The user who rated all but item 0 gets exactly that one; the user with nothing gets 6.
+    assert table.filter(pa.compute.equal(table.column("user"), "u44")).num_rows == 1
+    assert table.filter(pa.compute.equal(table.column("user"), "u43")).num_rows == 6
+    assert table.num_rows == 6 * (N_USERS - 1) + 1
+
+
+def test_recommend_all_to_file_and_directory(rated, client, tmp_path):
+    store, u, i = rated
+    model = random_model(store, rank=3, seed=4)
+    ref = brute_force(model, u, i, range(N_USERS), 5)
+    ids = [f"u{k}" for k in range(N_USERS)]
+    f = recommend_all(model, store, n=5, client=client, out=tmp_path / "out" / "recs.parquet")
+    assert f == tmp_path / "out" / "recs.parquet" and f.is_file()
+    check_against(pq.read_table(f), ref, ids)
+    d = recommend_all(model, store, n=5, out=tmp_path / "recs_dir")
+    assert sorted(p.name for p in d.iterdir()) == [f"part-{k:05d}.parquet" for k in range(3)]
+    check_against(pq.read_table(d), ref, ids)
+    # Nothing temporary is left next to the outputs.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recs_dir", "store"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["recs.parquet"]
+
+
+def test_recommend_some_users_in_order_with_cold_start(rated):
+    store, u, i = rated
+    model = random_model(store, rank=3, seed=5)
+    t = model.recommend(["u7", "stranger", "u2"], n=4, exclude=store)
+    assert t.column("user").to_pylist() == ["u7"] * 4 + ["stranger"] * 4 + ["u2"] * 4
+    ref = brute_force(model, u, i, [7, 2], 4)
+    check_against(
+        t.filter(pa.compute.not_equal(t.column("user"), "stranger")), ref, {7: "u7", 2: "u2"}
+    )
+    # The unknown user gets the items ranked by mu + c_j.
+    pop = np.argsort(-model.item_bias.astype(np.float64), kind="stable")[:4]
+    cold = t.filter(pa.compute.equal(t.column("user"), "stranger"))
+    assert cold.column("item").to_pylist() == [f"i{j}" for j in pop]
+    np.testing.assert_allclose(
+        cold.column("score").to_numpy(), model.mu + model.item_bias[pop], rtol=1e-6
+    )
+    dropped = model.recommend(["u7", "stranger"], n=4, exclude="store", cold_start="drop")
+    assert set(dropped.column("user").to_pylist()) == {"u7"}
+
+
+def test_recommend_without_exclusion(rated):
+    store, _, _ = rated
+    model = random_model(store, rank=2, seed=6)
+    t = model.recommend(["u44"], n=3)
+    check_against(t, brute_force(model, None, None, [44], 3), {44: "u44"})
+
+
+def test_top_n_partial_selection_ties_and_short_rows():
+    s = np.array([[1.0, 3.0, 3.0, -np.inf, 2.0], [-np.inf, -np.inf, 0.5, -np.inf, -np.inf]])
+    cols, vals = top_n(s.astype(np.float32), 3)
+    assert cols[0].tolist() == [1, 2, 4]  # tie broken by the lower column
+    assert cols[1, 0] == 2 and not np.isfinite(vals[1, 1:]).any()
+    cols, _ = top_n(s, 10)
+    assert cols.shape == (2, 5)
+
+
+def test_recommend_rejects_bad_n(rated):
+    store, _, _ = rated
+    with pytest.raises(InputError, match="n must be"):
+        recommend_all(random_model(store), store, n=0)
+
+
+# -- command line -------------------------------------------------------------------------------
+def test_cli_recommend_all_users_on_cluster(rated, client, tmp_path, capsys):
+    store, u, i = rated
+    model = random_model(store, rank=3, seed=8)
+    model.save(tmp_path / "model", plot=False)
+    out = tmp_path / "recs.parquet"
+    argv = ["recommend", str(tmp_path / "model"), "-n", "5", "--out", str(out)]
+    assert main([*argv, "--address", client.scheduler.address]) == 0
+    ref = brute_force(model, u, i, range(N_USERS), 5)
+    check_against(pq.read_table(out), ref, [f"u{k}" for k in range(N_USERS)])
+
+
+def test_cli_recommend_users_and_ratings(rated, tmp_path, capsys):
+    store, u, i = rated
+    model = random_model(store, rank=3, seed=9)
+    model.save(tmp_path / "model", plot=False)
+    assert main(["recommend", str(tmp_path / "model"), "-n", "3", "--users", "u5,u9"]) == 0
+    got = pcsv.read_csv(pa.py_buffer(capsys.readouterr().out.encode()))
+    check_against(got, brute_force(model, u, i, [5, 9], 3), {5: "u5", 9: "u9"})
+
+    (tmp_path / "users.txt").write_text("user\nu9\n")
+    out = tmp_path / "some.parquet"
+    argv = ["recommend", str(tmp_path / "model"), "-n", "3", "--users", str(tmp_path / "users.txt")]
+    assert main([*argv, "--out", str(out)]) == 0
+    check_against(pq.read_table(out), brute_force(model, u, i, [9], 3), {9: "u9"})
+
+    pcsv.write_csv(pa.table({"item": ["i1", "i4"], "rating": [5.0, 2.0]}), tmp_path / "me.csv")
+    argv = ["recommend", str(tmp_path / "model"), "-n", "4", "--ratings", str(tmp_path / "me.csv")]
+    assert main(argv) == 0
+    got = pcsv.read_csv(pa.py_buffer(capsys.readouterr().out.encode()))
+    want = model.recommend_for_ratings(["i1", "i4"], [5.0, 2.0], n=4)
+    assert got.column("item").to_pylist() == want.column("item").to_pylist()
+    assert not {"i1", "i4"} & set(got.column("item").to_pylist())
+
+
+def test_cli_recommend_everyone_needs_out(rated, tmp_path, capsys):
+    store, _, _ = rated
+    random_model(store).save(tmp_path / "model", plot=False)
+    assert main(["recommend", str(tmp_path / "model")]) == 2
+    assert "--out" in capsys.readouterr().err
