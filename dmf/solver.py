@@ -49,7 +49,6 @@ class BlockSolution:
     factors: np.ndarray  # (n_rows, rank), storage dtype
     bias: np.ndarray  # (n_rows,), storage dtype
     sse: float
-    abs_err: float
     penalty: float
     nnz: int
 
@@ -138,7 +137,6 @@ def solve_block(
 
     x_all = np.zeros((n, k1), dtype=np.float64)
     sse = 0.0
-    abs_err = 0.0
     if block.nnz:
         # Targets t_ij = r_ij - mu - c_j, in float64.
         target = block.vals.astype(np.float64) - mu - fixed_bias[block.cols].astype(np.float64)
@@ -152,7 +150,7 @@ def solve_block(
             if length * row_bytes > sub_batch_bytes:
                 # A very long row (a popular item): accumulate its Gram over segments.
                 for r in rows:
-                    x_all[r], s, e = _solve_long_row(
+                    x_all[r], s = _solve_long_row(
                         block,
                         int(r),
                         target,
@@ -163,7 +161,6 @@ def solve_block(
                         dtype,
                     )
                     sse += s
-                    abs_err += e
                 continue
             cnt = counts[rows]
             offs = np.arange(length)
@@ -175,14 +172,11 @@ def solve_block(
             a_mat[:, :, rank] = mask
             t = np.where(mask, target[pos], 0.0)
             if length < k1 and woodbury_ok:
-                x = _solve_short_rows(a_mat, t, lam[rows], lam_b[rows])
+                x, row_sse = _solve_short_rows(a_mat, t, lam[rows], lam_b[rows], dtype)
             else:
-                x = _solve_gram(a_mat, t, lam[rows], lam_b[rows])
-            x = x.astype(dtype).astype(np.float64)  # the stored (rounded) solution
+                x, row_sse = _solve_gram(a_mat, t, lam[rows], lam_b[rows], dtype)
             x_all[rows] = x
-            resid = t - np.matmul(a_mat, x[:, :, None])[:, :, 0]  # padding: A = 0, t = 0
-            sse += float(np.einsum("ij,ij->", resid, resid))
-            abs_err += float(np.abs(resid).sum())
+            sse += float(row_sse.sum())
 
     factors = x_all[:, :rank].astype(dtype)
     bias = x_all[:, rank].astype(dtype)
@@ -194,31 +188,42 @@ def solve_block(
             "check the ratings for huge values, or raise reg"
         )
     penalty = penalty_term(factors, bias, counts, reg, reg_bias, weighted_reg)
-    return BlockSolution(block.start, factors, bias, sse, abs_err, penalty, block.nnz)
+    return BlockSolution(block.start, factors, bias, sse, penalty, block.nnz)
 
 
-def _solve_gram(a_mat: np.ndarray, t: np.ndarray, lam: np.ndarray, lam_b: np.ndarray) -> np.ndarray:
+def _solve_gram(a_mat, t, lam, lam_b, dtype):
     """Rows with at least rank+1 ratings: x = (A^T A + P)^-1 A^T t, P = diag(lam, .., lam, lam_b).
 
-    a_mat (m, L, k1), t (m, L), lam and lam_b (m,); returns x (m, k1)."""
+    a_mat (m, L, k1), t (m, L), lam and lam_b (m,). Returns x (m, k1) rounded to ``dtype`` and
+    each row's squared error under it, from the Gram matrix rather than another pass over A:
+    |t - A x|^2 = t.t - 2 x.(A^T t) + x.(A^T A) x."""
     k1 = a_mat.shape[2]
     at = a_mat.transpose(0, 2, 1)
-    gram = np.matmul(at, a_mat)  # (m, k1, k1): one batched BLAS call
-    rhs = np.matmul(at, t[:, :, None])  # (m, k1, 1)
-    diag = np.arange(k1 - 1)
-    gram[:, diag, diag] += lam[:, None]
-    gram[:, k1 - 1, k1 - 1] += lam_b
-    return _batched_solve(gram, rhs)[:, :, 0]
+    gram = np.matmul(at, a_mat)  # (m, k1, k1): one batched BLAS call (syrk per row)
+    rhs = np.matmul(at, t[:, :, None])[:, :, 0]  # (m, k1)
+    pen = np.empty((len(lam), k1))
+    pen[:, : k1 - 1] = lam[:, None]
+    pen[:, k1 - 1] = lam_b
+    diag = np.arange(k1)
+    gram[:, diag, diag] += pen
+    x = _batched_solve(gram, rhs[:, :, None])[:, :, 0]
+    x = x.astype(dtype).astype(np.float64)  # the stored (rounded) solution
+    gx = np.matmul(gram, x[:, :, None])[:, :, 0] - pen * x  # (A^T A) x
+    sse = (
+        np.einsum("ij,ij->i", t, t)
+        - 2 * np.einsum("ij,ij->i", x, rhs)
+        + np.einsum("ij,ij->i", x, gx)
+    )
+    return x, np.maximum(sse, 0.0)
 
 
-def _solve_short_rows(
-    a_mat: np.ndarray, t: np.ndarray, lam: np.ndarray, lam_b: np.ndarray
-) -> np.ndarray:
+def _solve_short_rows(a_mat, t, lam, lam_b, dtype):
     """Rows with fewer ratings (L) than unknowns (k1): the same solution through an L x L system.
 
     By the Woodbury identity, (A^T A + P)^-1 A^T t = P^-1 A^T (A P^-1 A^T + I)^-1 t, so a row
     costs L^2 k1 + L^3 instead of L k1^2 + k1^3: most rows of real rating data are this short.
-    Padding rows of A are zero, which puts ones on the padded diagonal and zeros in y there."""
+    Padding rows of A are zero, which puts ones on the padded diagonal and zeros in y there.
+    Returns x (m, k1) rounded to ``dtype`` and each row's squared error under it."""
     m, length, k1 = a_mat.shape
     p_inv = np.empty((m, k1))
     p_inv[:, : k1 - 1] = (1.0 / lam)[:, None]
@@ -228,7 +233,10 @@ def _solve_short_rows(
     idx = np.arange(length)
     kern[:, idx, idx] += 1.0
     y = np.linalg.solve(kern, t[:, :, None])  # (m, L, 1)
-    return np.matmul(scaled.transpose(0, 2, 1), y)[:, :, 0]
+    x = np.matmul(scaled.transpose(0, 2, 1), y)[:, :, 0]
+    x = x.astype(dtype).astype(np.float64)  # the stored (rounded) solution
+    resid = t - np.matmul(a_mat, x[:, :, None])[:, :, 0]  # padding: A = 0, t = 0
+    return x, np.einsum("ij,ij->i", resid, resid)
 
 
 def _batched_solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -264,10 +272,8 @@ def _solve_long_row(block, r, target, fixed_factors, lam, lam_b, seg_len, dtype)
     x = _batched_solve(gram[None], rhs[None, :, None])[0, :, 0]
     x = x.astype(dtype).astype(np.float64)
     sse = 0.0
-    abs_err = 0.0
     for s in range(lo, hi, seg_len):
         g, t = seg(s)
         resid = t - g @ x
         sse += float(resid @ resid)
-        abs_err += float(np.abs(resid).sum())
-    return x, sse, abs_err
+    return x, sse

@@ -249,7 +249,7 @@ class Trainer:
             disable=self._progress_disabled(),
             file=sys.stderr,
         )
-        sse = abs_err = penalty = 0.0
+        sse = penalty = 0.0
         nnz = 0
         new_f = np.empty_like(f[f"{side}_factors"])
         new_b = np.empty_like(f[f"{side}_bias"])
@@ -259,7 +259,6 @@ class Trainer:
                 new_f[sol.start : sol.start + sol.n_rows] = sol.factors
                 new_b[sol.start : sol.start + sol.n_rows] = sol.bias
                 sse += sol.sse
-                abs_err += sol.abs_err
                 penalty += sol.penalty
                 nnz += sol.nnz
                 bar.update(1)
@@ -279,7 +278,7 @@ class Trainer:
             m.effective_reg_bias,
             m.weighted_reg,
         )
-        return {"sse": sse, "abs_err": abs_err, "objective": sse + penalty + other_pen, "nnz": nnz}
+        return {"sse": sse, "objective": sse + penalty + other_pen, "nnz": nnz}
 
     def _progress_disabled(self) -> bool | None:
         mode = self.config.train.progress
@@ -348,7 +347,6 @@ class Trainer:
             rec = {
                 "iteration": it,
                 "train_rmse": math.sqrt(i["sse"] / n_train) if n_train else None,
-                "train_mae": i["abs_err"] / n_train if n_train else None,
                 "validation_rmse": val,
                 "objective": i["objective"],
                 "objective_after_user_step": u["objective"],
