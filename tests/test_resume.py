@@ -30,17 +30,6 @@ from dmf.train import train
 # Enough iterations that the run is still going when the test kills it after checkpoint 2.
 N_ITER = 30
 
-# The training process when the CLI is not used: the same calls `dmf train` makes.
-DRIVER = """\
-import sys
-from dmf.config import load_config
-from dmf.train import train
-
-if __name__ == "__main__":
-    cfg = load_config(sys.argv[1])
-    train(cfg.store.path, cfg, resume="--resume" in sys.argv[2:])
-"""
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
@@ -69,14 +58,12 @@ def assert_same_model(a, b, rtol=1e-12):
 
 
 def start_training(config_path: Path, tmp_path: Path) -> subprocess.Popen:
-    """Run training as its own process (and process group, so nothing outlives the test)."""
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
+    """Run `dmf train` as its own process (and process group, so nothing outlives the test)."""
     return subprocess.Popen(
-        [sys.executable, str(driver), str(config_path)],
+        [sys.executable, "-m", "dmf", "train", str(config_path)],
         cwd=Path(__file__).resolve().parents[1],
         stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "driver.log", "wb"),  # noqa: SIM115 - closed with the process
+        stderr=open(tmp_path / "train.log", "wb"),  # noqa: SIM115 - closed with the process
         start_new_session=True,
     )
 
@@ -107,7 +94,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(store, client, tmp_path):
         while not any(
             int(p.name.split("-")[1]) >= 2 for p in list_checkpoints(ckpt_dir)
         ):  # poll quickly: an iteration takes ~0.1 s
-            assert proc.poll() is None, (tmp_path / "driver.log").read_text()
+            assert proc.poll() is None, (tmp_path / "train.log").read_text()
             assert time.monotonic() < deadline, "no checkpoint 2 within 60 s"
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
