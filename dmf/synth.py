@@ -1,0 +1,738 @@
+"""Planted-truth ratings of any size, streamed to Parquet or CSV.
+
+The ratings follow the model dmf fits, so tests and benchmarks can check recovery::
+
+    r_ij = mu + b_i + c_j + u_i . v_j + N(0, noise^2)      then clip, then round
+
+- ``U`` (n_users x rank) and ``V`` (n_items x rank) have entries N(0, factor_scale / sqrt(rank)),
+  so the interaction ``u_i . v_j`` has standard deviation ``factor_scale`` whatever the rank;
+  biases ``b`` and ``c`` are N(0, bias_scale^2).
+- User activity and item popularity are Zipf-like: the user (item) of popularity rank k (1-based,
+  ranks assigned by a seeded permutation) has weight ``w_k = integral_k^{k+1} x^-s dx``, about
+  ``k^-s``, with ``s`` = ``user_skew`` (``item_skew``); ``s = 0`` is uniform.
+- Each user's number of ratings is drawn once for the whole run (multinomial over the activity
+  weights, capped at ``n_items``, the excess redrawn among users with room), so the counts sum to
+  exactly ``n_ratings``. Each user then rates that many *distinct* items, a weighted sample
+  without replacement from the popularity weights: the first distinct items of an endless stream
+  of popularity draws (successive sampling), or, for users who rate a large share of all items,
+  the same distribution through Gumbel top-k keys.
+
+Every random number after the global set-up (counts, factors, permutations, all from ``seed``) is
+a counter-based hash of (seed, stream, user, draw or item), not the state of a generator, so each
+user's items, ratings and timestamps depend on nothing but the seed and that user: the output is
+identical whatever the chunk size, and chunks are independent. Memory is the factor matrices and
+per-user counts plus one chunk of ratings; the chunk size bounds it, not ``n_ratings``.
+
+Output directory::
+
+    out/ratings/part-NNNNN.parquet|csv   user, item (int64), rating (float32), timestamp (int64),
+                                         sorted by (user, item); files hold contiguous user ranges
+    out/truth.npz                        U, V, b, c, mu, noise
+    out/synth.json                       the settings and a summary (counts, rating range, ...)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from dmf.config import SynthConfig
+from dmf.errors import ConfigError, DmfError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["synth", "OutputExistsError", "RATINGS_SCHEMA", "DEFAULT_CHUNK_RATINGS"]
+
+RATINGS_SCHEMA = pa.schema(
+    [
+        ("user", pa.int64()),
+        ("item", pa.int64()),
+        ("rating", pa.float32()),
+        ("timestamp", pa.int64()),
+    ]
+)
+DEFAULT_CHUNK_RATINGS = 1_000_000
+"""Ratings generated per chunk; peak memory is about 250 bytes a rating of one chunk (x2 while
+the previous chunk is being written), plus the factors."""
+
+# Timestamps are uniform over [2000-01-01, 2024-01-01) UTC, in seconds.
+T0, T1 = 946_684_800, 1_704_067_200
+MAX_ITEMS = 2**30  # keeps draw counters below 2**32 (see _sample_sparse)
+MAX_USERS = 2**32
+
+# Users who rate more than this share of all items are sampled with Gumbel top-k keys at once:
+# successive sampling would spend most draws on items they already have.
+DENSE_SHARE = 0.25
+MAX_ROUNDS = 6
+GUMBEL_ELEMENTS = 1 << 22  # users x items per Gumbel sub-batch (32 MiB of float64 keys)
+DOT_ROWS = 1 << 18  # rows per sub-batch of the factor dot products
+
+_STREAM_ITEMS, _STREAM_GUMBEL, _STREAM_NOISE, _STREAM_TIME = 1, 2, 3, 4
+_MASK64 = (1 << 64) - 1
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+class OutputExistsError(DmfError, FileExistsError):
+    """The output directory exists and is not empty, and overwrite was not asked for."""
+
+
+# -- counter-based random numbers ----------------------------------------------------------------
+
+
+def _stream_key(seed: int, stream: int) -> np.uint64:
+    """A 64-bit key per (seed, stream), well mixed even for neighbouring seeds."""
+    state = np.random.SeedSequence([seed & _MASK64, stream]).generate_state(1, dtype=np.uint64)
+    return np.uint64(state[0])
+
+
+def _hash(counter: np.ndarray, key: np.uint64) -> np.ndarray:
+    """SplitMix64 output function of ``counter * golden + key``: uint64 array -> uint64 array.
+
+    Distinct counters give distinct, statistically independent-looking outputs; this is how
+    SplitMix64 itself turns a counter into a random stream.
+    """
+    z = counter * _GOLDEN
+    z += key
+    z ^= z >> np.uint64(30)
+    z *= _M1
+    z ^= z >> np.uint64(27)
+    z *= _M2
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def _uniform(h: np.ndarray) -> np.ndarray:
+    """Hash values -> float64 uniform on the open interval (0, 1)."""
+    return ((h >> np.uint64(11)).astype(np.float64) + 0.5) * (2.0**-53)
+
+
+def _pair_counter(users: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(user, item or draw index) -> one uint64 counter; both parts are below 2**32."""
+    # Non-negative int64 reinterpreted as uint64: a view, not a copy.
+    hi = np.ascontiguousarray(users, dtype=np.int64).view(np.uint64) << np.uint64(32)
+    return hi | np.ascontiguousarray(cols, dtype=np.int64).view(np.uint64)
+
+
+def _normal(h: np.ndarray) -> np.ndarray:
+    """Hash values -> float32 standard normal, by Box-Muller on two 24-bit uniforms (exact in
+    float32; the tail is cut at 5.9 sigma)."""
+    scale = np.float32(2.0**-24)
+    u1 = (h >> np.uint64(40)).astype(np.float32)
+    u1 += np.float32(0.5)
+    u1 *= scale
+    u2 = ((h >> np.uint64(16)) & np.uint64(0xFFFFFF)).astype(np.float32)
+    u2 += np.float32(0.5)
+    u2 *= np.float32(2.0 * np.pi) * scale
+    np.log(u1, out=u1)
+    u1 *= np.float32(-2.0)
+    np.sqrt(u1, out=u1)
+    np.cos(u2, out=u2)
+    u1 *= u2
+    return u1
+
+
+# -- Zipf-like weights ---------------------------------------------------------------------------
+
+
+class _PowerLaw:
+    """Popularity ranks 0..n-1 with P(rank k-1) proportional to integral_k^{k+1} x^-s dx.
+
+    Sampling inverts the continuous CDF on [1, n+1) in closed form (O(1) per draw, no table), and
+    the exact discrete weights are available for Gumbel top-k.
+    """
+
+    def __init__(self, n: int, s: float):
+        self.n, self.s, self.a = n, float(s), 1.0 - float(s)
+        self.log_n1 = math.log(n + 1.0)
+
+    def ranks(self, u: np.ndarray) -> np.ndarray:
+        """Uniform(0, 1) -> 0-based ranks (int64)."""
+        a, n = self.a, self.n
+        if self.s == 0:
+            x = 1.0 + u * n
+        elif abs(a) < 1e-9:
+            x = np.exp(u * self.log_n1)
+        else:
+            # x = (1 + u ((n+1)^a - 1))^(1/a), in log1p/expm1 form for accuracy near s = 1.
+            x = np.exp(np.log1p(u * math.expm1(a * self.log_n1)) / a)
+        r = x.astype(np.int64) - 1
+        np.clip(r, 0, n - 1, out=r)
+        return r
+
+    def log_weights(self) -> np.ndarray:
+        """log w_k for ranks k = 1..n (unnormalised), shape (n,), without cancellation."""
+        k = np.arange(1, self.n + 1, dtype=np.float64)
+        a = self.a
+        step = np.log1p(1.0 / k)  # log((k+1)/k)
+        if abs(a) < 1e-9:
+            return np.log(step)
+        # w_k = ((k+1)^a - k^a) / a = k^a * expm1(a log((k+1)/k)) / a
+        return a * np.log(k) + np.log(np.expm1(a * step) / a)
+
+    def probabilities(self) -> np.ndarray:
+        lw = self.log_weights()
+        p = np.exp(lw - lw.max())
+        return p / p.sum()
+
+
+# -- the global plan: truth, permutations, per-user counts ---------------------------------------
+
+
+class _Plan:
+    """Everything drawn once for the run (from ``seed``), shared by all chunks."""
+
+    def __init__(self, cfg: SynthConfig):
+        self.cfg = cfg
+        n_u, n_i, k = cfg.n_users, cfg.n_items, cfg.rank
+        ss = np.random.SeedSequence(cfg.seed & _MASK64)
+        rng_truth, rng_users, rng_items, rng_counts = (
+            np.random.default_rng(s) for s in ss.spawn(4)
+        )
+        sd = cfg.factor_scale / math.sqrt(math.sqrt(k)) if k > 0 else 0.0
+        # float32, like dmf's own factors: half the memory traffic when gathering rows.
+        self.U = rng_truth.normal(0.0, sd, (n_u, k)).astype(np.float32)
+        self.V = rng_truth.normal(0.0, sd, (n_i, k)).astype(np.float32)
+        self.b = rng_truth.normal(0.0, cfg.bias_scale, n_u).astype(np.float32)
+        self.c = rng_truth.normal(0.0, cfg.bias_scale, n_i).astype(np.float32)
+        # user_rank[u] / item_rank[j]: popularity rank of each id; item_of_rank inverts it.
+        user_rank = rng_users.permutation(n_u)
+        self.item_of_rank = rng_items.permutation(n_i)
+        self.item_rank = np.empty(n_i, dtype=np.int64)
+        self.item_rank[self.item_of_rank] = np.arange(n_i)
+        self.items = _PowerLaw(n_i, cfg.item_skew)
+        self.item_log_w = self.items.log_weights()[self.item_rank]  # by item id
+        p_user = _PowerLaw(n_u, cfg.user_skew).probabilities()[user_rank]
+        self.counts = _user_counts(p_user, cfg.n_ratings, n_i, rng_counts)
+        self.cum = np.concatenate([[0], np.cumsum(self.counts)])
+        self.keys = {
+            s: _stream_key(cfg.seed, s)
+            for s in (_STREAM_ITEMS, _STREAM_GUMBEL, _STREAM_NOISE, _STREAM_TIME)
+        }
+
+
+def _user_counts(p: np.ndarray, n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """Ratings per user: multinomial(n, p), each at most ``cap``, summing to exactly ``n``.
+
+    Users over the cap give their excess back; it is redrawn among users with room, in
+    proportion to their weights (a handful of rounds, each vectorised over users).
+    """
+    counts = rng.multinomial(n, p).astype(np.int64)
+    for _ in range(64):
+        excess = int(np.maximum(counts - cap, 0).sum())
+        if excess == 0:
+            return counts
+        np.minimum(counts, cap, out=counts)
+        q = np.where(counts < cap, p, 0.0)
+        counts += rng.multinomial(excess, q / q.sum())
+    # Pathological corner (nearly every user full): hand the rest out in user order.
+    excess = int(np.maximum(counts - cap, 0).sum())
+    np.minimum(counts, cap, out=counts)
+    room = cap - counts
+    take = np.minimum(room, np.maximum(excess - (np.cumsum(room) - room), 0))
+    return counts + take
+
+
+# -- sampling each user's distinct items ---------------------------------------------------------
+
+
+def _bits(n: int) -> int:
+    """Bits needed to hold values 0..n-1."""
+    return max(int(n - 1).bit_length(), 1)
+
+
+def _sample_sparse(
+    plan: _Plan, users: np.ndarray, ks: np.ndarray
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Each user's first ``k`` distinct items of its stream of popularity draws.
+
+    Draw ``j`` of user ``u`` is ``item_of_rank[ranks(uniform(hash(u, j)))]``. A round draws a
+    prefix of ``M`` draws for every unfinished user (M a little above k), removes repeats by one
+    sort of (user, item, j) keys, and keeps each user's first k distinct items in draw order. Users
+    short of k distinct items redo the round with a longer prefix (the same first draws, so the
+    result is the same as if the prefix had been long enough at once). Users still short after
+    MAX_ROUNDS are returned for Gumbel sampling.
+
+    Returns lists of user and item arrays, and the users left over.
+    """
+    n_items = plan.cfg.n_items
+    key = plan.keys[_STREAM_ITEMS]
+    out_u: list[np.ndarray] = []
+    out_i: list[np.ndarray] = []
+    to_gumbel: list[np.ndarray] = []
+    m = np.ceil(ks * 1.1).astype(np.int64) + 2
+    act_u, act_k = users, ks
+    ib = _bits(n_items)
+    for rnd in range(MAX_ROUNDS):
+        if len(act_u) == 0:
+            break
+        n_act = len(act_u)
+        total = int(m.sum())
+        starts = np.cumsum(m) - m
+        pos = np.repeat(np.arange(n_act, dtype=np.int64), m)
+        j = np.arange(total, dtype=np.int64) - starts[pos]
+        u01 = _uniform(_hash(_pair_counter(act_u[pos], j), key))
+        item = plan.item_of_rank[plan.items.ranks(u01)]
+        del u01
+        # One sort groups equal (user, item) pairs, earliest draw first.
+        db, ub = _bits(int(m.max())), _bits(n_act)
+        if ub + ib + db <= 63:
+            comp = (pos << (ib + db)) | (item << db) | j
+            comp.sort()
+            s_pos = comp >> (ib + db)
+            s_item = (comp >> db) & ((1 << ib) - 1)
+            s_j = comp & ((1 << db) - 1)
+            del comp
+        else:  # ids too wide to pack in 63 bits: the same order by a lexsort
+            order = np.lexsort((j, item, pos))
+            s_pos, s_item, s_j = pos[order], item[order], j[order]
+        del item, j
+        first = np.ones(total, dtype=bool)
+        first[1:] = (s_pos[1:] != s_pos[:-1]) | (s_item[1:] != s_item[:-1])
+        distinct = np.bincount(s_pos[first], minlength=n_act)
+        done = distinct >= act_k
+        # Rank the first occurrences by draw order within each user; keep ranks below k.
+        orig = starts[s_pos] + s_j
+        is_first = np.zeros(total, dtype=bool)
+        is_first[orig[first]] = True
+        before = np.cumsum(is_first) - is_first
+        rank = before - before[starts][pos]
+        keep_orig = is_first & (rank < act_k[pos]) & done[pos]
+        keep = keep_orig[orig]
+        out_u.append(act_u[s_pos[keep]])
+        out_i.append(s_item[keep])
+        del s_pos, s_item, s_j, first, orig, is_first, before, rank, keep_orig, keep, pos
+        short = ~done
+        # Longer prefix for the users still short: scale by the distinct yield seen so far.
+        grow = m[short] * act_k[short] / np.maximum(distinct[short], 1) * 1.25
+        m = np.ceil(grow).astype(np.int64) + 8
+        act_u, act_k = act_u[short], act_k[short]
+        limit = np.minimum(16 * act_k + 64, 4 * n_items)
+        if rnd + 1 == MAX_ROUNDS:
+            break
+        over = m > limit
+        if over.any():  # successive sampling is too wasteful for these: Gumbel instead
+            to_gumbel.append(act_u[over])
+            act_u, act_k, m = act_u[~over], act_k[~over], m[~over]
+    to_gumbel.append(act_u)
+    return out_u, out_i, np.concatenate(to_gumbel)
+
+
+def _sample_gumbel(plan: _Plan, users: np.ndarray, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A weighted sample of ``k`` distinct items per user by Gumbel top-k keys.
+
+    ``log w_item + Gumbel(hash(u, item))``: the k largest keys are a sample without replacement
+    with the popularity weights, the same distribution as successive sampling. Costs O(n_items)
+    per user, so it is used for users who rate a large share of the items (or whom successive
+    sampling could not finish).
+    """
+    n_items = plan.cfg.n_items
+    key = plan.keys[_STREAM_GUMBEL]
+    rows = max(1, GUMBEL_ELEMENTS // n_items)
+    cols = np.arange(n_items, dtype=np.int64)
+    out_u, out_i = [], []
+    for s in range(0, len(users), rows):
+        uu, kk = users[s : s + rows], ks[s : s + rows]
+        if (kk == n_items).all():
+            sel = np.ones((len(uu), n_items), dtype=bool)
+        else:
+            h = _hash(_pair_counter(uu[:, None], cols[None, :]), key)
+            keys = plan.item_log_w[None, :] - np.log(-np.log(_uniform(h)))
+            del h
+            kmax = int(kk.max())
+            top = np.argsort(-keys, axis=1)[:, :kmax]
+            valid = np.arange(kmax)[None, :] < kk[:, None]
+            sel = np.zeros((len(uu), n_items), dtype=bool)
+            rr = np.broadcast_to(np.arange(len(uu))[:, None], top.shape)
+            sel[rr[valid], top[valid]] = True
+        r, it = np.nonzero(sel)  # row-major: sorted by (user, item)
+        out_u.append(uu[r])
+        out_i.append(it.astype(np.int64))
+    if not out_u:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return np.concatenate(out_u), np.concatenate(out_i)
+
+
+def _chunk_pairs(plan: _Plan, ua: int, ub: int) -> tuple[np.ndarray, np.ndarray]:
+    """All (user, item) pairs of users ``ua..ub-1``, sorted by (user, item), int64."""
+    ks = plan.counts[ua:ub]
+    users = np.arange(ua, ub, dtype=np.int64)
+    has = ks > 0
+    users, ks = users[has], ks[has]
+    dense = ks > DENSE_SHARE * plan.cfg.n_items
+    u_parts, i_parts, rest = _sample_sparse(plan, users[~dense], ks[~dense])
+    g_users = np.concatenate([users[dense], rest])
+    if len(g_users):
+        g_ks = plan.counts[g_users]
+        gu, gi = _sample_gumbel(plan, g_users, g_ks)
+        u_parts.append(gu)
+        i_parts.append(gi)
+    if not u_parts:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    u = np.concatenate(u_parts)
+    i = np.concatenate(i_parts)
+    ib = _bits(plan.cfg.n_items)
+    comp = ((u - ua) << ib) | i
+    comp.sort()
+    return (comp >> ib) + ua, comp & ((1 << ib) - 1)
+
+
+def _chunk_table(plan: _Plan, ua: int, ub: int) -> tuple[pa.Table, dict[str, Any]]:
+    """Ratings of users ``ua..ub-1`` as an Arrow table, and running statistics.
+
+    Worked in sub-batches of DOT_ROWS so the gathered factor rows stay cache-sized; float32
+    throughout (the truth is float32, and the noise dwarfs float32 rounding).
+    """
+    cfg = plan.cfg
+    u, i = _chunk_pairs(plan, ua, ub)
+    n = len(u)
+    r32 = np.empty(n, dtype=np.float32)
+    ts = np.empty(n, dtype=np.int64)
+    sq_err = 0.0
+    for s in range(0, n, DOT_ROWS):
+        us, is_ = u[s : s + DOT_ROWS], i[s : s + DOT_ROWS]
+        clean = plan.b[us] + plan.c[is_]
+        clean += np.float32(cfg.mu)
+        if cfg.rank:
+            clean += np.einsum("ij,ij->i", plan.U[us], plan.V[is_])
+        counter = _pair_counter(us, is_)
+        r = _normal(_hash(counter, plan.keys[_STREAM_NOISE]))
+        r *= np.float32(cfg.noise)
+        r += clean
+        if cfg.clip is not None:
+            np.clip(r, cfg.clip[0], cfg.clip[1], out=r)
+        if cfg.round_to is not None:
+            # floor(x + 1/2) rather than numpy's half-to-even; then back inside the clip range
+            # in case its ends are not multiples of round_to.
+            step = np.float32(cfg.round_to)
+            r = np.floor(r / step + np.float32(0.5)) * step
+            if cfg.clip is not None:
+                np.clip(r, cfg.clip[0], cfg.clip[1], out=r)
+        r32[s : s + DOT_ROWS] = r
+        sq_err += float(np.square(r - clean, dtype=np.float64).sum())
+        # Uniform timestamp in [T0, T1): high 32 hash bits times the span, top 32 bits of that.
+        h = _hash(counter, plan.keys[_STREAM_TIME]) >> np.uint64(32)
+        h *= np.uint64(T1 - T0)
+        h >>= np.uint64(32)
+        ts[s : s + DOT_ROWS] = h.view(np.int64)
+    ts += T0
+    stats = {
+        "n": n,
+        "sum": float(r32.sum(dtype=np.float64)),
+        "sq_err": sq_err,
+        "min": float(r32.min()) if n else math.inf,
+        "max": float(r32.max()) if n else -math.inf,
+        "item_counts": np.bincount(i, minlength=cfg.n_items),
+    }
+    table = pa.Table.from_arrays(
+        [pa.array(u), pa.array(i), pa.array(r32), pa.array(ts)], schema=RATINGS_SCHEMA
+    )
+    return table, stats
+
+
+# -- layout: files and chunks --------------------------------------------------------------------
+
+
+def _file_bounds(cum: np.ndarray, files: int) -> np.ndarray:
+    """User boundaries of ``files`` files with about equal rating counts, shape (files + 1,)."""
+    n_users = len(cum) - 1
+    targets = np.round(np.arange(1, files) * (cum[-1] / files))
+    inner = np.searchsorted(cum, targets, side="left")
+    return np.concatenate([[0], np.clip(inner, 0, n_users), [n_users]]).astype(np.int64)
+
+
+def _chunk_bounds(cum: np.ndarray, ua: int, ub: int, chunk: int) -> np.ndarray:
+    """Split users ``ua..ub-1`` into runs of at most ``chunk`` ratings (or one user)."""
+    targets = np.arange(cum[ua] + chunk, cum[ub], chunk)
+    cuts = np.searchsorted(cum, targets, side="right") - 1
+    return np.unique(np.concatenate([[ua], np.clip(cuts, ua + 1, ub), [ub]]))
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+class _Writer:
+    """Writes one file at a time; runs on a background thread so generation overlaps I/O."""
+
+    def __init__(self, fmt: str, rounded: bool):
+        self.fmt = fmt
+        # Dictionary pages pay off for sorted users, for items, and for ratings on a star scale;
+        # random timestamps (and unrounded ratings) only waste time on them.
+        self.dictionary = ["user", "item"] + (["rating"] if rounded else [])
+        self.w: pq.ParquetWriter | pacsv.CSVWriter | None = None
+
+    def open(self, path: Path) -> None:
+        if self.fmt == "parquet":
+            self.w = pq.ParquetWriter(
+                path, RATINGS_SCHEMA, compression="zstd", use_dictionary=self.dictionary
+            )
+        else:
+            self.w = pacsv.CSVWriter(path, RATINGS_SCHEMA)
+
+    def write(self, table: pa.Table) -> None:
+        assert self.w is not None
+        if self.fmt == "parquet":
+            self.w.write_table(table, row_group_size=max(len(table), 1))
+        else:
+            self.w.write_table(table)
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.close()
+            self.w = None
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"synth output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"synth output {out} is not empty: pass overwrite=True (--overwrite) to replace it, "
+            "or choose another directory"
+        )
+
+
+def _validate(cfg: SynthConfig) -> None:
+    if cfg.n_ratings > cfg.n_users * cfg.n_items:
+        raise ConfigError(
+            f"synth.n_ratings: {cfg.n_ratings} ratings asked, but {cfg.n_users} users x "
+            f"{cfg.n_items} items have only {cfg.n_users * cfg.n_items} distinct pairs; "
+            "lower n_ratings or raise n_users/n_items"
+        )
+    if cfg.n_items > MAX_ITEMS:
+        raise ConfigError(f"synth.n_items: at most {MAX_ITEMS} items are supported")
+    if cfg.n_users > MAX_USERS:
+        raise ConfigError(f"synth.n_users: at most {MAX_USERS} users are supported")
+    if cfg.clip is not None and cfg.clip[0] > cfg.clip[1]:
+        raise ConfigError(f"synth.clip: low {cfg.clip[0]} is above high {cfg.clip[1]}")
+    if cfg.round_to is not None and cfg.round_to <= 0:
+        raise ConfigError(f"synth.round_to: must be positive, got {cfg.round_to}")
+
+
+def synth(
+    cfg: SynthConfig,
+    out: str | Path,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    *,
+    chunk_ratings: int = DEFAULT_CHUNK_RATINGS,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Write planted-truth ratings, the true parameters and a summary to ``out``.
+
+    Parameters
+    ----------
+    cfg
+        The ``synth`` config section (sizes, rank, noise, skews, clip/round, seed, files, format).
+    out
+        Output directory; built in a temporary sibling and renamed into place when complete.
+    overwrite
+        Replace a non-empty ``out``; without it, a non-empty ``out`` is refused before any work.
+    progress
+        Progress bar: ``None`` shows it only on a terminal.
+    chunk_ratings
+        Ratings generated per chunk (bounds memory). The output does not depend on it.
+    threads
+        Threads generating chunks (default: the available cores, at most 4). The output does not
+        depend on it.
+
+    Returns
+    -------
+    dict
+        The summary also written to ``out/synth.json``: counts (``n_ratings``, users and items
+        with ratings, max and median ratings per user), rating mean/min/max, ``noise_rmse`` (RMSE
+        of the written ratings against the noise-free truth: what a perfect model scores), files,
+        seconds and ratings per second.
+    """
+    from tqdm import tqdm
+
+    from dmf import __version__
+
+    out = Path(out)
+    _validate(cfg)
+    _check_out(out, overwrite)
+    if chunk_ratings < 1:
+        raise ValueError("chunk_ratings must be positive")
+    t_start = time.perf_counter()
+    plan = _Plan(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    ext = "parquet" if cfg.format == "parquet" else "csv"
+    fbounds = _file_bounds(plan.cum, cfg.files)
+    names = [f"ratings/part-{f:05d}.{ext}" for f in range(cfg.files)]
+    totals = {"n": 0, "sum": 0.0, "sq_err": 0.0, "min": math.inf, "max": -math.inf}
+    item_counts = np.zeros(cfg.n_items, dtype=np.int64)
+    try:
+        (tmp / "ratings").mkdir(parents=True)
+        writer = _Writer(cfg.format, cfg.round_to is not None)
+        bar = tqdm(
+            total=cfg.n_ratings,
+            unit=" ratings",
+            unit_scale=True,
+            desc="synth",
+            disable=None if progress is None else not progress,
+        )
+        chunks = [
+            (f, ua, ub)
+            for f in range(cfg.files)
+            for ua, ub in _pairs(_chunk_bounds(plan.cum, fbounds[f], fbounds[f + 1], chunk_ratings))
+        ]
+        with ThreadPoolExecutor(1, thread_name_prefix="dmf-synth-write") as pool, bar:
+            pending: deque[Future] = deque()
+
+            def submit(fn: Callable, *args: Any) -> None:
+                pending.append(pool.submit(fn, *args))
+                # Bounded queue: at most one chunk being written while the next ones are made.
+                while len(pending) > 2:
+                    pending.popleft().result()
+
+            opened = -1
+            for f, table, st in _generate(plan, chunks, _threads(threads)):
+                while opened < f:  # files in order, including any that get no chunk
+                    if opened >= 0:
+                        submit(writer.close)
+                    opened += 1
+                    submit(writer.open, tmp / names[opened])
+                item_counts += st.pop("item_counts")
+                for k in ("n", "sum", "sq_err"):
+                    totals[k] += st[k]
+                totals["min"] = min(totals["min"], st["min"])
+                totals["max"] = max(totals["max"], st["max"])
+                if len(table):
+                    submit(writer.write, table)
+                bar.update(len(table))
+            while opened < cfg.files - 1:
+                if opened >= 0:
+                    submit(writer.close)
+                opened += 1
+                submit(writer.open, tmp / names[opened])
+            submit(writer.close)
+            while pending:
+                pending.popleft().result()
+        if totals["n"] != cfg.n_ratings:  # an internal invariant; never expected to fire
+            raise RuntimeError(f"synth wrote {totals['n']} ratings, expected {cfg.n_ratings}")
+        np.savez(
+            tmp / "truth.npz",
+            U=plan.U,
+            V=plan.V,
+            b=plan.b,
+            c=plan.c,
+            mu=np.float64(cfg.mu),
+            noise=np.float64(cfg.noise),
+        )
+        seconds = time.perf_counter() - t_start
+        n = cfg.n_ratings
+        summary: dict[str, Any] = {
+            "dmf_version": __version__,
+            "config": cfg.model_dump(mode="json"),
+            "n_users": cfg.n_users,
+            "n_items": cfg.n_items,
+            "n_ratings": n,
+            "users_with_ratings": int((plan.counts > 0).sum()),
+            "items_with_ratings": int((item_counts > 0).sum()),
+            "max_user_ratings": int(plan.counts.max()),
+            "median_user_ratings": float(np.median(plan.counts)),
+            "max_item_ratings": int(item_counts.max()),
+            "median_item_ratings": float(np.median(item_counts)),
+            "rating_mean": totals["sum"] / n,
+            "rating_min": totals["min"],
+            "rating_max": totals["max"],
+            "noise_rmse": math.sqrt(totals["sq_err"] / n),
+            "timestamp_range": [T0, T1 - 1],
+            "format": cfg.format,
+            "columns": {
+                "user": "int64",
+                "item": "int64",
+                "rating": "float32",
+                "timestamp": "int64",
+            },
+            "ratings": "ratings",
+            "files": names,
+            "truth": "truth.npz",
+            "seconds": round(seconds, 3),
+            "ratings_per_second": round(n / seconds, 1) if seconds > 0 else None,
+        }
+        (tmp / "synth.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "synth: %d ratings (%d users x %d items) written to %s in %.1f s (%.2fM ratings/s)",
+        n,
+        cfg.n_users,
+        cfg.n_items,
+        out,
+        seconds,
+        n / seconds / 1e6 if seconds > 0 else float("nan"),
+    )
+    return summary
+
+
+def _threads(threads: int | None) -> int:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError("threads must be positive")
+        return threads
+    return max(
+        1,
+        min(
+            4,
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1),
+        ),
+    )
+
+
+def _generate(
+    plan: _Plan, chunks: list[tuple[int, int, int]], threads: int
+) -> Iterator[tuple[int, pa.Table, dict[str, Any]]]:
+    """Chunk tables in order, made by ``threads`` threads (NumPy releases the GIL in the heavy
+    steps), with at most ``threads + 1`` chunks in memory."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="dmf-synth") as pool:
+        ahead: deque[tuple[int, Future]] = deque()
+        todo = iter(chunks)
+        for f, ua, ub in todo:
+            ahead.append((f, pool.submit(_chunk_table, plan, ua, ub)))
+            if len(ahead) > threads:
+                break
+        while ahead:
+            f, fut = ahead.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                ahead.append((nxt[0], pool.submit(_chunk_table, plan, nxt[1], nxt[2])))
+            table, st = fut.result()
+            yield f, table, st
+
+
+def _pairs(bounds: np.ndarray) -> Iterator[tuple[int, int]]:
+    return zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+
+
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``out``; an old ``out`` stays whole until the new one is in place."""
+    _check_out(out, overwrite)  # again: something may have appeared while we worked
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
