@@ -74,7 +74,11 @@ def score_tile(
 
 
 def top_n(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``n`` best columns of each row, best first (ties by lower column index).
+    """The ``n`` best columns of each row, best first, ties broken by the lower column index.
+
+    A partial selection: a threshold t per row that at least k = min(n, n_cols) entries reach
+    is found without sorting (:func:`_threshold`), and only the entries >= t (usually little
+    more than k) are sorted.
 
     Parameters
     ----------
@@ -90,15 +94,41 @@ def top_n(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(n, n_cols)
     if k == 0 or m == 0:
         return np.zeros((m, 0), dtype=np.int64), np.zeros((m, 0), dtype=scores.dtype)
-    if k < n_cols:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    else:
-        part = np.broadcast_to(np.arange(n_cols), (m, n_cols))
-    vals = np.take_along_axis(scores, part, axis=1)
-    # Sort the k survivors: by score descending, then column ascending, so results are stable.
-    order = np.lexsort((part, -vals), axis=1)
-    cols = np.take_along_axis(part, order, axis=1).astype(np.int64)
-    return cols, np.take_along_axis(vals, order, axis=1)
+    t = _threshold(scores, k)
+    flat = np.flatnonzero(scores >= t[:, None])  # far faster than a 2-D nonzero
+    rows, cand = np.divmod(flat, n_cols)
+    cv = scores[rows, cand]
+    order = np.lexsort((cand, -cv, rows))  # by row, then score descending, then column
+    rows, cand, cv = rows[order], cand[order], cv[order]
+    starts = np.searchsorted(rows, np.arange(m))
+    keep = (np.arange(len(rows)) - starts[rows]) < k  # every row has at least k candidates
+    return cand[keep].reshape(m, k).astype(np.int64), cv[keep].reshape(m, k)
+
+
+# Group count of the threshold selection (see _threshold).
+_SEL_GROUPS = 128
+
+
+def _threshold(scores: np.ndarray, k: int) -> np.ndarray:
+    """Per row, a value that at least ``k`` entries reach, close to the k-th largest; shape (m,).
+
+    Wide rows: the columns are split into nb = n_cols // ``_SEL_GROUPS`` groups (column j in
+    group j % nb, so the maximum of every group is one contiguous, vectorised pass); the k-th
+    largest group maximum is reached by at least k entries (the k group maxima) and leaves few
+    other entries above it. This is several times faster than ``np.argpartition`` of each row.
+    Narrow rows, and rows where that value is -inf (fewer than k groups with an allowed
+    column), take the exact k-th largest entry from ``np.partition``.
+    """
+    m, n_cols = scores.shape
+    nb = n_cols // _SEL_GROUPS
+    if nb >= 4 * k:
+        gmax = scores[:, : nb * _SEL_GROUPS].reshape(m, _SEL_GROUPS, nb).max(axis=1)
+        t = np.partition(gmax, nb - k, axis=1)[:, nb - k]
+        bad = np.flatnonzero(~np.isfinite(t))
+        if len(bad):
+            t[bad] = np.partition(scores[bad], n_cols - k, axis=1)[:, n_cols - k]
+        return t
+    return np.partition(scores, n_cols - k, axis=1)[:, n_cols - k]
 
 
 def csr_rows(indptr: np.ndarray, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, ...]:

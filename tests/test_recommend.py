@@ -133,9 +133,30 @@ def test_top_n_partial_selection_ties_and_short_rows():
     s = np.array([[1.0, 3.0, 3.0, -np.inf, 2.0], [-np.inf, -np.inf, 0.5, -np.inf, -np.inf]])
     cols, vals = top_n(s.astype(np.float32), 3)
     assert cols[0].tolist() == [1, 2, 4]  # tie broken by the lower column
+    assert top_n(s, 1)[0][0].tolist() == [1]  # a tie at the cut: the lower column
     assert cols[1, 0] == 2 and not np.isfinite(vals[1, 1:]).any()
     cols, _ = top_n(s, 10)
     assert cols.shape == (2, 5)
+
+
+def test_top_n_wide_rows_threshold_path_equals_full_sort():
+    """Rows wide enough for the group-maximum threshold selection: same as a full stable sort,
+    including ties (broken by the lower column), rows with fewer allowed columns than n, and
+    rows with nothing allowed."""
+    rng = np.random.default_rng(0)
+    s = np.round(rng.normal(size=(9, 3001)) * 4) / 4  # many exact ties
+    s = s.astype(np.float32)
+    s[1, :] = -np.inf
+    s[1, [17, 2900]] = [1.0, 2.0]
+    s[2, :] = -np.inf
+    s[3, 100:] = -np.inf
+    cols, vals = top_n(s, 5)
+    for r in range(len(s)):
+        want = np.argsort(-s[r], kind="stable")[:5]
+        ok = np.isfinite(s[r, want])
+        assert cols[r][: ok.sum()].tolist() == want[ok].tolist()
+        assert np.array_equal(vals[r][: ok.sum()], s[r, want[ok]])
+        assert not np.isfinite(vals[r][ok.sum() :]).any()
 
 
 def test_recommend_rejects_bad_n(rated):
