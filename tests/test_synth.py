@@ -1,0 +1,252 @@
+"""dmf.synth: planted truth, exact distinct counts, skew, determinism, formats, atomic output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from dmf.cli import main
+from dmf.config import SynthConfig
+from dmf.errors import ConfigError
+from dmf.synth import OutputExistsError, synth
+
+
+def _cfg(**kw) -> SynthConfig:
+    base = dict(n_users=300, n_items=120, n_ratings=6000, rank=3, noise=0.3, seed=7)
+    base.update(kw)
+    return SynthConfig(**base)
+
+
+def _read(out, fmt="parquet"):
+    files = sorted((out / "ratings").iterdir())
+    if fmt == "parquet":
+        tables = [pq.read_table(f) for f in files]
+    else:
+        tables = [pacsv.read_csv(f) for f in files]
+    cols = {
+        k: np.concatenate([t.column(k).to_numpy() for t in tables]) for k in tables[0].schema.names
+    }
+    return cols, files
+
+
+def test_counts_exact_pairs_distinct_and_truth_planted(tmp_path):
+    cfg = _cfg(noise=0.2)
+    summary = synth(cfg, tmp_path / "s", progress=False)
+    r, files = _read(tmp_path / "s")
+    u, i = r["user"], r["item"]
+    assert len(u) == cfg.n_ratings == summary["n_ratings"]
+    assert len(np.unique(u * cfg.n_items + i)) == cfg.n_ratings
+    assert u.min() >= 0 and u.max() < cfg.n_users and i.min() >= 0 and i.max() < cfg.n_items
+    assert r["rating"].dtype == np.float32 and r["timestamp"].dtype == np.int64
+    # Sorted by (user, item) within the output.
+    key = u * cfg.n_items + i
+    assert (np.diff(key) > 0).all()
+
+    t = np.load(tmp_path / "s" / "truth.npz")
+    assert t["U"].shape == (cfg.n_users, 3) and t["V"].shape == (cfg.n_items, 3)
+    assert t["b"].shape == (cfg.n_users,) and t["c"].shape == (cfg.n_items,)
+    assert float(t["mu"]) == cfg.mu and float(t["noise"]) == cfg.noise
+    pred = t["mu"] + t["b"][u] + t["c"][i] + np.einsum("ij,ij->i", t["U"][u], t["V"][i])
+    resid = r["rating"] - pred
+    # The residual is the planted noise: mean ~0, sd ~ sigma, and it matches the summary.
+    assert abs(resid.mean()) < 0.02
+    assert resid.std() == pytest.approx(cfg.noise, rel=0.05)
+    assert np.sqrt(np.mean(resid**2)) == pytest.approx(summary["noise_rmse"], rel=1e-4)
+    # The signal is there: the truth explains most of the variance.
+    assert np.var(resid) < 0.5 * np.var(r["rating"])
+    written = json.loads((tmp_path / "s" / "synth.json").read_text())
+    assert written["n_ratings"] == cfg.n_ratings and written["config"]["seed"] == 7
+    assert written["files"] == ["ratings/part-00000.parquet"]
+
+
+def test_skew_makes_heavy_users_and_popular_items(tmp_path):
+    cfg = _cfg(n_users=2000, n_items=400, n_ratings=40_000, user_skew=1.0, item_skew=1.0)
+    synth(cfg, tmp_path / "skew", progress=False)
+    r, _ = _read(tmp_path / "skew")
+    per_user = np.bincount(r["user"], minlength=cfg.n_users)
+    per_item = np.bincount(r["item"], minlength=cfg.n_items)
+    assert per_user.max() > 20 * np.median(per_user)
+    assert per_item.max() > 10 * np.median(per_item)
+    assert per_user.max() <= cfg.n_items  # a user rates an item at most once
+
+    flat = _cfg(n_users=2000, n_items=400, n_ratings=40_000, user_skew=0.0, item_skew=0.0)
+    synth(flat, tmp_path / "flat", progress=False)
+    r, _ = _read(tmp_path / "flat")
+    per_user = np.bincount(r["user"], minlength=cfg.n_users)
+    per_item = np.bincount(r["item"], minlength=cfg.n_items)
+    assert per_user.max() < 3 * np.median(per_user)
+    assert per_item.max() < 1.5 * np.median(per_item)
+
+
+def test_dense_users_and_full_matrix(tmp_path):
+    # Heavy skew over few items: many users rate more than a quarter of all items (Gumbel path),
+    # some rate all of them.
+    cfg = _cfg(n_users=50, n_items=40, n_ratings=1500, user_skew=1.5, item_skew=1.2)
+    synth(cfg, tmp_path / "dense", progress=False)
+    r, _ = _read(tmp_path / "dense")
+    per_user = np.bincount(r["user"], minlength=50)
+    assert per_user.max() == 40 and per_user.sum() == 1500
+    assert len(np.unique(r["user"] * 40 + r["item"])) == 1500
+    # Every pair: the whole matrix.
+    synth(_cfg(n_users=20, n_items=15, n_ratings=300), tmp_path / "full", progress=False)
+    r, _ = _read(tmp_path / "full")
+    assert len(np.unique(r["user"] * 15 + r["item"])) == 300
+
+
+def test_too_many_ratings_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"synth\.n_ratings.*1200 distinct pairs"):
+        synth(_cfg(n_users=30, n_items=40, n_ratings=1201), tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_same_output_whatever_the_chunk_size_and_threads(tmp_path):
+    cfg = _cfg(user_skew=1.2, item_skew=1.1, files=3)
+    synth(cfg, tmp_path / "a", progress=False, chunk_ratings=1_000_000)
+    synth(cfg, tmp_path / "b", progress=False, chunk_ratings=97, threads=3)
+    synth(cfg, tmp_path / "c", progress=False, chunk_ratings=1, threads=1)
+    ra, fa = _read(tmp_path / "a")
+    for other in ("b", "c"):
+        rb, fb = _read(tmp_path / other)
+        assert [f.name for f in fa] == [f.name for f in fb]
+        for k in ra:
+            np.testing.assert_array_equal(ra[k], rb[k])
+        # File by file too, not only the concatenation.
+        for x, y in zip(fa, fb, strict=True):
+            assert pq.read_table(x).equals(pq.read_table(y))
+    ta, tb = np.load(tmp_path / "a" / "truth.npz"), np.load(tmp_path / "b" / "truth.npz")
+    np.testing.assert_array_equal(ta["U"], tb["U"])
+    # Another seed gives other data.
+    synth(_cfg(user_skew=1.2, item_skew=1.1, files=3, seed=8), tmp_path / "d", progress=False)
+    rd, _ = _read(tmp_path / "d")
+    assert not np.array_equal(ra["item"], rd["item"])
+
+
+def test_round_and_clip_to_a_star_scale(tmp_path):
+    cfg = _cfg(noise=1.0, round_to=0.5, clip=(1.0, 5.0))
+    summary = synth(cfg, tmp_path / "s", progress=False)
+    r, _ = _read(tmp_path / "s")
+    x = r["rating"]
+    assert x.min() == 1.0 and x.max() == 5.0  # noise 1.0 reaches both ends
+    np.testing.assert_array_equal(x * 2, np.round(x * 2))
+    assert set(np.unique(x)) <= {1.0 + 0.5 * k for k in range(9)}
+    assert summary["rating_min"] == 1.0 and summary["rating_max"] == 5.0
+
+    # Clip ends that are not multiples of round_to stay inside the range.
+    synth(_cfg(noise=1.0, round_to=1.0, clip=(0.5, 4.5)), tmp_path / "t", progress=False)
+    x = _read(tmp_path / "t")[0]["rating"]
+    assert x.min() >= 0.5 and x.max() <= 4.5
+
+
+def test_files_and_csv_format(tmp_path):
+    cfg = _cfg(files=4, format="csv")
+    synth(cfg, tmp_path / "csv", progress=False)
+    files = sorted((tmp_path / "csv" / "ratings").iterdir())
+    assert [f.name for f in files] == [f"part-{k:05d}.csv" for k in range(4)]
+    assert files[0].read_text().splitlines()[0] == '"user","item","rating","timestamp"'
+    r, _ = _read(tmp_path / "csv", "csv")
+    assert len(r["user"]) == cfg.n_ratings
+    # Files hold contiguous user ranges with about equal counts.
+    sizes = [pacsv.read_csv(f).num_rows for f in files]
+    assert min(sizes) > 0.6 * cfg.n_ratings / 4
+    pq_r, _ = (synth(_cfg(files=4), tmp_path / "pq", progress=False), None)
+    rp, _ = _read(tmp_path / "pq")
+    np.testing.assert_array_equal(rp["user"], r["user"])
+    np.testing.assert_allclose(rp["rating"], r["rating"], rtol=1e-6)
+    assert pq_r["files"][3] == "ratings/part-00003.parquet"
+
+
+def test_more_files_than_users_with_ratings(tmp_path):
+    synth(_cfg(n_users=2, n_items=5, n_ratings=3, files=4), tmp_path / "s", progress=False)
+    files = sorted((tmp_path / "s" / "ratings").iterdir())
+    assert len(files) == 4
+    assert sum(pq.read_table(f).num_rows for f in files) == 3
+
+
+def test_refuses_non_empty_output_unless_overwrite(tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    synth(_cfg(), out, progress=False)  # an empty directory is fine
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not empty.*overwrite"):
+        synth(_cfg(seed=1), out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    synth(_cfg(seed=1), out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists()
+    assert json.loads((out / "synth.json").read_text())["config"]["seed"] == 1
+    # No temporary directories left next to it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_failure_leaves_no_output(tmp_path, monkeypatch):
+    import dmf.synth as S
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(S.np, "savez", boom)  # fails after all ratings are written
+    with pytest.raises(RuntimeError, match="disk full"):
+        synth(_cfg(), tmp_path / "s", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_flags(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(
+        ["synth", "--out", str(out), "--users", "100", "--items", "50", "--ratings", "1000",
+         "--rank", "2", "--noise", "0.1", "--user-skew", "0.5", "--item-skew", "0.5",
+         "--round-to", "0.5", "--clip", "1", "5", "--seed", "3", "--files", "2",
+         "--format", "csv", "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0
+    assert "1,000 ratings" in capsys.readouterr().out
+    s = json.loads((out / "synth.json").read_text())
+    assert s["config"]["clip"] == [1.0, 5.0] and s["config"]["format"] == "csv"
+    assert len(list((out / "ratings").glob("*.csv"))) == 2
+    # Non-empty output: an error naming the directory, exit status 2; --overwrite replaces it.
+    assert (
+        main(["synth", "--out", str(out), "--users", "10", "--items", "10", "--ratings", "20"]) == 2
+    )
+    assert str(out) in capsys.readouterr().err
+    rc = main(["synth", "--out", str(out), "--users", "10", "--items", "10", "--ratings", "20",
+               "--overwrite", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    # A bad value is a config error naming the key.
+    assert main(["synth", "--out", str(tmp_path / "bad"), "--noise", "-1"]) == 2
+    assert "synth.noise" in capsys.readouterr().err
+
+
+def test_cli_config_file(tmp_path, capsys):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        "synth:\n  enabled: true\n  path: data/synth\n  n_users: 40\n  n_items: 30\n"
+        "  n_ratings: 500\n  rank: 2\n  seed: 5\n"
+    )
+    assert main(["synth", str(cfg), "--set", "synth.n_ratings=400", "--no-progress"]) == 0
+    s = json.loads((tmp_path / "data" / "synth" / "synth.json").read_text())
+    assert s["n_ratings"] == 400 and s["n_users"] == 40 and s["config"]["seed"] == 5
+    # Flags override the file.
+    out = tmp_path / "other"
+    assert main(["synth", str(cfg), "--out", str(out), "--ratings", "100", "--no-progress"]) == 0
+    assert json.loads((out / "synth.json").read_text())["n_ratings"] == 100
+
+
+def test_successive_and_gumbel_sampling_agree_in_distribution():
+    """The fast path (first distinct draws) and the dense path (Gumbel top-k) both sample items
+    without replacement in proportion to popularity: inclusion frequencies must agree."""
+    import dmf.synth as S
+
+    plan = S._Plan(_cfg(n_users=20_000, n_items=30, n_ratings=60_000, item_skew=1.0))
+    users = np.arange(20_000, dtype=np.int64)
+    ks = np.full(20_000, 4, dtype=np.int64)
+    u_parts, i_parts, rest = S._sample_sparse(plan, users, ks)
+    assert len(rest) == 0
+    fast = np.bincount(np.concatenate(i_parts), minlength=30) / 20_000
+    _, gi = S._sample_gumbel(plan, users, ks)
+    slow = np.bincount(gi, minlength=30) / 20_000
+    assert fast.sum() == pytest.approx(4) and slow.sum() == pytest.approx(4)
+    assert fast.max() > 3 * np.median(fast)  # popularity is skewed ...
+    np.testing.assert_allclose(fast, slow, atol=0.02)  # ... the same way (sd of a diff ~0.005)
