@@ -1,0 +1,829 @@
+"""Reading raw ratings in streaming batches: CSV/TSV (any delimiter, gzip/zstd) and Parquet.
+
+:func:`resolve_inputs` turns ``config.data`` into an :class:`InputSpec` (the files, their format
+and compression, which columns hold user, item, rating and timestamp). :func:`iter_batches` then
+yields :class:`Batch` objects of about ``data.batch_rows`` rows each, never the whole input:
+
+- CSV goes through :func:`pyarrow.csv.open_csv` with a block size estimated from the first lines.
+  Multi-character delimiters (MovieLens 1M/10M's ``::``) are translated to one byte by a streaming
+  wrapper, since Arrow's parser takes one-character delimiters only.
+- Compression (gzip, zstd) is detected from the magic bytes or the suffix and decoded by
+  :class:`pyarrow.CompressedInputStream`.
+- Parquet files are read with :meth:`pyarrow.parquet.ParquetFile.iter_batches`.
+
+Every error the input can cause is an :class:`~dmf.errors.InputError` naming the file, the line
+(CSV, 1-based, counting the header) or row (Parquet, 1-based) and the column. Arrow reports parse
+errors without a line number, so on such an error the file is re-scanned line by line (slowly,
+once) to find and name the offending line.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from dmf.config import Config
+from dmf.errors import InputError
+
+FIELDS = ("user", "item", "rating", "timestamp")
+ID_FIELDS = ("user", "item")
+
+# The byte a multi-character delimiter is translated to (ASCII "unit separator": never in text).
+_SUBST = b"\x1f"
+_SNIFF_BYTES = 1 << 16
+_SNIFF_LINES = 500
+
+PRESETS: dict[str, dict] = {
+    "movielens-100k": {
+        "file": "u.data",
+        "subdirs": ["ml-100k"],
+        "delimiter": "\t",
+        "header": False,
+        "columns": {"user": 0, "item": 1, "rating": 2, "timestamp": 3},
+    },
+    "movielens-1m": {
+        "file": "ratings.dat",
+        "subdirs": ["ml-1m"],
+        "delimiter": "::",
+        "header": False,
+        "columns": {"user": 0, "item": 1, "rating": 2, "timestamp": 3},
+    },
+    "movielens-10m": {
+        "file": "ratings.dat",
+        # The 10M archive unpacks to ml-10M100K, not ml-10m.
+        "subdirs": ["ml-10M100K", "ml-10m"],
+        "delimiter": "::",
+        "header": False,
+        "columns": {"user": 0, "item": 1, "rating": 2, "timestamp": 3},
+    },
+    **{
+        f"movielens-{v}": {
+            "file": "ratings.csv",
+            "subdirs": [f"ml-{v}"],
+            "delimiter": ",",
+            "header": True,
+            "columns": {
+                "user": "userId",
+                "item": "movieId",
+                "rating": "rating",
+                "timestamp": "timestamp",
+            },
+        }
+        for v in ("20m", "25m", "32m")
+    },
+}
+
+_PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+_TEXT_SUFFIXES = (".csv", ".tsv", ".tab", ".dat", ".data", ".txt")
+_COMPRESSION_SUFFIXES = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+
+
+class IdTypeMismatch(Exception):
+    """Ids of ``side`` were read as integers but a later value is not one: re-read as strings."""
+
+    def __init__(self, side: str):
+        super().__init__(side)
+        self.side = side
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    format: str  # "csv" or "parquet"
+    compression: str | None  # None, "gzip" or "zstd"
+
+
+@dataclass
+class InputSpec:
+    """What to read and how (from ``config.data``, with a preset applied)."""
+
+    files: list[InputFile]
+    delimiter: str | None
+    header: bool | str
+    columns: dict[str, str | int]  # field -> name or 0-based position; timestamp may be absent
+    batch_rows: int
+    preset: str | None = None
+    # Decided from the first file ("int" or "string") and kept for all files.
+    id_types: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_timestamp(self) -> bool:
+        return "timestamp" in self.columns
+
+    def describe(self) -> dict:
+        return {
+            "files": [str(f.path) for f in self.files],
+            "formats": sorted({f.format for f in self.files}),
+            "compression": sorted({f.compression or "none" for f in self.files}),
+            "delimiter": self.delimiter,
+            "columns": dict(self.columns),
+            "preset": self.preset,
+            "id_types": dict(self.id_types),
+        }
+
+
+@dataclass
+class Batch:
+    """About ``batch_rows`` consecutive rows of one input file.
+
+    Attributes
+    ----------
+    user, item
+        Raw ids, shape (n,): ``pa.int64()`` or ``pa.string()`` arrays without nulls.
+    rating
+        float64, shape (n,); NaN where the input had a null or NaN (cleaned by ingest's policies).
+    timestamp
+        int64, shape (n,), or None when the input has none.
+    """
+
+    file: str
+    kind: str  # "line" (CSV) or "row" (Parquet)
+    first: int  # line/row number (1-based) of the batch's first row
+    user: pa.Array
+    item: pa.Array
+    rating: np.ndarray
+    timestamp: np.ndarray | None
+    colnames: dict[str, str]
+
+    def __len__(self) -> int:
+        return len(self.rating)
+
+    def where(self, k: int, fld: str | None = None) -> str:
+        """'FILE, line N, column 'rating' (data.columns.rating)' for row ``k`` of the batch."""
+        s = f"{self.file}, {self.kind} {self.first + int(k)}"
+        if fld is not None:
+            s += f", column {self.colnames[fld]!r} (data.columns.{fld})"
+        return s
+
+
+# -- resolving the input files ------------------------------------------------------------------
+
+
+def _has_magic(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _compression_of(path: Path, configured: str) -> str | None:
+    if configured == "none":
+        return None
+    if configured in ("gzip", "zstd"):
+        return configured
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    return _COMPRESSION_SUFFIXES.get(path.suffix.lower())
+
+
+def _format_of(path: Path, configured: str) -> str:
+    if configured == "parquet":
+        return "parquet"
+    if configured in ("csv", "tsv"):
+        return "csv"
+    name = path.name.lower()
+    for suf in _COMPRESSION_SUFFIXES:
+        if name.endswith(suf):
+            name = name[: -len(suf)]
+    if name.endswith(_PARQUET_SUFFIXES):
+        return "parquet"
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"PAR1":
+                return "parquet"
+    return "csv"
+
+
+def _dir_files(d: Path) -> list[Path]:
+    out = []
+    for p in sorted(d.rglob("*")):
+        rel = p.relative_to(d)
+        if not p.is_file() or any(part.startswith((".", "_")) for part in rel.parts):
+            continue
+        name = p.name.lower()
+        for suf in _COMPRESSION_SUFFIXES:
+            if name.endswith(suf):
+                name = name[: -len(suf)]
+        if name.endswith(_PARQUET_SUFFIXES + _TEXT_SUFFIXES):
+            out.append(p)
+    return out
+
+
+def _preset_file(source: Path, preset: str) -> Path:
+    spec = PRESETS[preset]
+    if source.is_file():
+        return source
+    if source.is_dir():
+        for cand in [source, *(source / s for s in spec["subdirs"])]:
+            if (cand / spec["file"]).is_file():
+                return cand / spec["file"]
+    raise InputError(
+        f"data.source {source}: no {spec['file']} found for data.preset {preset} (looked in "
+        f"{source} and {', '.join(spec['subdirs'])} below it); point data.source at the "
+        "directory the archive unpacked to, or at the file (`dmf data movielens` downloads it)"
+    )
+
+
+def resolve_inputs(config: Config) -> InputSpec:
+    """The files and reading options described by ``config.data`` (paths via ``config.resolve``)."""
+    d = config.data
+    if d.source is None:
+        raise InputError("data.source is not set: give a file, directory or glob of ratings")
+    sources = [d.source] if isinstance(d.source, str) else list(d.source)
+    if not sources:
+        raise InputError("data.source is an empty list: give at least one file")
+    paths: list[Path] = []
+    for s in sources:
+        p = config.resolve(s)
+        if d.preset is not None and not _has_magic(s):
+            paths.append(_preset_file(p, d.preset))
+        elif _has_magic(s):
+            found = [Path(x) for x in sorted(glob.glob(str(p), recursive=True))]
+            found = [x for x in found if x.is_file()]
+            if not found:
+                raise InputError(f"data.source {s!r}: the pattern {p} matches no files")
+            paths.extend(found)
+        elif p.is_dir():
+            found = _dir_files(p)
+            if not found:
+                raise InputError(
+                    f"data.source {s!r}: directory {p} has no rating files "
+                    f"(*.csv, *.tsv, *.dat, *.parquet, optionally .gz/.zst)"
+                )
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise InputError(f"data.source {s!r}: {p} does not exist")
+
+    fmt = d.format
+    delimiter = d.delimiter
+    header: bool | str = d.header
+    columns: dict[str, str | int] = {
+        k: v for k, v in d.columns.model_dump().items() if v is not None
+    }
+    if d.preset is not None:
+        ps = PRESETS[d.preset]
+        fmt, delimiter, header = "csv", ps["delimiter"], ps["header"]
+        columns = dict(ps["columns"])
+    if fmt == "tsv" and delimiter is None:
+        delimiter = "\t"
+    files = [InputFile(p, _format_of(p, fmt), _compression_of(p, d.compression)) for p in paths]
+    return InputSpec(
+        files=files,
+        delimiter=delimiter,
+        header=header,
+        columns=columns,
+        batch_rows=d.batch_rows,
+        preset=d.preset,
+    )
+
+
+# -- byte streams -------------------------------------------------------------------------------
+
+
+class _DelimiterTranslator(io.RawIOBase):
+    """A read-only stream that replaces a multi-byte delimiter by one byte, chunk by chunk.
+
+    A delimiter cut in two by a chunk boundary is handled by holding back the chunk's tail when it
+    is a proper prefix of the delimiter.
+    """
+
+    def __init__(self, raw, delim: bytes, chunk: int = 1 << 20):
+        self.raw = raw
+        self.delim = delim
+        self.chunk = chunk
+        self.pending = b""
+        self.buf = b""
+        self.eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self, n: int) -> None:
+        while len(self.buf) < n and not self.eof:
+            data = self.raw.read(max(self.chunk, min(n, 1 << 26)))
+            if not data:
+                self.eof = True
+                self.buf += self.pending
+                self.pending = b""
+                break
+            # Translate first, then hold back a tail that may be the start of a delimiter
+            # continued in the next chunk (a complete delimiter is already translated).
+            data = (self.pending + data).replace(self.delim, _SUBST)
+            keep = 0
+            for k in range(len(self.delim) - 1, 0, -1):
+                if data.endswith(self.delim[:k]):
+                    keep = k
+                    break
+            self.pending = data[len(data) - keep :] if keep else b""
+            self.buf += data[: len(data) - keep] if keep else data
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            self._fill(1 << 62)
+            out, self.buf = self.buf, b""
+            return out
+        self._fill(n)
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        try:
+            self.raw.close()
+        finally:
+            super().close()
+
+
+def open_text_stream(f: InputFile, delimiter: str | None):
+    """A byte stream of ``f``'s decompressed contents, with a multi-byte delimiter translated."""
+    try:
+        raw = pa.input_stream(str(f.path), compression=f.compression, buffer_size=1 << 20)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{f.path}: cannot open: {exc}") from exc
+    if delimiter is not None and len(delimiter.encode()) > 1:
+        return _DelimiterTranslator(raw, delimiter.encode())
+    return raw
+
+
+def _effective_delimiter(delimiter: str) -> str:
+    return _SUBST.decode() if len(delimiter.encode()) > 1 else delimiter
+
+
+# -- sniffing a CSV file's first lines ----------------------------------------------------------
+
+
+@dataclass
+class _CsvLayout:
+    delimiter: str  # as configured (may be multi-character)
+    header: bool
+    names: list[str]  # column names as Arrow will see them
+    display: list[str]  # names for messages (header names, or "#3")
+    select: dict[str, str]  # field -> Arrow column name
+    types: dict[str, pa.DataType]
+    avg_line: float
+    max_line: int
+
+
+def _sniff_lines(f: InputFile) -> tuple[list[bytes], bool]:
+    """The first lines of the decompressed file (raw bytes, no newline); and whether EOF was hit."""
+    try:
+        s = pa.input_stream(str(f.path), compression=f.compression)
+        data = s.read(_SNIFF_BYTES)
+        more = bool(s.read(1))
+        s.close()
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(
+            f"{f.path}: cannot read ({f.compression or 'uncompressed'}): {exc}"
+        ) from exc
+    lines = data.split(b"\n")
+    if more and len(lines) > 1:
+        lines = lines[:-1]  # the last one may be cut off
+    lines = [ln.rstrip(b"\r") for ln in lines]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines[:_SNIFF_LINES], not more
+
+
+def _split_line(line: bytes, delimiter: str) -> list[str]:
+    text = line.decode("utf-8", errors="surrogateescape")
+    if len(delimiter) > 1:
+        text = text.replace(delimiter, _SUBST.decode())
+        delimiter = _SUBST.decode()
+    return next(csv.reader([text], delimiter=delimiter), [])
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _sniff_delimiter(first: bytes) -> str:
+    for cand in ("::", "\t", ",", ";", "|"):
+        if cand.encode() in first:
+            return cand
+    return ","
+
+
+def _sniff_csv(f: InputFile, spec: InputSpec) -> tuple[_CsvLayout, dict[str, str]]:
+    lines, _ = _sniff_lines(f)
+    if not lines:
+        raise InputError(f"{f.path}: the file is empty (no ratings)")
+    delimiter = spec.delimiter or _sniff_delimiter(lines[0])
+    first = _split_line(lines[0], delimiter)
+    named = any(isinstance(v, str) for v in spec.columns.values())
+    header = spec.header
+    if header == "auto":
+        if named:
+            header = True
+        else:
+            pos = spec.columns["rating"]
+            header = not (isinstance(pos, int) and pos < len(first) and _is_float(first[pos]))
+    if named and not header:
+        bad = [k for k, v in spec.columns.items() if isinstance(v, str)]
+        raise InputError(
+            f"{f.path}: data.columns.{bad[0]} is the name {spec.columns[bad[0]]!r}, but "
+            "data.header is false: give 0-based column positions for a file without a header"
+        )
+    ncols = len(first)
+    delim_hint = (
+        f" Only one column was found: is the delimiter right (data.delimiter, now {delimiter!r})?"
+        if ncols == 1
+        else ""
+    )
+    if header:
+        names = first
+        display = list(first)
+    else:
+        names = [f"f{k}" for k in range(ncols)]
+        display = [f"#{k}" for k in range(ncols)]
+    select: dict[str, str] = {}
+    disp: dict[str, str] = {}
+    for fld, col in spec.columns.items():
+        if isinstance(col, int):
+            if col >= ncols:
+                raise InputError(
+                    f"{f.path}: data.columns.{fld} is position {col}, but line 1 has only "
+                    f"{ncols} column(s): {display}.{delim_hint}"
+                )
+            select[fld] = names[col]
+            disp[fld] = display[col]
+        else:
+            if col not in names:
+                raise InputError(
+                    f"{f.path}: column {col!r} (data.columns.{fld}) not found in the header; "
+                    f"columns found: {', '.join(repr(n) for n in names)}.{delim_hint}"
+                )
+            select[fld] = col
+            disp[fld] = col
+    if len(set(select.values())) < len(select):
+        raise InputError(f"{f.path}: data.columns maps two fields to the same column: {disp}")
+    # Types from the sample: ids that are all integers are read as int64, else as strings.
+    body = lines[1:] if header else lines
+    rows = [_split_line(ln, delimiter) for ln in body]
+    types: dict[str, pa.DataType] = {"rating": pa.float64()}
+    for fld in ID_FIELDS + ("timestamp",):
+        if fld not in select:
+            continue
+        k = names.index(select[fld])
+        vals = [r[k] for r in rows if k < len(r) and r[k] != ""]
+        if all(_is_int(v) for v in vals):
+            types[fld] = pa.int64()
+        elif all(_is_float(v) for v in vals):
+            types[fld] = pa.float64()
+        else:
+            types[fld] = pa.string() if fld != "timestamp" else pa.timestamp("s")
+    sizes = [len(ln) + 1 for ln in lines]
+    return _CsvLayout(
+        delimiter=delimiter,
+        header=bool(header),
+        names=names,
+        display=display,
+        select=select,
+        types=types,
+        avg_line=sum(sizes) / len(sizes),
+        max_line=max(sizes),
+    ), disp
+
+
+# -- diagnosing a CSV error at a line ---------------------------------------------------------
+
+
+def _diagnose_csv(
+    f: InputFile, layout: _CsvLayout, disp: dict[str, str], types: dict[str, pa.DataType]
+) -> tuple[str, str | None, str | None] | None:
+    """Scan the file line by line for the first line Arrow could not read.
+
+    Returns (message, field, value) or None when nothing is found. Slow (Python per line), but only
+    run once, after Arrow reported an error.
+    """
+    ncols = len(layout.names)
+    idx = {fld: layout.names.index(col) for fld, col in layout.select.items()}
+    stream = pa.input_stream(str(f.path), compression=f.compression)
+    try:
+        reader = io.BufferedReader(_PyStream(stream), buffer_size=1 << 20)
+        for lineno, line in enumerate(reader, start=1):
+            if lineno == 1 and layout.header:
+                continue
+            line = line.rstrip(b"\r\n")
+            if not line:
+                continue
+            fields = _split_line(line, layout.delimiter)
+            if len(fields) != ncols:
+                return (
+                    f"{f.path}, line {lineno}: {len(fields)} field(s), expected {ncols} "
+                    f"as on line 1 (ragged row, or a wrong delimiter: data.delimiter is "
+                    f"{layout.delimiter!r}): {line[:200]!r}",
+                    None,
+                    None,
+                )
+            for fld, k in idx.items():
+                v = fields[k]
+                where = f"{f.path}, line {lineno}, column {disp[fld]!r} (data.columns.{fld})"
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return (
+                        f"{where}: bytes that are not UTF-8: "
+                        f"{v.encode('utf-8', errors='surrogateescape')[:100]!r}; "
+                        "re-encode the file as UTF-8",
+                        fld,
+                        v,
+                    )
+                t = types.get(fld)
+                if v == "":
+                    continue
+                if t == pa.int64() and not _is_int(v):
+                    if fld in ID_FIELDS and _is_float(v):
+                        return (
+                            f"{where}: id {v!r} is fractional; ids must be integers or strings",
+                            fld,
+                            v,
+                        )
+                    return (f"{where}: {v!r} is not an integer", fld, v)
+                if t == pa.float64() and not _is_float(v):
+                    return (f"{where}: {v!r} is not a number", fld, v)
+        return None
+    finally:
+        stream.close()
+
+
+class _PyStream(io.RawIOBase):
+    """An Arrow input stream as a Python raw stream (for line iteration)."""
+
+    def __init__(self, s):
+        self.s = s
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.s.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+# -- batches --------------------------------------------------------------------------------------
+
+
+def _check_ids(b: Batch, fld: str, arr: pa.Array) -> pa.Array:
+    """Null, empty or fractional ids are errors; float ids that are whole become int64."""
+    if arr.null_count:
+        k = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(f"{b.where(k, fld)}: the id is missing (null or empty)")
+    t = arr.type
+    if pa.types.is_floating(t):
+        v = arr.to_numpy(zero_copy_only=False)
+        bad = ~np.isfinite(v) | (v != np.floor(v))
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise InputError(
+                f"{b.where(k, fld)}: id {v[k]!r} is fractional or not finite; ids must be "
+                "integers or strings"
+            )
+        return pa.array(v.astype(np.int64))
+    if pa.types.is_integer(t):
+        return arr.cast(pa.int64()) if t != pa.int64() else arr
+    if pa.types.is_dictionary(t):
+        return _check_ids(b, fld, arr.cast(t.value_type))
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        arr = arr.cast(pa.string()) if t != pa.string() else arr
+        empty = pc.equal(pc.utf8_length(arr), 0)
+        if pc.any(empty).as_py():
+            k = int(np.flatnonzero(empty.to_numpy(zero_copy_only=False))[0])
+            raise InputError(f"{b.where(k, fld)}: the id is empty")
+        return arr
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        try:
+            return _check_ids(b, fld, arr.cast(pa.string()))
+        except pa.ArrowInvalid as exc:
+            raise InputError(
+                f"{b.file}, column {b.colnames[fld]!r} (data.columns.{fld}): ids are bytes that "
+                f"are not UTF-8 ({exc})"
+            ) from None
+    raise InputError(
+        f"{b.file}, column {b.colnames[fld]!r} (data.columns.{fld}): ids of type {t} are not "
+        "supported; use integers or strings"
+    )
+
+
+def _timestamps(b: Batch, arr: pa.Array) -> np.ndarray:
+    if arr.null_count:
+        k = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(f"{b.where(k, 'timestamp')}: the timestamp is missing")
+    t = arr.type
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        arr = arr.cast(pa.timestamp("s")) if pa.types.is_date(t) else arr
+        return arr.cast(pa.int64()).to_numpy()
+    if pa.types.is_integer(t):
+        return arr.to_numpy().astype(np.int64, copy=False)
+    if pa.types.is_floating(t):
+        v = arr.to_numpy()
+        if not np.isfinite(v).all():
+            k = int(np.flatnonzero(~np.isfinite(v))[0])
+            raise InputError(f"{b.where(k, 'timestamp')}: timestamp {v[k]} is not finite")
+        return np.floor(v).astype(np.int64)
+    raise InputError(
+        f"{b.file}, column {b.colnames['timestamp']!r} (data.columns.timestamp): timestamps of "
+        f"type {t} are not supported; use numbers (e.g. Unix seconds) or dates"
+    )
+
+
+def _ratings(b: Batch, arr: pa.Array) -> np.ndarray:
+    t = arr.type
+    if not (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_decimal(t)):
+        raise InputError(
+            f"{b.file}, column {b.colnames['rating']!r} (data.columns.rating): ratings of type "
+            f"{t} are not numbers"
+        )
+    return arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def _make_batch(
+    file: str, kind: str, first: int, cols: dict[str, pa.Array], colnames: dict[str, str]
+) -> Batch:
+    b = Batch(file, kind, first, None, None, None, None, colnames)  # type: ignore[arg-type]
+    b.user = _check_ids(b, "user", cols["user"])
+    b.item = _check_ids(b, "item", cols["item"])
+    b.rating = _ratings(b, cols["rating"])
+    b.timestamp = _timestamps(b, cols["timestamp"]) if "timestamp" in cols else None
+    return b
+
+
+def _unify_ids(spec: InputSpec, b: Batch) -> None:
+    """Hold every file to the id type of the first one (ints may become strings, not back)."""
+    for fld in ID_FIELDS:
+        arr = getattr(b, fld)
+        kind = "string" if pa.types.is_string(arr.type) else "int"
+        want = spec.id_types.setdefault(fld, kind)
+        if kind == want:
+            continue
+        if want == "string":
+            setattr(b, fld, arr.cast(pa.string()))
+        else:
+            raise IdTypeMismatch(fld)
+
+
+def _iter_csv(f: InputFile, spec: InputSpec) -> Iterator[Batch]:
+    layout, disp = _sniff_csv(f, spec)
+    types = dict(layout.types)
+    for fld in ID_FIELDS:
+        # After the first file, read ids as the type chosen there.
+        if spec.id_types.get(fld) == "string":
+            types[fld] = pa.string()
+        elif spec.id_types.get(fld) == "int" and types[fld] == pa.string():
+            raise IdTypeMismatch(fld)
+    # Parse blocks of at most 4 MiB: Arrow parses small blocks faster (cache), and ingest gathers
+    # them into chunks of batch_rows rows anyway.
+    block = int(max(min(spec.batch_rows * layout.avg_line, 1 << 22), 8 * layout.max_line, 1024))
+    names_sel = {v: k for k, v in layout.select.items()}
+    convert = pa_csv.ConvertOptions(
+        include_columns=list(layout.select.values()),
+        column_types={layout.select[k]: t for k, t in types.items() if k in layout.select},
+        strings_can_be_null=False,
+        quoted_strings_can_be_null=False,
+    )
+    read = pa_csv.ReadOptions(
+        block_size=block,
+        autogenerate_column_names=not layout.header,
+        use_threads=True,
+    )
+    parse = pa_csv.ParseOptions(delimiter=_effective_delimiter(layout.delimiter))
+
+    def fail(exc: Exception) -> InputError | IdTypeMismatch:
+        found = _diagnose_csv(f, layout, disp, types)
+        if found is None:
+            msg = str(exc)
+            if "straddling" in msg:
+                return InputError(
+                    f"{f.path}: a line is longer than the read block ({block} bytes); raise "
+                    f"data.batch_rows ({spec.batch_rows}) ({msg})"
+                )
+            return InputError(
+                f"{f.path}: cannot parse as CSV (data.delimiter {layout.delimiter!r}): {msg}"
+            )
+        msg, fld, value = found
+        if (
+            fld in ID_FIELDS
+            and types.get(fld) == pa.int64()
+            and value is not None
+            and not _is_float(value)
+            and not any(0xDC80 <= ord(c) <= 0xDCFF for c in value)
+        ):
+            return IdTypeMismatch(fld)
+        return InputError(msg)
+
+    stream = open_text_stream(f, layout.delimiter)
+    try:
+        try:
+            reader = pa_csv.open_csv(
+                stream, read_options=read, parse_options=parse, convert_options=convert
+            )
+        except pa.ArrowInvalid as exc:
+            raise fail(exc) from None
+        line = 2 if layout.header else 1
+        colnames = {k: disp[k] for k in layout.select}
+        while True:
+            try:
+                rb = reader.read_next_batch()
+            except StopIteration:
+                break
+            except pa.ArrowInvalid as exc:
+                raise fail(exc) from None
+            if rb.num_rows == 0:
+                continue
+            cols = {names_sel[n]: rb.column(n) for n in rb.schema.names}
+            b = _make_batch(str(f.path), "line", line, cols, colnames)
+            _unify_ids(spec, b)
+            yield b
+            line += rb.num_rows
+    finally:
+        stream.close()
+
+
+def _iter_parquet(f: InputFile, spec: InputSpec) -> Iterator[Batch]:
+    try:
+        pf = pq.ParquetFile(f.path)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{f.path}: not a readable Parquet file: {exc}") from exc
+    names = pf.schema_arrow.names
+    select: dict[str, str] = {}
+    for fld, col in spec.columns.items():
+        if isinstance(col, int):
+            if col >= len(names):
+                raise InputError(
+                    f"{f.path}: data.columns.{fld} is position {col}, but the file has "
+                    f"{len(names)} column(s): {names}"
+                )
+            select[fld] = names[col]
+        elif col not in names:
+            raise InputError(
+                f"{f.path}: column {col!r} (data.columns.{fld}) not found; columns found: "
+                f"{', '.join(repr(n) for n in names)}"
+            )
+        else:
+            select[fld] = col
+    row = 1
+    try:
+        for rb in pf.iter_batches(batch_size=spec.batch_rows, columns=list(select.values())):
+            if rb.num_rows == 0:
+                continue
+            cols = {fld: rb.column(col) for fld, col in select.items()}
+            b = _make_batch(str(f.path), "row", row, cols, select)
+            _unify_ids(spec, b)
+            yield b
+            row += rb.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{f.path}, near row {row}: cannot read Parquet: {exc}") from exc
+
+
+def iter_batches(spec: InputSpec) -> Iterator[Batch]:
+    """Every row of every input file, in order, as batches of about ``spec.batch_rows`` rows."""
+    for f in spec.files:
+        if f.format == "parquet":
+            yield from _iter_parquet(f, spec)
+        else:
+            yield from _iter_csv(f, spec)
+
+
+def input_bytes(spec: InputSpec) -> int:
+    return sum(f.path.stat().st_size for f in spec.files)
+
+
+__all__ = [
+    "PRESETS",
+    "Batch",
+    "IdTypeMismatch",
+    "InputFile",
+    "InputSpec",
+    "iter_batches",
+    "resolve_inputs",
+    "open_text_stream",
+]
