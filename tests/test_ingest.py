@@ -1,0 +1,478 @@
+"""dmf ingest end to end on real files: store invariants, ids, splits, policies, presets, formats,
+the CLI, atomicity, and the same store across batch sizes and with a multi-process Dask cluster."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dmf.cli import main
+from dmf.config import load_config
+from dmf.errors import ConfigError, StoreError
+from dmf.ingest import ingest
+from dmf.store import Store
+
+
+def write_csv(path: Path, rows, header=("user", "item", "rating", "timestamp"), sep=","):
+    lines = [sep.join(header)] if header else []
+    lines += [sep.join(str(x) for x in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_rows(n_users=60, n_items=40, nnz=900, seed=0, string_ids=False):
+    """Distinct (user, item) pairs with ratings in 0.5..5 and distinct-ish timestamps."""
+    rng = np.random.default_rng(seed)
+    keys = rng.choice(n_users * n_items, size=nnz, replace=False)
+    # Raw ids are sparse and unordered, so the dense index (rank of the raw id) is a real remap.
+    uid = rng.permutation(n_users) * 7 + 3
+    iid = rng.permutation(n_items) * 11 + 1000
+    u, i = uid[keys // n_items], iid[keys % n_items]
+    r = rng.integers(1, 11, nnz) / 2
+    t = 1_000_000 + rng.permutation(nnz) * 10
+    if string_ids:
+        u = np.array([f"user-{x:05d}" for x in u])
+        i = np.array([f"item/{x}" for x in i])
+    return list(zip(u.tolist(), i.tolist(), r.tolist(), t.tolist(), strict=True))
+
+
+def cfg_for(tmp_path: Path, source, **sections):
+    raw = {
+        "data": {"source": source, "columns": {"timestamp": "timestamp"}},
+        "store": {"path": str(tmp_path / "store")},
+    }
+    for k, v in sections.items():
+        raw.setdefault(k, {}).update(v)
+    return load_config(raw=raw)
+
+
+def store_triples(store: Store):
+    """Everything in a store as raw-id triples: {'by_user', 'by_item', 'validation', 'test'}."""
+    uid = store.ids("user").to_pylist()
+    iid = store.ids("item").to_pylist()
+    out = {}
+    for side in ("user", "item"):
+        rows = []
+        for b, _path, _start, _stop in store.block_args(side):
+            t = store.read_block(side, b)
+            for rr, (lo, hi) in enumerate(zip(t.indptr[:-1], t.indptr[1:], strict=True)):
+                row = t.start + rr
+                for c, v in zip(t.cols[lo:hi], t.vals[lo:hi], strict=True):
+                    u, i = (row, c) if side == "user" else (c, row)
+                    rows.append((uid[u], iid[i], float(v)))
+        out[f"by_{side}"] = sorted(rows)
+    for name in ("validation", "test"):
+        t = store.read_split(name).to_pydict()
+        out[name] = sorted(
+            (uid[u], iid[i], float(r))
+            for u, i, r in zip(t["user"], t["item"], t["rating"], strict=True)
+        )
+    return out
+
+
+def check_block_files(store: Store) -> None:
+    """Blocks are contiguous, cover every row, hold only their rows, sorted by (key, other)."""
+    for side in ("user", "item"):
+        bounds = store.bounds(side)
+        assert bounds[0] == 0 and bounds[-1] == store.n_rows(side)
+        assert np.all(np.diff(bounds) > 0)
+        key, other = (side, "item" if side == "user" else "user")
+        total = 0
+        for b, path, start, stop in store.block_args(side):
+            t = pq.read_table(path)
+            k = t.column(key).to_numpy().astype(np.int64)
+            o = t.column(other).to_numpy().astype(np.int64)
+            assert t.schema.field("user").type == pa.int32()
+            assert t.schema.field("rating").type == pa.float32()
+            assert len(k) == store.block_nnz(side)[b]
+            if len(k):
+                assert k.min() >= start and k.max() < stop
+                composite = k * (store.n_rows("item" if side == "user" else "user") + 1) + o
+                assert np.all(np.diff(composite) > 0), "not sorted by (key, other) or duplicated"
+            total += len(k)
+        assert total == store.n_train
+
+
+@pytest.fixture
+def rows():
+    return make_rows()
+
+
+@pytest.fixture
+def csv_file(tmp_path, rows):
+    return write_csv(tmp_path / "ratings.csv", rows)
+
+
+def test_every_rating_once_blocks_sorted_and_balanced(tmp_path, rows, csv_file):
+    cfg = cfg_for(
+        tmp_path,
+        str(csv_file),
+        blocks={"n_blocks": 4},
+        data={"batch_rows": 100},
+        split={"method": "random", "validation": 0.1, "test": 0.2},
+    )
+    store = ingest(cfg, progress=False)
+    check_block_files(store)
+    got = store_triples(store)
+    # by_user and by_item hold the same train ratings; train + held-out is exactly the input.
+    assert got["by_user"] == got["by_item"]
+    everything = sorted(got["by_user"] + got["validation"] + got["test"])
+    assert everything == sorted((u, i, float(r)) for u, i, r, _ in rows)
+    assert not set(got["test"]) & set(got["by_user"])
+    m = store.manifest
+    assert m["n_train"] + m["n_validation"] + m["n_test"] == len(rows)
+    assert 0.1 < m["n_test"] / len(rows) < 0.3
+    assert m["mu"] == pytest.approx(np.mean([r for _, _, r in got["by_user"]]), rel=1e-6)
+    # id maps: counts are the train counts; index order is the raw ids' order.
+    for side, k in (("user", 0), ("item", 1)):
+        ids = store.ids(side).to_pylist()
+        assert ids == sorted({row[k] for row in rows})
+        counts = dict(zip(ids, store.counts(side).tolist(), strict=True))
+        for x in ids:
+            assert counts[x] == sum(1 for row in got["by_user"] if row[k] == x)
+    # Balanced: every block within one row's count of an equal share of input rows.
+    for side in ("user", "item"):
+        nnz = np.array(store.block_nnz(side))
+        assert len(nnz) == 4
+        assert nnz.max() - nnz.min() < 0.5 * nnz.mean()
+    for key in ("n_users", "n_items", "fingerprint", "dropped", "input", "timings", "split"):
+        assert key in m
+
+
+def test_target_ratings_sets_block_count(tmp_path, csv_file, rows):
+    cfg = cfg_for(tmp_path, str(csv_file), blocks={"target_ratings": 100}, split={"method": "none"})
+    store = ingest(cfg, progress=False)
+    n = len(rows)
+    assert store.n_blocks("user") == pytest.approx(n / 100, abs=1)
+    counts = store.counts("user")
+    assert max(store.block_nnz("user")) <= 100 + counts.max()
+    check_block_files(store)
+
+
+def test_string_ids_round_trip(tmp_path):
+    rows = make_rows(string_ids=True, seed=3)
+    f = write_csv(tmp_path / "s.csv", rows)
+    store = ingest(cfg_for(tmp_path, str(f), split={"method": "none"}), progress=False)
+    assert store.ids("user").type == pa.string()
+    assert store_triples(store)["by_user"] == sorted((u, i, float(r)) for u, i, r, _ in rows)
+    assert store.ids("user").to_pylist() == sorted({u for u, *_ in rows})
+
+
+def test_integer_looking_ids_that_turn_into_strings(tmp_path):
+    # The first 600 lines have integer user ids; later ones do not: all are read as strings.
+    rows = [(k % 50, k % 7, 3.0, k) for k in range(600)] + [("x9", 1, 2.0, 1)]
+    rows = list({(u, i): (u, i, r, t) for u, i, r, t in rows}.values())
+    f = write_csv(tmp_path / "m.csv", rows)
+    store = ingest(cfg_for(tmp_path, str(f), split={"method": "none"}), progress=False)
+    ids = store.ids("user").to_pylist()
+    assert "x9" in ids and "0" in ids and len(ids) == 51
+    assert store.ids("item").type == pa.int64()
+
+
+def run_store(tmp_path, name, source, client=None, **sections):
+    cfg = cfg_for(tmp_path, source, **sections)
+    cfg.store.path = str(tmp_path / name)
+    return ingest(cfg, client=client, progress=False)
+
+
+@pytest.mark.parametrize("method", ["random", "user", "temporal"])
+def test_split_same_across_batch_sizes_and_cluster(tmp_path, client, method):
+    rows = make_rows(nnz=1500, seed=5)
+    f = write_csv(tmp_path / "r.csv", rows)
+    sections = {
+        "split": {"method": method, "validation": 0.1, "test": 0.15, "seed": 7},
+        "blocks": {"n_blocks": 3},
+    }
+    stores = [
+        run_store(tmp_path, "a", str(f), data={"batch_rows": 37}, **sections),
+        run_store(tmp_path, "b", str(f), data={"batch_rows": 1_000_000}, **sections),
+        run_store(tmp_path, "c", str(f), client=client, data={"batch_rows": 200}, **sections),
+    ]
+    first = store_triples(stores[0])
+    assert first["test"] and first["validation"]
+    for s in stores[1:]:
+        assert store_triples(s) == first
+        # Byte-identical block contents, not just equal sets.
+        for side in ("user", "item"):
+            for b, path, *_ in stores[0].block_args(side):
+                assert pq.read_table(path).equals(pq.read_table(s.block_path(side, b)))
+
+
+def test_user_split_keeps_singletons_and_takes_each_users_share(tmp_path):
+    rows = make_rows(nnz=1200, seed=2)
+    rows.append((999_999, 1000, 4.0, 5))  # a user with one rating
+    f = write_csv(tmp_path / "r.csv", rows)
+    store = run_store(tmp_path, "s", str(f), split={"method": "user", "test": 0.25})
+    got = store_triples(store)
+    assert (999_999, 1000, 4.0) in got["by_user"]
+    per_user: dict = {}
+    for u, *_ in rows:
+        per_user[u] = per_user.get(u, 0) + 1
+    test_per_user: dict = {}
+    for u, *_ in got["test"]:
+        test_per_user[u] = test_per_user.get(u, 0) + 1
+    for u, n in per_user.items():
+        expect = min(int(np.floor(0.25 * n + 0.5)), n - 1)
+        assert test_per_user.get(u, 0) == expect
+
+
+def test_temporal_split_holds_out_the_latest(tmp_path):
+    rows = make_rows(nnz=1000, seed=4)
+    f = write_csv(tmp_path / "r.csv", rows)
+    store = run_store(
+        tmp_path, "t", str(f), split={"method": "temporal", "validation": 0.1, "test": 0.2}
+    )
+    ts = {(u, i): t for u, i, _, t in rows}
+    got = store_triples(store)
+    t_train = max(ts[(u, i)] for u, i, _ in got["by_user"])
+    t_val = [ts[(u, i)] for u, i, _ in got["validation"]]
+    t_test = [ts[(u, i)] for u, i, _ in got["test"]]
+    assert t_train < min(t_val) and max(t_val) < min(t_test)
+    actual = store.manifest["split"]["actual"]
+    assert actual["test"] == pytest.approx(0.2, abs=0.01)
+    assert actual["validation"] == pytest.approx(0.1, abs=0.01)
+    assert "timestamp" in store.read_split("test").column_names
+
+
+def test_temporal_without_timestamp_names_the_key(tmp_path, rows):
+    f = write_csv(tmp_path / "r.csv", [r[:3] for r in rows], header=("user", "item", "rating"))
+    cfg = load_config(
+        raw={
+            "data": {"source": str(f)},
+            "split": {"method": "temporal"},
+            "store": {"path": str(tmp_path / "s")},
+        }
+    )
+    with pytest.raises(ConfigError, match="data.columns.timestamp"):
+        ingest(cfg, progress=False)
+
+
+@pytest.mark.parametrize("policy", ["last", "mean"])
+def test_duplicate_policies(tmp_path, policy):
+    rows = [
+        (1, 10, 1.0, 300),
+        (2, 10, 2.0, 100),
+        (1, 10, 3.0, 100),  # older than the first: 'last' keeps 1.0 (timestamp 300)
+        (2, 10, 4.0, 100),  # same timestamp as (2, 10, 2.0): input order decides, 4.0
+        (3, 11, 5.0, 1),
+    ]
+    f = write_csv(tmp_path / "d.csv", rows)
+    store = run_store(tmp_path, "s", str(f), split={"method": "none"}, data={"duplicates": policy})
+    got = dict(((u, i), r) for u, i, r in store_triples(store)["by_user"])
+    if policy == "last":
+        assert got == {(1, 10): 1.0, (2, 10): 4.0, (3, 11): 5.0}
+    else:
+        assert got == {(1, 10): 2.0, (2, 10): 3.0, (3, 11): 5.0}
+    assert store.manifest["dropped"]["duplicates_merged"] == 2
+
+
+def test_invalid_and_out_of_range_policies_are_counted(tmp_path, capsys):
+    rows = [(1, 1, 4.0, 1), (1, 2, "nan", 2), (2, 1, 9.0, 3), (2, 2, -1.0, 4), (3, 3, "", 5)]
+    f = write_csv(tmp_path / "p.csv", rows)
+    store = run_store(
+        tmp_path,
+        "s",
+        str(f),
+        split={"method": "none"},
+        data={"invalid_ratings": "drop", "rating_range": [0.5, 5], "out_of_range": "clip"},
+    )
+    got = dict(((u, i), r) for u, i, r in store_triples(store)["by_user"])
+    assert got == {(1, 1): 4.0, (2, 1): 5.0, (2, 2): 0.5}
+    assert store.manifest["dropped"]["invalid_ratings"] == 2
+    assert store.manifest["clipped"] == 2
+
+
+# -- inputs: presets, compression, Parquet, globs and lists -------------------------------------
+
+
+def _ml_rows():
+    return [
+        (1, 31, 2.5, 1260759144),
+        (1, 1029, 3.0, 1260759179),
+        (2, 10, 4.0, 835355493),
+        (3, 1, 5.0, 1298862418),
+        (10, 31, 0.5, 1298862419),
+    ]
+
+
+@pytest.mark.parametrize(
+    "preset,subdir,filename,sep,header",
+    [
+        ("movielens-100k", "ml-100k", "u.data", "\t", None),
+        ("movielens-1m", "ml-1m", "ratings.dat", "::", None),
+        ("movielens-10m", "ml-10M100K", "ratings.dat", "::", None),
+        (
+            "movielens-20m",
+            "ml-20m",
+            "ratings.csv",
+            ",",
+            ("userId", "movieId", "rating", "timestamp"),
+        ),
+        (
+            "movielens-25m",
+            "ml-25m",
+            "ratings.csv",
+            ",",
+            ("userId", "movieId", "rating", "timestamp"),
+        ),
+        (
+            "movielens-32m",
+            "ml-32m",
+            "ratings.csv",
+            ",",
+            ("userId", "movieId", "rating", "timestamp"),
+        ),
+    ],
+)
+def test_movielens_presets(tmp_path, preset, subdir, filename, sep, header):
+    d = tmp_path / "data" / subdir
+    d.mkdir(parents=True)
+    rows = _ml_rows()
+    write_csv(d / filename, rows, header=header, sep=sep)
+    expect = sorted((u, i, r) for u, i, r, _ in rows)
+    for source in (d, d / filename):
+        cfg = load_config(
+            raw={
+                "data": {"source": str(source), "preset": preset},
+                "split": {"method": "none"},
+                "store": {"path": str(tmp_path / "store"), "overwrite": True},
+            }
+        )
+        store = ingest(cfg, progress=False)
+        assert store_triples(store)["by_user"] == expect
+    # Source may also be the parent of the unpacked directory.
+    cfg.data.source = str(tmp_path / "data")
+    assert ingest(cfg, progress=False).n_train == len(rows)
+
+
+def test_compression_parquet_globs_and_lists_give_the_same_store(tmp_path, rows):
+    half = len(rows) // 2
+    a = write_csv(tmp_path / "a.csv", rows[:half])
+    b = write_csv(tmp_path / "b.csv", rows[half:])
+    gz = tmp_path / "in" / "a.csv.gz"
+    gz.parent.mkdir()
+    gz.write_bytes(gzip.compress(a.read_bytes()))
+    import zstandard  # a test-only helper here: writes the zstd file pyarrow then reads
+
+    zs = tmp_path / "in" / "b.csv.zst"
+    zs.write_bytes(zstandard.ZstdCompressor().compress(b.read_bytes()))
+    pdir = tmp_path / "pq"
+    pdir.mkdir()
+    for k, part in enumerate((rows[:half], rows[half:])):
+        u, i, r, t = (list(x) for x in zip(*part, strict=True))
+        pq.write_table(
+            pa.table({"user": u, "item": i, "rating": r, "timestamp": t}), pdir / f"p{k}.parquet"
+        )
+    sources = [
+        [str(a), str(b)],
+        str(tmp_path / "[ab].csv"),
+        str(tmp_path / "in"),
+        [str(gz), str(zs)],
+        str(pdir),
+        [str(pdir / "p0.parquet"), str(b)],
+    ]
+    expect = None
+    for k, src in enumerate(sources):
+        s = run_store(tmp_path, f"s{k}", src, split={"method": "random", "test": 0.2})
+        got = store_triples(s)
+        if expect is None:
+            expect = got
+            assert len(got["by_user"]) + len(got["test"]) == len(rows)
+        assert got == expect, src
+    assert sorted(s.manifest["input"]["compression"]) == ["none"]
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def test_cli_ingest_and_info(tmp_path, csv_file, capsys):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        f"data:\n  source: {csv_file.name}\n  columns: {{timestamp: timestamp}}\n"
+        "store:\n  path: out/store\nsplit:\n  method: random\n  test: 0.1\n"
+    )
+    assert main(["ingest", str(cfg), "--no-cluster", "-q", "--set", "blocks.n_blocks=2"]) == 0
+    out = capsys.readouterr().out
+    assert "user blocks  2" in out
+    store_dir = tmp_path / "out" / "store"
+    assert main(["info", str(store_dir)]) == 0
+    out = capsys.readouterr().out
+    m = Store.open(store_dir).manifest
+    assert f"train        {m['n_train']:,} ratings" in out
+    assert m["fingerprint"] in out and "dropped" in out and "disk" in out
+    assert main(["info", str(store_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_test"] == m["n_test"]
+    # A second ingest into the same directory is refused without overwrite.
+    assert main(["ingest", str(cfg), "--no-cluster", "-q"]) == 2
+    assert "store.overwrite" in capsys.readouterr().err
+    assert main(["ingest", str(cfg), "--no-cluster", "-q", "--set", "store.overwrite=true"]) == 0
+
+
+def test_cli_ingest_on_a_running_cluster(tmp_path, csv_file, client, capsys):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"data:\n  source: {csv_file}\nstore:\n  path: {tmp_path / 'st'}\n")
+    addr = client.scheduler.address
+    assert main(["ingest", str(cfg), "-q", "--address", addr]) == 0
+    assert Store.open(tmp_path / "st").n_train > 0
+
+
+# -- the store on disk: verification and atomicity ----------------------------------------------
+
+
+def test_truncated_or_deleted_file_is_an_error_naming_it(tmp_path, csv_file):
+    store = run_store(tmp_path, "s", str(csv_file), blocks={"n_blocks": 2})
+    f = store.block_path("item", 1)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreError, match=r"by_item/block=00001/part-0.parquet.*truncated"):
+        Store.open(store.path)
+    f.write_bytes(data)
+    Store.open(store.path)
+    (store.path / "users.parquet").unlink()
+    with pytest.raises(StoreError, match=r"users.parquet is missing"):
+        Store.open(store.path)
+
+
+def test_killed_ingest_leaves_no_store_and_keeps_the_old_one(tmp_path):
+    rows = make_rows(n_users=2000, n_items=500, nnz=200_000, seed=9)
+    f = write_csv(tmp_path / "big.csv", rows)
+    small = write_csv(tmp_path / "small.csv", rows[:100])
+    cfg = tmp_path / "job.yaml"
+    for name, src in (("new", f), ("old", small)):
+        store_dir = tmp_path / name
+        if name == "old":
+            run_store(tmp_path, "old", str(small))
+        cfg.write_text(
+            f"data:\n  source: {src if name == 'new' else f}\n  batch_rows: 500\n"
+            f"store:\n  path: {store_dir}\n  overwrite: true\n"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dmf", "ingest", str(cfg), "--no-cluster", "-q"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        # Kill it as soon as its temporary directory appears (it is still reading).
+        deadline = time.time() + 60
+        while not list(tmp_path.glob(f".{name}.tmp-*")) and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        if name == "new":
+            assert not (store_dir / "manifest.json").exists()
+            with pytest.raises(StoreError):
+                Store.open(store_dir)
+        else:
+            assert Store.open(store_dir).n_train + Store.open(store_dir).n_split("test") == 100
