@@ -605,7 +605,7 @@ def _check_ids(b: Batch, fld: str, arr: pa.Array) -> pa.Array:
         if bad.any():
             k = int(np.flatnonzero(bad)[0])
             raise InputError(
-                f"{b.where(k, fld)}: id {v[k]!r} is fractional or not finite; ids must be "
+                f"{b.where(k, fld)}: id {float(v[k])!r} is fractional or not finite; ids must be "
                 "integers or strings"
             )
         return pa.array(v.astype(np.int64))

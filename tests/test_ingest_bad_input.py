@@ -1,0 +1,199 @@
+"""Bad input: one test per class. Each error must name the file, the line or row, and the column
+(or the config key of the policy), and say what to do; policies drop and count instead."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dmf.config import load_config
+from dmf.errors import InputError, StoreError
+from dmf.ingest import ingest
+
+GOOD = ["user,item,rating", "1,10,4.0", "2,10,3.5", "2,11,1.0", "3,12,5.0"]
+
+
+def write(tmp_path: Path, lines, name="r.csv") -> Path:
+    p = tmp_path / name
+    data = lines if isinstance(lines, bytes) else ("\n".join(lines) + "\n").encode()
+    p.write_bytes(data)
+    return p
+
+
+def run(tmp_path, source, **data):
+    cfg = load_config(
+        raw={
+            "data": {"source": str(source), **data},
+            "split": {"method": "none"},
+            "store": {"path": str(tmp_path / "store")},
+        }
+    )
+    return ingest(cfg, progress=False)
+
+
+def no_store_left(tmp_path):
+    assert not (tmp_path / "store").exists()
+    assert not list(tmp_path.glob(".store.tmp-*"))
+
+
+@pytest.mark.parametrize("bad", ["nan", "NaN", "inf", "-inf", ""])
+def test_non_finite_or_null_rating(tmp_path, bad):
+    f = write(tmp_path, GOOD[:3] + [f"5,13,{bad}"] + GOOD[3:])
+    with pytest.raises(InputError) as e:
+        run(tmp_path, f)
+    msg = str(e.value)
+    assert f"{f}, line 4, column 'rating' (data.columns.rating)" in msg
+    assert "data.invalid_ratings: drop" in msg
+    no_store_left(tmp_path)
+    store = run(tmp_path, f, invalid_ratings="drop")
+    assert store.n_train == 4 and store.manifest["dropped"]["invalid_ratings"] == 1
+
+
+def test_rating_out_of_range(tmp_path):
+    f = write(tmp_path, GOOD + ["4,10,7.5"])
+    with pytest.raises(InputError, match=r"line 6, column 'rating'.*outside data.rating_range"):
+        run(tmp_path, f, rating_range=[0.5, 5])
+    store = run(tmp_path, f, rating_range=[0.5, 5], out_of_range="drop")
+    assert store.n_train == 4 and store.manifest["dropped"]["out_of_range"] == 1
+
+
+def test_rating_that_is_not_a_number(tmp_path):
+    f = write(tmp_path, GOOD + ["4,10,five"])
+    with pytest.raises(InputError, match=r"line 6, column 'rating' .*'five' is not a number"):
+        run(tmp_path, f)
+
+
+def test_duplicate_pairs(tmp_path):
+    f = write(tmp_path, GOOD + ["2,11,2.0"])
+    with pytest.raises(InputError) as e:
+        run(tmp_path, f)
+    msg = str(e.value)
+    assert "user 2" in msg and "item 11" in msg and "data.duplicates" in msg
+    no_store_left(tmp_path)
+
+
+def test_missing_or_misnamed_column(tmp_path):
+    f = write(tmp_path, ["userId,movieId,rating"] + GOOD[1:])
+    with pytest.raises(InputError) as e:
+        run(tmp_path, f)
+    msg = str(e.value)
+    assert "column 'user' (data.columns.user) not found" in msg
+    assert "'userId', 'movieId', 'rating'" in msg
+
+
+def test_column_position_beyond_the_row(tmp_path):
+    f = write(tmp_path, GOOD[1:])
+    with pytest.raises(InputError, match=r"data.columns.rating is position 5.*3 column"):
+        run(tmp_path, f, columns={"user": 0, "item": 1, "rating": 5})
+
+
+def test_names_without_a_header(tmp_path):
+    f = write(tmp_path, GOOD[1:])
+    with pytest.raises(InputError, match=r"data.header is false.*positions"):
+        run(tmp_path, f, header=False)
+
+
+def test_wrong_delimiter(tmp_path):
+    f = write(tmp_path, [x.replace(",", ";") for x in GOOD])
+    with pytest.raises(InputError, match=r"Only one column was found.*data.delimiter"):
+        run(tmp_path, f, delimiter=",")
+
+
+def test_ragged_row(tmp_path):
+    f = write(tmp_path, GOOD[:3] + ["7,10"] + GOOD[3:])
+    with pytest.raises(InputError, match=rf"{f}, line 4: 2 field\(s\), expected 3"):
+        run(tmp_path, f)
+    f = write(tmp_path, GOOD[:2] + ["7,10,3.0,extra"] + GOOD[2:], name="more.csv")
+    with pytest.raises(InputError, match=r"more.csv, line 3: 4 field\(s\), expected 3"):
+        run(tmp_path, f)
+
+
+def test_ragged_row_in_a_later_batch_of_a_compressed_file(tmp_path):
+    lines = ["user,item,rating"] + [f"{k},{k % 13},3.0" for k in range(3000)]
+    lines[2500] = "9,9"
+    f = tmp_path / "r.csv.gz"
+    f.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    with pytest.raises(InputError, match=r"r.csv.gz, line 2501: 2 field"):
+        run(tmp_path, f, batch_rows=100)
+
+
+@pytest.mark.parametrize("bad", ["2.5", "-0.5"])
+def test_fractional_id(tmp_path, bad):
+    f = write(tmp_path, GOOD + [f"{bad},10,3.0"])
+    with pytest.raises(
+        InputError, match=r"line 6, column 'user' \(data.columns.user\).*fractional"
+    ):
+        run(tmp_path, f)
+
+
+def test_fractional_id_in_sniffed_sample(tmp_path):
+    f = write(tmp_path, ["user,item,rating", "1,10,4.0", "2.5,10,3.0"])
+    with pytest.raises(InputError, match=r"line 3, column 'user'.*2.5 is fractional"):
+        run(tmp_path, f)
+
+
+def test_null_id(tmp_path):
+    f = write(tmp_path, GOOD + [",10,3.0"])
+    with pytest.raises(InputError, match=r"line 6, column 'user' \(data.columns.user\).*missing"):
+        run(tmp_path, f)
+
+
+def test_null_id_parquet(tmp_path):
+    f = tmp_path / "r.parquet"
+    pq.write_table(pa.table({"user": [1, None, 3], "item": [1, 2, 3], "rating": [1.0, 2, 3]}), f)
+    with pytest.raises(InputError, match=rf"{f}, row 2, column 'user'.*missing"):
+        run(tmp_path, f)
+
+
+def test_non_utf8_bytes_in_string_ids(tmp_path):
+    data = ("\n".join(["user,item,rating", "alice,10,4.0", "bob,10,3.0"]) + "\n").encode()
+    data += b"caf\xe9,11,2.0\n"
+    f = write(tmp_path, data)
+    with pytest.raises(InputError) as e:
+        run(tmp_path, f)
+    msg = str(e.value)
+    assert f"{f}, line 4, column 'user'" in msg and "UTF-8" in msg
+
+
+def test_empty_file(tmp_path):
+    f = write(tmp_path, b"")
+    with pytest.raises(InputError, match=rf"{f}: the file is empty"):
+        run(tmp_path, f)
+
+
+def test_header_only(tmp_path):
+    f = write(tmp_path, GOOD[:1])
+    with pytest.raises(
+        InputError, match=r"no ratings in .*r.csv: the input is empty or has only a header"
+    ):
+        run(tmp_path, f)
+    no_store_left(tmp_path)
+
+
+def test_everything_filtered_away(tmp_path):
+    f = write(tmp_path, ["user,item,rating", "1,1,nan", "2,2,9", "3,3,-4"])
+    with pytest.raises(InputError) as e:
+        run(tmp_path, f, invalid_ratings="drop", rating_range=[1, 5], out_of_range="drop")
+    msg = str(e.value)
+    assert "all 3 input rows were dropped" in msg
+    assert "1 by data.invalid_ratings" in msg and "2 by data.out_of_range" in msg
+
+
+def test_missing_source_and_empty_glob(tmp_path):
+    with pytest.raises(InputError, match=r"does not exist"):
+        run(tmp_path, tmp_path / "nope.csv")
+    with pytest.raises(InputError, match=r"matches no files"):
+        run(tmp_path, tmp_path / "*.csv")
+
+
+def test_non_empty_store_directory_is_refused(tmp_path):
+    f = write(tmp_path, GOOD)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "keep.txt").write_text("mine")
+    with pytest.raises(StoreError, match=r"not empty.*store.overwrite"):
+        run(tmp_path, f)
+    assert (tmp_path / "store" / "keep.txt").read_text() == "mine"
