@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from dmf.errors import InputError, StoreError
 from dmf.model import Model, check_cold_start
-from dmf.recommend import SeenItems, csr_rows, default_tile_users, score_tile, top_n
+from dmf.recommend import ItemScorer, SeenItems, csr_rows, default_tile_users, top_n
 from dmf.store import Store
 
 METRICS = ("precision", "recall", "ndcg", "map")
@@ -178,13 +178,12 @@ def evaluate_block_task(heldout_file: str, users: EvalUsers, items: EvalItems, p
 
     tile = p.tile_users or default_tile_users(n_items)
     sums = dict.fromkeys(METRICS, 0.0)
+    scorer = ItemScorer(items.factors, items.bias, items.mu)
     with blas_single_thread():
         for a in range(0, len(rel_users), tile):
             b = min(len(rel_users), a + tile)
             rows = rel_users[a:b]
-            s = score_tile(
-                users.factors[rows], users.bias[rows], items.factors, items.bias, items.mu
-            )
+            s = scorer(users.factors[rows], users.bias[rows])
             srep, scol, _ = csr_rows(seen.indptr, seen.cols, np.arange(a, b))
             s[srep, scol] = -np.inf
             top, vals = top_n(s, p.k)
@@ -333,8 +332,8 @@ def evaluate(
         files = _partition_split(store, split, tmp, batch_rows)
         blocks = sorted(files)
         if client is not None and blocks:
-            [items_f] = client.scatter([items], broadcast=True)
-            user_fs = client.scatter([users_of(b) for b in blocks])
+            [items_f] = client.scatter([items], broadcast=True, hash=False)
+            user_fs = client.scatter([users_of(b) for b in blocks], hash=False)
             futures = [
                 client.submit(
                     evaluate_block_task,

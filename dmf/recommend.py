@@ -2,7 +2,7 @@
 
 Three layers, as in training:
 
-- the maths on arrays (:func:`score_tile`, :func:`top_n`, :func:`recommend_rows`): score a tile
+- the maths on arrays (:class:`ItemScorer`, :func:`top_n`, :func:`recommend_rows`): score a tile
   of users against every item, mask the items each user rated in train, keep the best N with a
   partial selection (``np.argpartition``), never a full sort and never more than one tile of
   users x items in memory;
@@ -47,6 +47,44 @@ RECS_SCHEMA_FIELDS = ("user", "rank", "item", "score")
 # ---------------------------------------------------------------------------------------------
 # The maths
 # ---------------------------------------------------------------------------------------------
+class ItemScorer:
+    """Scores of users against every item in one GEMM, biases included.
+
+    With u' = [u_i, b_i + mu, 1] and v' = [v_j, 1, c_j], u' . v' = mu + b_i + c_j + u_i . v_j,
+    so a tile of scores is a single float32 matrix product (rank + 2 inner dimension) with no
+    further passes over the tile. The item side (rank + 2, n_items) is laid out once per task.
+
+    Parameters
+    ----------
+    item_factors : ndarray, shape (n_items, rank)
+    item_bias : ndarray, shape (n_items,)
+    mu : float
+    """
+
+    def __init__(self, item_factors: np.ndarray, item_bias: np.ndarray, mu: float):
+        rank = item_factors.shape[1]
+        self.rank = rank
+        self.n_items = len(item_bias)
+        self.mu = float(mu)
+        vt = np.empty((rank + 2, self.n_items), dtype=np.float32)
+        vt[:rank] = item_factors.T
+        vt[rank] = 1.0
+        vt[rank + 1] = item_bias
+        self.vt = vt
+
+    def __call__(
+        self, user_factors: np.ndarray, user_bias: np.ndarray, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Scores of shape (m, n_items), float32, for user factors (m, rank) and biases (m,);
+        ``out`` (m, n_items) float32 C-contiguous is reused if given."""
+        m = len(user_bias)
+        ua = np.empty((m, self.rank + 2), dtype=np.float32)
+        ua[:, : self.rank] = user_factors
+        ua[:, self.rank] = user_bias.astype(np.float64) + self.mu
+        ua[:, self.rank + 1] = 1.0
+        return np.matmul(ua, self.vt, out=out)
+
+
 def score_tile(
     user_factors: np.ndarray,
     user_bias: np.ndarray,
@@ -54,7 +92,7 @@ def score_tile(
     item_bias: np.ndarray,
     mu: float,
 ) -> np.ndarray:
-    """Predicted ratings of a tile of users for every item.
+    """Predicted ratings of a tile of users for every item (see :class:`ItemScorer`).
 
     Parameters
     ----------
@@ -67,10 +105,7 @@ def score_tile(
     -------
     ndarray, shape (m, n_items), float32: mu + b_i + c_j + u_i . v_j.
     """
-    s = np.matmul(user_factors.astype(np.float32, copy=False), item_factors.T.astype(np.float32))
-    s += item_bias.astype(np.float32)[None, :]
-    s += (user_bias.astype(np.float64) + mu).astype(np.float32)[:, None]
-    return s
+    return ItemScorer(item_factors, item_bias, mu)(user_factors, user_bias)
 
 
 def top_n(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +164,21 @@ def _threshold(scores: np.ndarray, k: int) -> np.ndarray:
             t[bad] = np.partition(scores[bad], n_cols - k, axis=1)[:, n_cols - k]
         return t
     return np.partition(scores, n_cols - k, axis=1)[:, n_cols - k]
+
+
+def top_n_reference(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The plain way, kept beside :func:`top_n` for tests and benchmarks: ``np.argpartition`` of
+    every row, then a sort of the survivors. Same result as :func:`top_n` except that ties at
+    the cut are broken arbitrarily."""
+    m, n_cols = scores.shape
+    k = min(n, n_cols)
+    if k < n_cols:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(n_cols), (m, n_cols))
+    vals = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
 
 
 def csr_rows(indptr: np.ndarray, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -197,10 +247,12 @@ def recommend_rows(
         tile_users = default_tile_users(n_items)
     tile_users = max(1, int(tile_users))
     seen = seen if seen is not None else SeenItems.none(m)
+    scorer = ItemScorer(item_factors, item_bias, mu)
+    buf = np.empty((min(tile_users, m), n_items), dtype=np.float32)  # one tile, reused
     out_row, out_rank, out_item, out_score = [], [], [], []
     for a in range(0, m, tile_users):
         b = min(m, a + tile_users)
-        s = score_tile(user_factors[a:b], user_bias[a:b], item_factors, item_bias, mu)
+        s = scorer(user_factors[a:b], user_bias[a:b], out=buf[: b - a])
         if allowed_items is not None:
             s[:, ~allowed_items] = -np.inf
         rep, cols, _ = csr_rows(seen.indptr, seen.cols, np.arange(a, b))
@@ -388,6 +440,22 @@ def _parts(
     return parts
 
 
+def _split_part(part: UserPart, size: int) -> list[UserPart]:
+    m = len(part.bias)
+    if m <= size:
+        return [part]
+    return [
+        UserPart(
+            part.factors[a : a + size],
+            part.bias[a : a + size],
+            part.ids.slice(a, size),
+            part.block,
+            None if part.rows_in_block is None else part.rows_in_block[a : a + size],
+        )
+        for a in range(0, m, size)
+    ]
+
+
 def recommend_all(
     model: Model,
     store: Store | str | Path | None,
@@ -451,6 +519,13 @@ def recommend_all(
     _, item_map = _store_index_maps(model, store) if store is not None else (None, None)
     items = ItemSide(model.item_factors, model.item_bias, model.item_ids, model.mu)
     parts = _parts(model, user_idx, store)
+    if client is not None:
+        # Fewer blocks than threads would leave workers idle: split blocks into more tasks
+        # (each reads its block's file; reading is cheap next to scoring).
+        n_threads = sum(client.nthreads().values()) or 1
+        if len(parts) < 2 * n_threads:
+            size = max(1, -(-len(user_idx) // (2 * n_threads)))
+            parts = [q for p in parts for q in _split_part(p, size)]
 
     out_path = Path(out) if out is not None else None
     tmp_dir = None
@@ -464,11 +539,11 @@ def recommend_all(
             for k in range(len(parts))
         ]
         if client is not None and parts:
-            [items_f] = client.scatter([items], broadcast=True)
+            [items_f] = client.scatter([items], broadcast=True, hash=False)
             map_f = None
             if item_map is not None:
-                [map_f] = client.scatter([item_map], broadcast=True)
-            part_fs = client.scatter(parts)
+                [map_f] = client.scatter([item_map], broadcast=True, hash=False)
+            part_fs = client.scatter(parts, hash=False)
             futures = [
                 client.submit(
                     recommend_block_task,
