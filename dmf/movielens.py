@@ -226,7 +226,7 @@ def download(
     finally:
         part.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("MovieLens %s unpacked into %s (MD5 %s verified)", rel.variant, target, want)
+    log.debug("MovieLens %s unpacked into %s (MD5 %s verified)", rel.variant, target, want)
     return target
 
 

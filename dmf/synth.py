@@ -79,7 +79,7 @@ MAX_USERS = 2**32
 # successive sampling would spend most draws on items they already have.
 DENSE_SHARE = 0.25
 MAX_ROUNDS = 6
-GUMBEL_ELEMENTS = 1 << 22  # users x items per Gumbel sub-batch (32 MiB of float64 keys)
+GUMBEL_ELEMENTS = 1 << 20  # users x items per Gumbel sub-batch (8 MiB of float64 keys)
 DOT_ROWS = 1 << 18  # rows per sub-batch of the factor dot products
 
 _STREAM_ITEMS, _STREAM_GUMBEL, _STREAM_NOISE, _STREAM_TIME = 1, 2, 3, 4
@@ -673,7 +673,7 @@ def synth(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info(
+    log.debug(
         "synth: %d ratings (%d users x %d items) written to %s in %.1f s (%.2fM ratings/s)",
         n,
         cfg.n_users,
