@@ -91,7 +91,9 @@ class SynthConfig(Section):
     """Zipf-like exponent of item popularity (0 = uniform)."""
     mu: float = 3.5
     bias_scale: float = Field(default=0.3, ge=0)
+    """Standard deviation of the true user and item biases."""
     factor_scale: float = Field(default=0.5, ge=0)
+    """Standard deviation of the true interaction u_i . v_j (whatever the rank)."""
     round_to: float | None = None
     """Round ratings to a multiple of this (e.g. 0.5 or 1) after clipping."""
     clip: tuple[float, float] | None = None

@@ -4,9 +4,10 @@ The ratings follow the model dmf fits, so tests and benchmarks can check recover
 
     r_ij = mu + b_i + c_j + u_i . v_j + N(0, noise^2)      then clip, then round
 
-- ``U`` (n_users x rank) and ``V`` (n_items x rank) have entries N(0, factor_scale / sqrt(rank)),
-  so the interaction ``u_i . v_j`` has standard deviation ``factor_scale`` whatever the rank;
-  biases ``b`` and ``c`` are N(0, bias_scale^2).
+- ``U`` (n_users x rank) and ``V`` (n_items x rank) have entries of variance
+  ``factor_scale / sqrt(rank)``, so the interaction ``u_i . v_j`` has standard deviation
+  ``factor_scale`` whatever the rank; biases ``b`` and ``c`` are N(0, bias_scale^2). All float32,
+  as dmf's own factors.
 - User activity and item popularity are Zipf-like: the user (item) of popularity rank k (1-based,
   ranks assigned by a seeded permutation) has weight ``w_k = integral_k^{k+1} x^-s dx``, about
   ``k^-s``, with ``s`` = ``user_skew`` (``item_skew``); ``s = 0`` is uniform.
@@ -205,7 +206,8 @@ class _Plan:
         rng_truth, rng_users, rng_items, rng_counts = (
             np.random.default_rng(s) for s in ss.spawn(4)
         )
-        sd = cfg.factor_scale / math.sqrt(math.sqrt(k)) if k > 0 else 0.0
+        # Entry variance factor_scale / sqrt(rank): u.v then has variance factor_scale^2.
+        sd = math.sqrt(cfg.factor_scale) / math.sqrt(math.sqrt(k)) if k > 0 else 0.0
         # float32, like dmf's own factors: half the memory traffic when gathering rows.
         self.U = rng_truth.normal(0.0, sd, (n_u, k)).astype(np.float32)
         self.V = rng_truth.normal(0.0, sd, (n_i, k)).astype(np.float32)

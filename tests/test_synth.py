@@ -250,3 +250,17 @@ def test_successive_and_gumbel_sampling_agree_in_distribution():
     assert fast.sum() == pytest.approx(4) and slow.sum() == pytest.approx(4)
     assert fast.max() > 3 * np.median(fast)  # popularity is skewed ...
     np.testing.assert_allclose(fast, slow, atol=0.02)  # ... the same way (sd of a diff ~0.005)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 16])
+def test_truth_scales_do_not_depend_on_rank(tmp_path, rank):
+    cfg = _cfg(
+        n_users=3000, n_items=3000, n_ratings=10, rank=rank, factor_scale=0.6, bias_scale=0.2
+    )
+    synth(cfg, tmp_path / "s", progress=False)
+    t = np.load(tmp_path / "s" / "truth.npz")
+    assert t["U"].dtype == np.float32
+    interaction = np.einsum("ij,ij->i", t["U"], t["V"])  # independent (u_k, v_k) pairs
+    assert interaction.std() == pytest.approx(0.6, rel=0.1)
+    assert t["b"].std() == pytest.approx(0.2, rel=0.1)
+    assert t["c"].std() == pytest.approx(0.2, rel=0.1)
