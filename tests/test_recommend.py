@@ -159,6 +159,20 @@ def test_top_n_wide_rows_threshold_path_equals_full_sort():
         assert not np.isfinite(vals[r][ok.sum() :]).any()
 
 
+def test_top_n_group_path_without_ties_and_tail_columns():
+    rng = np.random.default_rng(1)
+    s = rng.normal(size=(20, 5000)).astype(np.float32)  # 39 groups of 128, 8 tail columns
+    s[0, 4995] = 10.0  # the best entry of row 0 is in the tail
+    s[1, :] = -np.inf
+    s[1, 10:20] = np.arange(10)  # only 10 allowed columns, all in few groups
+    cols, vals = top_n(s, 7)
+    want = np.argsort(-s, axis=1, kind="stable")[:, :7]
+    assert np.array_equal(cols[2:], want[2:])
+    assert cols[0, 0] == 4995 and np.array_equal(cols[0], want[0])
+    assert cols[1].tolist() == list(range(19, 12, -1))
+    np.testing.assert_array_equal(vals, np.take_along_axis(s, want, axis=1))
+
+
 def test_recommend_rejects_bad_n(rated):
     store, _, _ = rated
     with pytest.raises(InputError, match="n must be"):
