@@ -287,10 +287,12 @@ def _sample_sparse(
         n_act = len(act_u)
         total = int(m.sum())
         starts = np.cumsum(m) - m
+        # Per-user values spread over the user's draws; np.repeat, not a gather, for speed.
         pos = np.repeat(np.arange(n_act, dtype=np.int64), m)
-        j = np.arange(total, dtype=np.int64) - starts[pos]
-        u01 = _uniform(_hash(_pair_counter(act_u[pos], j), key))
-        item = plan.item_of_rank[plan.items.ranks(u01)]
+        starts_rep = np.repeat(starts, m)
+        j = np.arange(total, dtype=np.int64) - starts_rep
+        u01 = _uniform(_hash(_pair_counter(np.repeat(act_u, m), j), key))
+        item = np.take(plan.item_of_rank, plan.items.ranks(u01))
         del u01
         # One sort groups equal (user, item) pairs, earliest draw first.
         db, ub = _bits(int(m.max())), _bits(n_act)
@@ -309,17 +311,19 @@ def _sample_sparse(
         first[1:] = (s_pos[1:] != s_pos[:-1]) | (s_item[1:] != s_item[:-1])
         distinct = np.bincount(s_pos[first], minlength=n_act)
         done = distinct >= act_k
-        # Rank the first occurrences by draw order within each user; keep ranks below k.
-        orig = starts[s_pos] + s_j
+        # Rank the first occurrences by draw order within each user; keep ranks below k. Sorted
+        # by user first, each user still holds its m draws: starts_rep applies unchanged.
+        orig = starts_rep + s_j
         is_first = np.zeros(total, dtype=bool)
         is_first[orig[first]] = True
         before = np.cumsum(is_first) - is_first
-        rank = before - before[starts][pos]
-        keep_orig = is_first & (rank < act_k[pos]) & done[pos]
-        keep = keep_orig[orig]
+        rank = before - np.repeat(before[starts], m)
+        keep_orig = is_first & (rank < np.repeat(act_k, m)) & np.repeat(done, m)
+        keep = np.take(keep_orig, orig)
         out_u.append(act_u[s_pos[keep]])
         out_i.append(s_item[keep])
         del s_pos, s_item, s_j, first, orig, is_first, before, rank, keep_orig, keep, pos
+        del starts_rep
         short = ~done
         # Longer prefix for the users still short: scale by the distinct yield seen so far.
         grow = m[short] * act_k[short] / np.maximum(distinct[short], 1) * 1.25
@@ -409,10 +413,13 @@ def _chunk_table(plan: _Plan, ua: int, ub: int) -> tuple[pa.Table, dict[str, Any
     sq_err = 0.0
     for s in range(0, n, DOT_ROWS):
         us, is_ = u[s : s + DOT_ROWS], i[s : s + DOT_ROWS]
-        clean = plan.b[us] + plan.c[is_]
+        # np.take: several times faster than fancy indexing for gathering rows.
+        clean = np.take(plan.b, us) + np.take(plan.c, is_)
         clean += np.float32(cfg.mu)
         if cfg.rank:
-            clean += np.einsum("ij,ij->i", plan.U[us], plan.V[is_])
+            clean += np.einsum(
+                "ij,ij->i", np.take(plan.U, us, axis=0), np.take(plan.V, is_, axis=0)
+            )
         counter = _pair_counter(us, is_)
         r = _normal(_hash(counter, plan.keys[_STREAM_NOISE]))
         r *= np.float32(cfg.noise)
