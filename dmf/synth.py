@@ -67,6 +67,8 @@ RATINGS_SCHEMA = pa.schema(
         ("timestamp", pa.int64()),
     ]
 )
+PARQUET_COMPRESSION = "zstd"
+"""As in the store; files about 25% smaller than snappy's at about the same total CPU."""
 DEFAULT_CHUNK_RATINGS = 1_000_000
 """Ratings generated per chunk; peak memory is about 250 bytes a rating of one chunk (x2 while
 the previous chunk is being written), plus the factors."""
@@ -489,7 +491,10 @@ class _Writer:
     def open(self, path: Path) -> None:
         if self.fmt == "parquet":
             self.w = pq.ParquetWriter(
-                path, RATINGS_SCHEMA, compression="zstd", use_dictionary=self.dictionary
+                path,
+                RATINGS_SCHEMA,
+                compression=PARQUET_COMPRESSION,
+                use_dictionary=self.dictionary,
             )
         else:
             self.w = pacsv.CSVWriter(path, RATINGS_SCHEMA)
