@@ -477,9 +477,15 @@ def _sniff_csv(f: InputFile, spec: InputSpec) -> tuple[_CsvLayout, dict[str, str
             disp[fld] = display[col]
         else:
             if col not in names:
+                no_header = (
+                    " The first line looks like data, not a header: give data.columns as 0-based "
+                    "positions (and data.header: false)."
+                    if len(first) > 1 and all(_is_float(x) for x in first if x)
+                    else ""
+                )
                 raise InputError(
                     f"{f.path}: column {col!r} (data.columns.{fld}) not found in the header; "
-                    f"columns found: {', '.join(repr(n) for n in names)}.{delim_hint}"
+                    f"columns found: {', '.join(repr(n) for n in names)}.{delim_hint}{no_header}"
                 )
             select[fld] = col
             disp[fld] = col

@@ -85,6 +85,12 @@ def test_missing_or_misnamed_column(tmp_path):
     assert "'userId', 'movieId', 'rating'" in msg
 
 
+def test_named_columns_on_a_file_without_header(tmp_path):
+    f = write(tmp_path, GOOD[1:])
+    with pytest.raises(InputError, match=r"column 'user' .*not found.*looks like data.*positions"):
+        run(tmp_path, f)
+
+
 def test_column_position_beyond_the_row(tmp_path):
     f = write(tmp_path, GOOD[1:])
     with pytest.raises(InputError, match=r"data.columns.rating is position 5.*3 column"):
