@@ -238,15 +238,19 @@ def _user_counts(p: np.ndarray, n: int, cap: int, rng: np.random.Generator) -> n
     proportion to their weights (a handful of rounds, each vectorised over users).
     """
     counts = rng.multinomial(n, p).astype(np.int64)
+    excess = 0
     for _ in range(64):
-        excess = int(np.maximum(counts - cap, 0).sum())
+        excess += int(np.maximum(counts - cap, 0).sum())
+        np.minimum(counts, cap, out=counts)
         if excess == 0:
             return counts
-        np.minimum(counts, cap, out=counts)
         q = np.where(counts < cap, p, 0.0)
+        if not q.sum() > 0:  # the users with room have weights that underflowed to 0
+            break
         counts += rng.multinomial(excess, q / q.sum())
-    # Pathological corner (nearly every user full): hand the rest out in user order.
-    excess = int(np.maximum(counts - cap, 0).sum())
+        excess = 0
+    # Pathological corners (extreme skew, nearly every user full): the rest in user order.
+    excess += int(np.maximum(counts - cap, 0).sum())
     np.minimum(counts, cap, out=counts)
     room = cap - counts
     take = np.minimum(room, np.maximum(excess - (np.cumsum(room) - room), 0))

@@ -264,3 +264,14 @@ def test_truth_scales_do_not_depend_on_rank(tmp_path, rank):
     assert interaction.std() == pytest.approx(0.6, rel=0.1)
     assert t["b"].std() == pytest.approx(0.2, rel=0.1)
     assert t["c"].std() == pytest.approx(0.2, rel=0.1)
+
+
+def test_extreme_skew_still_gives_exact_counts(tmp_path):
+    # Skew 100: almost every user's weight underflows to 0, and the few heavy users are capped
+    # at n_items, so most ratings must be handed to users of weight 0.
+    cfg = _cfg(n_users=3000, n_items=3, n_ratings=5000, user_skew=100.0, item_skew=3.0)
+    summary = synth(cfg, tmp_path / "s", progress=False)
+    r, _ = _read(tmp_path / "s")
+    assert len(r["user"]) == 5000 == summary["n_ratings"]
+    assert len(np.unique(r["user"] * 3 + r["item"])) == 5000
+    assert np.bincount(r["user"]).max() == 3
