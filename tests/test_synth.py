@@ -269,9 +269,9 @@ def test_truth_scales_do_not_depend_on_rank(tmp_path, rank):
 def test_extreme_skew_still_gives_exact_counts(tmp_path):
     # Skew 100: almost every user's weight underflows to 0, and the few heavy users are capped
     # at n_items, so most ratings must be handed to users of weight 0.
-    cfg = _cfg(n_users=3000, n_items=3, n_ratings=5000, user_skew=100.0, item_skew=3.0)
+    cfg = _cfg(n_users=3000, n_items=3, n_ratings=6000, user_skew=100.0, item_skew=3.0)
     summary = synth(cfg, tmp_path / "s", progress=False)
     r, _ = _read(tmp_path / "s")
-    assert len(r["user"]) == 5000 == summary["n_ratings"]
-    assert len(np.unique(r["user"] * 3 + r["item"])) == 5000
+    assert len(r["user"]) == 6000 == summary["n_ratings"]
+    assert len(np.unique(r["user"] * 3 + r["item"])) == 6000
     assert np.bincount(r["user"]).max() == 3
