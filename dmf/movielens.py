@@ -159,6 +159,11 @@ def download(
     if not force and (target / rel.ratings).is_file():
         log.info("MovieLens %s is already in %s (use force to download again)", rel.variant, target)
         return target
+    if not force and target.exists():
+        raise DownloadError(
+            f"{target} exists but has no {rel.ratings}: remove it, or pass force=True (--force) "
+            "to replace it with a fresh download"
+        )
     base = base_url.rstrip("/")
     url = f"{base}/{rel.archive}"
     md5_url = url + ".md5"

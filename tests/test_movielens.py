@@ -176,3 +176,17 @@ def test_cli(server, tmp_path, capsys):
                "--md5", "a" * 32])  # fmt: skip
     assert rc == 2
     assert "disagree" in capsys.readouterr().err
+
+
+def test_foreign_directory_in_the_way_is_not_replaced_silently(server, tmp_path):
+    base, www = server
+    _ml1m(www)
+    dest = tmp_path / "data"
+    (dest / "ml-1m").mkdir(parents=True)
+    (dest / "ml-1m" / "notes.txt").write_text("mine")
+    with pytest.raises(DownloadError, match="exists but has no ratings.dat"):
+        download("1m", dest, base_url=base, progress=False)
+    assert (dest / "ml-1m" / "notes.txt").read_text() == "mine"
+    path = download("1m", dest, base_url=base, progress=False, force=True)
+    assert (path / "ratings.dat").is_file() and not (path / "notes.txt").exists()
+    assert _leftovers(dest) == ["ml-1m"]
