@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -240,7 +241,7 @@ class Config(Section):
     def resolve(self, path: str | Path) -> Path:
         """Resolve a path from the config against the config file's directory."""
         p = Path(path).expanduser()
-        return p if p.is_absolute() else Path(self.base_dir) / p
+        return p if p.is_absolute() else Path(os.path.normpath(Path(self.base_dir) / p))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"base_dir"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from dmf.errors import DmfError
@@ -41,11 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        # Before distributed is imported, so that it and the worker processes it starts (which
+        # inherit the environment) log warnings only; the dashboard link is printed by dmf.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    # dmf's own messages at INFO; Dask's chatter (worker start/stop) only with --verbose.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.INFO if args.verbose else logging.WARNING,
         format="%(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("dmf").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        for name in ("distributed", "bokeh", "tornado"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         rc = args.func(args)
     except DmfError as exc:

@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 0
-        from dmf.evaluate import evaluate, format_metrics
+        from dmf.evaluate import evaluate, format_table
 
         e = cfg.evaluate
         metrics = evaluate(
@@ -69,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     out = cfg.resolve(cfg.output.model) / "evaluation.json"
     out.write_text(json.dumps(metrics, indent=1))
-    print(format_metrics(metrics))
+    print(format_table(metrics))
     print(f"dmf run: metrics written to {out}", file=sys.stderr)
     return 0
 
@@ -85,8 +85,6 @@ def prepare_store(cfg, client, quiet: bool = False):
     except StoreError:
         store = None
     if store is not None:
-        from dmf.ingest import store_is_current
-
         if store_is_current(store, cfg):
             if not quiet:
                 print(
@@ -108,3 +106,23 @@ def prepare_store(cfg, client, quiet: bool = False):
     from dmf.ingest import ingest
 
     return ingest(cfg, client=client)
+
+
+def store_is_current(store, cfg) -> bool:
+    """Whether ``store`` was ingested from this config's inputs and settings (its fingerprint).
+
+    A store whose raw inputs are no longer there is taken as it is: that is how a store is
+    used after the raw files were cleaned up."""
+    from dmf.errors import DmfError
+    from dmf.ingest import fingerprint, resolve_inputs
+
+    if cfg.data.source is None and not cfg.synth.enabled:
+        return True
+    try:
+        spec = resolve_inputs(cfg)
+    except DmfError:
+        if cfg.synth.enabled:
+            return False  # synth output missing: make it, then ingest
+        print(f"dmf: raw inputs not found; using the existing store at {store.path}", file=sys.stderr)
+        return True
+    return fingerprint(cfg, spec) == store.fingerprint
