@@ -75,6 +75,9 @@ def connect(
     from distributed import Client, LocalCluster
 
     cc = config.cluster if isinstance(config, Config) else config
+    if isinstance(config, Config) and cc.scheduler_file and not scheduler_file:
+        # From the YAML: relative to the config file, like every path there.
+        cc = cc.model_copy(update={"scheduler_file": str(config.resolve(cc.scheduler_file))})
     cc = with_overrides(cc, address, scheduler_file)
     cluster = None
     if cc.kind == "local":
