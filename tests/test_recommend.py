@@ -122,6 +122,26 @@ def test_recommend_some_users_in_order_with_cold_start(rated):
     assert set(dropped.column("user").to_pylist()) == {"u7"}
 
 
+def test_recommend_excluding_another_store_by_raw_ids(rated, tmp_path, client):
+    """Seen items from a store whose dense indices differ from the model's (ids reversed)."""
+    store, u, i = rated
+    model = random_model(store, rank=3, seed=12)
+    rev_u, rev_i = N_USERS - 1 - u, N_ITEMS - 1 - i
+    other = store_from_arrays(
+        tmp_path / "other",
+        rev_u,
+        rev_i,
+        np.ones(len(u), dtype=np.float32),
+        n_users=N_USERS,
+        n_items=N_ITEMS,
+        n_blocks=2,
+        user_ids=pa.array([f"u{k}" for k in range(N_USERS)][::-1]),
+        item_ids=pa.array([f"i{k}" for k in range(N_ITEMS)][::-1]),
+    )
+    t = recommend_all(model, other, n=4, client=client)
+    check_against(t, brute_force(model, u, i, range(N_USERS), 4), [f"u{k}" for k in range(N_USERS)])
+
+
 def test_recommend_without_exclusion(rated):
     store, _, _ = rated
     model = random_model(store, rank=2, seed=6)
