@@ -842,4 +842,4 @@ def _report(m: dict, out: Path) -> None:
         )
 
 
-__all__ = ["ingest", "fingerprint", "pair_hash"]
+__all__ = ["ingest", "fingerprint", "pair_hash", "resolve_inputs"]

@@ -238,9 +238,17 @@ def _preset_file(source: Path, preset: str) -> Path:
 def resolve_inputs(config: Config) -> InputSpec:
     """The files and reading options described by ``config.data`` (paths via ``config.resolve``)."""
     d = config.data
-    if d.source is None:
+    source = d.source
+    columns: dict[str, str | int] = {
+        k: v for k, v in d.columns.model_dump().items() if v is not None
+    }
+    if source is None and config.synth.enabled:
+        # `dmf run` with synth enabled and no data.source: ingest what synth wrote.
+        source = str(config.resolve(config.synth.path) / "ratings")
+        columns.setdefault("timestamp", "timestamp")
+    if source is None:
         raise InputError("data.source is not set: give a file, directory or glob of ratings")
-    sources = [d.source] if isinstance(d.source, str) else list(d.source)
+    sources = [source] if isinstance(source, str) else list(source)
     if not sources:
         raise InputError("data.source is an empty list: give at least one file")
     paths: list[Path] = []
@@ -270,9 +278,6 @@ def resolve_inputs(config: Config) -> InputSpec:
     fmt = d.format
     delimiter = d.delimiter
     header: bool | str = d.header
-    columns: dict[str, str | int] = {
-        k: v for k, v in d.columns.model_dump().items() if v is not None
-    }
     if d.preset is not None:
         ps = PRESETS[d.preset]
         fmt, delimiter, header = "csv", ps["delimiter"], ps["header"]
@@ -396,6 +401,8 @@ def _sniff_lines(f: InputFile) -> tuple[list[bytes], bool]:
     if more and len(lines) > 1:
         lines = lines[:-1]  # the last one may be cut off
     lines = [ln.rstrip(b"\r") for ln in lines]
+    if lines and lines[0].startswith(b"\xef\xbb\xbf"):
+        lines[0] = lines[0][3:]  # a UTF-8 byte order mark (Arrow skips it too)
     while lines and not lines[-1].strip():
         lines.pop()
     return lines[:_SNIFF_LINES], not more

@@ -474,3 +474,29 @@ def test_killed_ingest_leaves_no_store_and_keeps_the_old_one(tmp_path):
                 Store.open(store_dir)
         else:
             assert Store.open(store_dir).n_train + Store.open(store_dir).n_split("test") == 100
+
+
+def test_synth_output_is_the_default_source(tmp_path):
+    from dmf.config import SynthConfig
+    from dmf.synth import synth
+
+    sc = {
+        "enabled": True,
+        "path": str(tmp_path / "syn"),
+        "n_users": 50,
+        "n_items": 30,
+        "n_ratings": 600,
+        "format": "parquet",
+        "files": 2,
+    }
+    synth(SynthConfig(**sc), tmp_path / "syn", progress=False)
+    cfg = load_config(
+        raw={
+            "synth": sc,
+            "split": {"method": "temporal", "test": 0.2},
+            "store": {"path": str(tmp_path / "store")},
+        }
+    )
+    store = ingest(cfg, progress=False)
+    assert store.n_train + store.n_split("test") == 600
+    assert "timestamp" in store.read_split("test").column_names

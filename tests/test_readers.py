@@ -125,3 +125,10 @@ def test_directory_skips_hidden_and_underscore_files(tmp_path):
     (sub / "b.csv").write_text("user,item,rating\n2,2,2\n")
     spec = spec_for(d)
     assert [p.path.name for p in spec.files] == ["a.csv", "b.csv"]
+
+
+def test_byte_order_mark_and_crlf_line_ends(tmp_path):
+    f = tmp_path / "bom.csv"
+    f.write_bytes(b"\xef\xbb\xbfuser,item,rating\r\nu1,i1,3\r\nu2,i1,4.5\r\n")
+    _, users, items, ratings = collect(spec_for(f))
+    assert users == ["u1", "u2"] and items == ["i1", "i1"] and ratings.tolist() == [3, 4.5]
