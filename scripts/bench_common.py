@@ -252,6 +252,20 @@ def worker_pids(client) -> dict[str, int]:
     return client.run(os.getpid)
 
 
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU seconds consumed so far by the processes ``pids`` (0 for gone ones)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f}"
 

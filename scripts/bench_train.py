@@ -39,6 +39,7 @@ from bench_common import (  # noqa: E402
     PeakRSS,
     Report,
     als_flops,
+    cpu_seconds,
     gemm_rate,
     log,
     md_table,
@@ -78,7 +79,9 @@ def active_rows(store: Store) -> tuple[int, int]:
     return int((store.counts("user") > 0).sum()), int((store.counts("item") > 0).sum())
 
 
-def train_once(store: Store, client, rank: int, iterations: int, cache: str, out: Path) -> dict:
+def train_once(
+    store: Store, client, rank: int, iterations: int, cache: str, out: Path, pids: list[int]
+) -> dict:
     """Train with dmf.train.train on ``client``; returns per-iteration seconds and RMSEs."""
     from dmf.config import load_config
     from dmf.train import train
@@ -95,11 +98,29 @@ def train_once(store: Store, client, rank: int, iterations: int, cache: str, out
             "output": {"model": str(out), "plot": False, "overwrite": True},
         }
     )
+    from distributed import get_task_stream
+
+    cpu0 = cpu_seconds(pids)
     t = time.perf_counter()
-    model = train(store, cfg, client=client, quiet=True)
+    with get_task_stream(client) as ts:
+        model = train(store, cfg, client=client, quiet=True)
     wall = time.perf_counter() - t
+    cpu = cpu_seconds(pids) - cpu0
     secs = [h["seconds"] for h in model.history]
+    # Busy time of the solve tasks (compute only, from the scheduler's task stream) per
+    # iteration after the first: what the workers spent solving, against the wall time.
+    busy = 0.0
+    for task in ts.data:
+        if "solve" in str(task.get("key")) and "-1-" not in str(task.get("key")):
+            busy += sum(
+                s["stop"] - s["start"] for s in task["startstops"] if s["action"] == "compute"
+            )
+    n_later = max(1, len(secs) - 1)
     return {
+        # The share of their cores the workers got: below 1 when other processes compete for
+        # the machine (or the workers wait), and the wall times are inflated by that much.
+        "cpu_share": cpu / (len(pids) * wall),
+        "task_s": busy / n_later,
         "seconds": secs,
         "steady": statistics.median(secs[1:]) if len(secs) > 1 else secs[0],
         "first": secs[0],
@@ -261,7 +282,13 @@ def main(argv: list[str] | None = None) -> None:
                 log(f"{n:,} ratings, rank {rank}: training {args.iterations} iterations")
                 with PeakRSS() as mem:
                     res = train_once(
-                        store, client, rank, args.iterations, args.cache, data / "model"
+                        store,
+                        client,
+                        rank,
+                        args.iterations,
+                        args.cache,
+                        data / "model",
+                        list(pids.values()),
                     )
                 fl = als_flops(store.n_train, store.n_train, rank, nu, ni)
                 floor_s = fl.floor / (threads_total * gemm_before * 1e9)
@@ -274,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
                         floor_s,
                         floor_s / res["steady"],
                         fl.executed / res["steady"] / 1e9,
+                        res["task_s"],
+                        res["task_s"] / (threads_total * res["steady"]),
+                        res["cpu_share"],
                         store.n_train / res["steady"] / 1e6,
                         max(mem.of(pids.values())) / 2**30,
                         res["train_rmse"],
@@ -324,6 +354,9 @@ def main(argv: list[str] | None = None) -> None:
                 "floor s",
                 "of floor",
                 "executed GFLOP/s",
+                "solve task s/iter",
+                "workers busy",
+                "workers' CPU share",
                 "M ratings/s",
                 "peak worker RSS GiB",
                 "train RMSE",
@@ -334,7 +367,13 @@ def main(argv: list[str] | None = None) -> None:
     report.add(
         "*executed GFLOP/s*: the arithmetic dmf's solver actually performs (full Gram GEMM, LU "
         "solve, residuals; `AlsFlops.executed`) divided by s/iter, to compare with "
-        f"{threads_total} x the GEMM rate."
+        f"{threads_total} x the GEMM rate. *solve task s/iter*: compute time of the solve "
+        "tasks per iteration summed over workers (scheduler task stream; it includes reading "
+        "blocks when they are not cached); *workers busy* = that / (threads x s/iter): below 1, "
+        "the workers wait (scheduling, broadcast, load imbalance, the driver). *workers' CPU "
+        "share*: CPU seconds the worker processes consumed / (workers x wall seconds of the "
+        "whole fit); on a machine shared with other jobs this is below 1 and the wall times are "
+        "inflated by roughly its inverse."
     )
     if micro_rows:
         report.add("## Solver only: one block, one thread (dmf.solver.solve_block)")
