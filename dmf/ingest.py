@@ -2,21 +2,25 @@
 
 The pipeline (memory is bounded by one batch or one block, plus the id maps)::
 
-    pass 1  driver     read batches; clean (policies for invalid, out-of-range ratings); give ids
-                       provisional codes and count rows per code; spill (code, code, rating[, t])
-                       chunks to disk.  Id maps are then ranked: index = rank of the raw id.
-                       Block boundaries come from the row counts per user and per item.
-    pass 2  per chunk  remap codes -> dense indices; bucket rows by user block (spill).
-    pass 3  per user   sort by (user, item); merge duplicates (policy); split off validation and
-            block      test rows (hash of (user, item, seed) or timestamps); write the by_user
-                       block; route train rows to item-block spill files.
-    pass 4  per item   sort by (item, user); write the by_item block.
+    pass 1  driver      read batches; clean (policies for invalid, out-of-range ratings); give
+                        ids provisional codes and count rows per code; spill (code, code,
+                        rating[, t]) chunks to disk. Id maps are then ranked: the dense index of
+                        an id is the rank of the raw id.
+    pass 2  per chunk   remap codes -> dense indices; bucket rows by *fine* user bucket
+                        (contiguous users, about 1/8 of a block's ratings).
+    pass 3  per bucket  sort by (user, item); merge duplicates (policy); split off validation and
+                        test rows (hash of (user, item, seed), per-user ranks, or timestamps);
+                        spill train rows; return exact train counts per user and item.
+            driver      block boundaries: dmf.store.balanced_bounds over those train counts.
+    pass 4  per user    gather its buckets; write by_user; route rows to item-block spill.
+            block
+    pass 5  per item    stable sort by item (rows arrive sorted by user); write by_item.
             block
 
-Passes 2-4 run one task per chunk or block: on the Dask cluster when a client is given (tasks
-read and write spill files in a directory next to the store, which every worker must see), else
-on a local thread pool. Every decision depends only on dense indices, ratings and timestamps, so
-the result is the same whatever the batch size or the number of workers.
+Passes 2-5 run one task per chunk, bucket or block: on the Dask cluster when a client is given
+(tasks read and write spill files in a directory next to the store, which every worker must
+see), else on a local thread pool. Every decision depends only on dense indices, ratings and
+timestamps, so the result is the same whatever the batch size or the number of workers.
 
 The store is built by :class:`dmf.store.StoreWriter` in a temporary sibling directory (the spill
 lives inside it) and renamed into place when the manifest is written: a killed ingest leaves no
@@ -49,7 +53,14 @@ from dmf.config import Config
 from dmf.errors import ConfigError, InputError
 from dmf.idmap import IdMapper, make_mapper
 from dmf.readers import IdTypeMismatch, InputSpec, iter_batches, resolve_inputs
-from dmf.store import SPLITS, Store, StoreWriter, balanced_bounds, block_relpath
+from dmf.store import (
+    SPLITS,
+    Store,
+    StoreWriter,
+    balanced_bounds,
+    block_relpath,
+    write_block_file,
+)
 
 log = logging.getLogger("dmf")
 
@@ -172,7 +183,7 @@ def ingest_bucket_chunk(chunk: str, c: int, spill: str, has_t: bool, maps: tuple
         lo, hi = cuts[b], cuts[b + 1]
         if hi > lo:
             sel = order[lo:hi]
-            d = Path(spill) / "p2" / f"u{b:05d}"
+            d = Path(spill) / "p2" / f"u{b:06d}"
             d.mkdir(parents=True, exist_ok=True)
             _write_spill(d / f"c{c:06d}.bin", u[sel], i[sel], r[sel], None if t is None else t[sel])
     os.remove(chunk)
@@ -230,20 +241,19 @@ def _split_masks(
     return val, test
 
 
-def ingest_user_block(
+def ingest_split_bucket(
     b: int,
     start: int,
     stop: int,
     spill: str,
-    out: str,
     has_t: bool,
     n_items: int,
     duplicates: str,
     plan: _SplitPlan,
-    maps: tuple,
 ) -> dict[str, Any]:
-    """Pass 3: sort one user block, merge duplicates, split, write by_user; route train rows."""
-    d = Path(spill) / "p2" / f"u{b:05d}"
+    """Pass 3: sort one bucket of users by (user, item), merge duplicates, split off held-out
+    rows, and spill the train rows; return exact train counts."""
+    d = Path(spill) / "p2" / f"u{b:06d}"
     paths = sorted(d.glob("c*.bin")) if d.is_dir() else []
     u, i, r, t = _read_spills(paths, has_t)
     n_in = len(u)
@@ -290,30 +300,24 @@ def ingest_user_block(
         if m.any():
             hd = Path(spill) / "held" / name
             hd.mkdir(parents=True, exist_ok=True)
-            _write_spill(hd / f"u{b:05d}.bin", u[m], i[m], r[m], None if t is None else t[m])
+            _write_spill(hd / f"u{b:06d}.bin", u[m], i[m], r[m], None if t is None else t[m])
     train = ~(val | test)
     u, i, r = u[train], i[train], r[train]
-    rel = block_relpath("user", b)
-    from dmf.store import write_block_file
-
-    entry = write_block_file(Path(out) / rel, "user", u, i, r)
-    _, _, _, item_block, _, nb_item = maps
-    order, cuts = _buckets(item_block[i], nb_item)
-    for k in range(nb_item):
-        lo, hi = cuts[k], cuts[k + 1]
-        if hi > lo:
-            sel = order[lo:hi]
-            dk = Path(spill) / "p3" / f"i{k:05d}"
-            dk.mkdir(parents=True, exist_ok=True)
-            _write_spill(dk / f"u{b:05d}.bin", u[sel], i[sel], r[sel])
+    _write_spill(Path(spill) / "p3" / f"u{b:06d}.bin", u, i, r)
     for p in paths:
         os.remove(p)
+    # Train counts per item, sparse: a dense bincount costs n_items per bucket.
+    if n_items <= 8 * max(len(i), 1):
+        ic = np.bincount(i, minlength=n_items)
+        items = np.flatnonzero(ic)
+        item_counts = ic[items]
+    else:
+        items, item_counts = np.unique(i, return_counts=True)
     return {
         "b": b,
-        "rel": rel,
-        "entry": entry,
-        "nnz": len(u),
         "user_counts": np.bincount(u - start, minlength=stop - start),
+        "items": items.astype(np.int32),
+        "item_counts": item_counts.astype(np.int64),
         "sum": float(r.astype(np.float64).sum()),
         "n_validation": int(val.sum()),
         "n_test": int(test.sum()),
@@ -321,29 +325,44 @@ def ingest_user_block(
     }
 
 
-def ingest_item_block(
-    k: int, start: int, stop: int, spill: str, out: str, n_users: int
+def ingest_user_block(
+    b: int, start: int, stop: int, buckets: list[int], spill: str, out: str, maps: tuple
 ) -> dict[str, Any]:
-    """Pass 4: sort one item block's train ratings by (item, user) and write by_item."""
-    d = Path(spill) / "p3" / f"i{k:05d}"
+    """Pass 4: gather one user block's train rows from its split buckets (each sorted by
+    (user, item), in user order), write by_user, and route the rows to item-block spill."""
+    paths = [Path(spill) / "p3" / f"u{f:06d}.bin" for f in buckets]
+    u, i, r, _ = _read_spills(paths, False)
+    # Buckets at the edges may hold users of the neighbouring blocks.
+    inside = (u >= start) & (u < stop)
+    if not inside.all():
+        u, i, r = u[inside], i[inside], r[inside]
+    rel = block_relpath("user", b)
+    entry = write_block_file(Path(out) / rel, "user", u, i, r)
+    _, _, _, item_block, _, nb_item = maps
+    order, cuts = _buckets(item_block[i], nb_item)
+    for k in range(nb_item):
+        lo, hi = cuts[k], cuts[k + 1]
+        if hi > lo:
+            sel = order[lo:hi]
+            dk = Path(spill) / "p4" / f"i{k:06d}"
+            dk.mkdir(parents=True, exist_ok=True)
+            _write_spill(dk / f"u{b:06d}.bin", u[sel], i[sel], r[sel])
+    return {"b": b, "rel": rel, "entry": entry, "nnz": len(u)}
+
+
+def ingest_item_block(k: int, start: int, stop: int, spill: str, out: str) -> dict[str, Any]:
+    """Pass 5: sort one item block's train ratings by (item, user) and write by_item."""
+    d = Path(spill) / "p4" / f"i{k:06d}"
     paths = sorted(d.glob("u*.bin")) if d.is_dir() else []
     u, i, r, _ = _read_spills(paths, False)
     # Pieces come in user-block order, each sorted by user: a stable sort by item alone
     # leaves every item's ratings sorted by user.
     order, _ = stable_order(i.astype(np.int64) - start, stop - start)
     rel = block_relpath("item", k)
-    from dmf.store import write_block_file
-
     entry = write_block_file(Path(out) / rel, "item", i[order], u[order], r[order])
     for p in paths:
         os.remove(p)
-    return {
-        "k": k,
-        "rel": rel,
-        "entry": entry,
-        "nnz": len(u),
-        "item_counts": np.bincount(i - start, minlength=stop - start),
-    }
+    return {"k": k, "rel": rel, "entry": entry, "nnz": len(u)}
 
 
 # -- running tasks ------------------------------------------------------------------------------
@@ -653,24 +672,21 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
         item_index, item_ids, item_rows = p1.items.finish()
         n_users, n_items = len(user_ids), len(item_ids)
         bl = config.blocks
-        user_bounds = balanced_bounds(user_rows, bl.target_ratings, bl.n_blocks)
-        item_bounds = balanced_bounds(item_rows, bl.target_ratings, bl.n_blocks)
+        total_rows = int(user_rows.sum())
+        # Pass 3 works on fine buckets of users (about an eighth of a block's ratings); block
+        # boundaries are then drawn over the exact train counts it returns.
+        share = bl.target_ratings if bl.n_blocks is None else -(-total_rows // bl.n_blocks)
+        fine_bounds = balanced_bounds(user_rows, max(1, share // 8))
         plan = _SplitPlan(sp.method, sp.validation, sp.test, sp.seed)
         if p1.sample_t is not None:
             plan = _temporal_plan(plan, p1.sample_t)
         timings["read"] = time.perf_counter() - t0
         has_t = spec.has_timestamp
+        n_fine = len(fine_bounds) - 1
 
-        # Pass 2: remap and bucket by user block.
+        # Pass 2: remap and bucket by fine user bucket.
         t0 = time.perf_counter()
-        maps: Any = (
-            user_index,
-            item_index,
-            block_table(user_bounds),
-            block_table(item_bounds),
-            len(user_bounds) - 1,
-            len(item_bounds) - 1,
-        )
+        maps: Any = (user_index, item_index, block_table(fine_bounds), None, n_fine, 0)
         if client is not None:
             [maps] = client.scatter([maps], broadcast=True)
         _run_tasks(
@@ -683,27 +699,24 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
         )
         timings["bucket"] = time.perf_counter() - t0
 
-        # Pass 3: per user block.
+        # Pass 3: per fine bucket: sort, merge duplicates, split.
         t0 = time.perf_counter()
-        ub = [
+        (spill / "p3").mkdir()
+        args3 = [
             (
-                b,
-                int(user_bounds[b]),
-                int(user_bounds[b + 1]),
+                f,
+                int(fine_bounds[f]),
+                int(fine_bounds[f + 1]),
                 str(spill),
-                str(w.tmp),
                 has_t,
                 n_items,
                 config.data.duplicates,
                 plan,
             )
-            for b in range(len(user_bounds) - 1)
+            for f in range(n_fine)
         ]
-        ures = _run_tasks(
-            client, ingest_user_block, ub, "ingest: user blocks", progress, {"maps": maps}
-        )
-        del maps
-        dup = [r for r in ures if "duplicate" in r]
+        sres = _run_tasks(client, ingest_split_bucket, args3, "ingest: split", progress)
+        dup = [r for r in sres if "duplicate" in r]
         if dup:
             u, i = dup[0]["duplicate"]
             total = sum(r["n_duplicates"] for r in dup)
@@ -713,24 +726,45 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
                 f"all); data.duplicates is 'error': set it to 'last' (keep the latest by "
                 f"timestamp, then input order) or 'mean'"
             )
+        user_counts = np.concatenate([r["user_counts"] for r in sres]).astype(np.int64)
+        item_counts = np.zeros(n_items, dtype=np.int64)
+        for r in sres:
+            item_counts[r["items"]] += r["item_counts"]
+        n_train = int(user_counts.sum())
+        user_bounds = balanced_bounds(user_counts, bl.target_ratings, bl.n_blocks)
+        item_bounds = balanced_bounds(item_counts, bl.target_ratings, bl.n_blocks)
+        timings["split"] = time.perf_counter() - t0
+
+        # Pass 4: per user block: gather its buckets, write by_user, route to item blocks.
+        t0 = time.perf_counter()
+        maps = (None, None, None, block_table(item_bounds), 0, len(item_bounds) - 1)
+        if client is not None:
+            [maps] = client.scatter([maps], broadcast=True)
+        args4 = []
+        for b in range(len(user_bounds) - 1):
+            lo, hi = int(user_bounds[b]), int(user_bounds[b + 1])
+            first = int(np.searchsorted(fine_bounds, lo, side="right")) - 1
+            last = int(np.searchsorted(fine_bounds, hi, side="left"))
+            args4.append((b, lo, hi, list(range(first, last)), str(spill), str(w.tmp)))
+        ures = _run_tasks(
+            client, ingest_user_block, args4, "ingest: user blocks", progress, {"maps": maps}
+        )
+        del maps
         timings["user_blocks"] = time.perf_counter() - t0
 
-        # Pass 4: per item block.
+        # Pass 5: per item block.
         t0 = time.perf_counter()
-        ib = [
-            (k, int(item_bounds[k]), int(item_bounds[k + 1]), str(spill), str(w.tmp), n_users)
+        args5 = [
+            (k, int(item_bounds[k]), int(item_bounds[k + 1]), str(spill), str(w.tmp))
             for k in range(len(item_bounds) - 1)
         ]
-        ires = _run_tasks(client, ingest_item_block, ib, "ingest: item blocks", progress)
+        ires = _run_tasks(client, ingest_item_block, args5, "ingest: item blocks", progress)
         timings["item_blocks"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         for res in ures + ires:
             w.add_file(res["rel"], res["entry"])
-        user_counts = np.concatenate([r["user_counts"] for r in ures]).astype(np.int64)
-        item_counts = np.concatenate([r["item_counts"] for r in ires]).astype(np.int64)
-        n_train = int(user_counts.sum())
-        if n_train != int(item_counts.sum()):  # pragma: no cover - an internal invariant
+        if not (sum(r["nnz"] for r in ures) == sum(r["nnz"] for r in ires) == n_train):
             raise RuntimeError("ingest: by_user and by_item hold different numbers of ratings")
         w.write_id_map("user", user_ids, user_counts)
         w.write_id_map("item", item_ids, item_counts)
@@ -739,7 +773,7 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
         shutil.rmtree(spill, ignore_errors=True)
 
         n_total = n_train + held["validation"] + held["test"]
-        merged = int(sum(r["merged"] for r in ures))
+        merged = int(sum(r["merged"] for r in sres))
         dropped = {
             "invalid_ratings": p1.dropped["invalid_rating"],
             "out_of_range": p1.dropped["out_of_range"],
@@ -763,7 +797,7 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
             "n_train": n_train,
             "n_validation": held["validation"],
             "n_test": held["test"],
-            "mu": float(sum(r["sum"] for r in ures) / n_train) if n_train else 0.0,
+            "mu": float(sum(r["sum"] for r in sres) / n_train) if n_train else 0.0,
             "blocks": {
                 "user": {"bounds": user_bounds.tolist(), "nnz": [r["nnz"] for r in ures]},
                 "item": {"bounds": item_bounds.tolist(), "nnz": [r["nnz"] for r in ires]},

@@ -75,8 +75,8 @@ NOTES = """Notes.
 
 - Where the time goes: pass 1 (read) runs on the driver alone: Arrow parses the CSV on its
   threads while the driver cleans the previous batch, gives ids their provisional codes and
-  spills them; passes 2-4 run one task per chunk or block on both cores. Sorting and Parquet
-  writing dominate passes 3 and 4.
+  spills them; passes 2-5 run one task per chunk, bucket or block on both cores. Sorting and
+  Parquet writing dominate passes 3-5.
 - What profiling (py-spy, cProfile) changed: Arrow parse blocks are capped at 4 MiB (26 MiB
   blocks parsed 1.5-2x slower); stable argsorts and lexsorts were replaced by sorting packed
   int64 values (key << bits | row number) with numpy's SIMD sort, stable by construction (2M
@@ -253,8 +253,9 @@ def main() -> None:
         )
     )
     rep.add(
-        "Seconds per pass (read+clean+id codes+spill; bucket by user block; sort/split/write "
-        "user blocks; sort/write item blocks; id maps and held-out files):\n\n"
+        "Seconds per pass (1 read: parse, clean, id codes, spill; 2 bucket: remap, bucket by "
+        "user; 3 split: sort, merge duplicates, split; 4 user blocks: write by_user, route to "
+        "item blocks; 5 item blocks: sort, write by_item; finish: id maps, held-out files):\n\n"
         + md_table(
             [
                 "ratings",
@@ -262,6 +263,7 @@ def main() -> None:
                 "on",
                 "read",
                 "bucket",
+                "split",
                 "user blocks",
                 "item blocks",
                 "finish",
@@ -273,7 +275,7 @@ def main() -> None:
                     r["where"],
                     *(
                         r["timings"].get(k, 0.0)
-                        for k in ("read", "bucket", "user_blocks", "item_blocks", "finish")
+                        for k in ("read", "bucket", "split", "user_blocks", "item_blocks", "finish")
                     ),
                 )
                 for r in results
