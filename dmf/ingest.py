@@ -218,16 +218,11 @@ def _split_masks(
         return (x < plan.test + plan.validation) & ~test, test
     # method "user": each user's ratings ranked by hash; the first k_test are test, the next
     # k_validation validation; at least one rating stays in train.
-    ub, ib = _bits(stop - start), _bits(n)
-    hb = 63 - ub - ib
-    if hb >= 16:
-        # Sort (user, top bits of the hash, row) packed in one int64; rows are (user, item)
-        # sorted, so equal hash bits fall back to item order: deterministic.
-        hk = (h >> _U64(64 - hb)).astype(np.int64)
-        key = ((u.astype(np.int64) - start) << np.int64(hb)) | hk
-        order, _ = stable_order(key, (stop - start) << hb)
-    else:
-        order = np.lexsort((h, u))
+    # Order each user's ratings by the top 16 bits of the hash, ties by item (the rows are
+    # sorted by (user, item) and the sort is stable): the same order whatever the bucket.
+    hk = (h >> _U64(48)).astype(np.int64)
+    key = ((u.astype(np.int64) - start) << np.int64(16)) | hk
+    order, _ = stable_order(key, (stop - start) << 16)
     us = u[order]
     first = np.searchsorted(us, us, side="left")
     rank = np.arange(n) - first

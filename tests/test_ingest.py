@@ -209,6 +209,18 @@ def test_split_same_across_batch_sizes_and_cluster(tmp_path, client, method):
                 assert pq.read_table(path).equals(pq.read_table(s.block_path(side, b)))
 
 
+@pytest.mark.parametrize("method", ["random", "user"])
+def test_split_does_not_depend_on_the_block_layout(tmp_path, method):
+    rows = make_rows(nnz=1500, seed=8)
+    f = write_csv(tmp_path / "r.csv", rows)
+    split = {"method": method, "validation": 0.2, "test": 0.3}
+    one = run_store(tmp_path, "one", str(f), split=split, blocks={"n_blocks": 1})
+    many = run_store(tmp_path, "many", str(f), split=split, blocks={"target_ratings": 40})
+    assert many.n_blocks("user") > 10
+    a, b = store_triples(one), store_triples(many)
+    assert a == b and a["test"] and a["validation"]
+
+
 def test_user_split_keeps_singletons_and_takes_each_users_share(tmp_path):
     rows = make_rows(nnz=1200, seed=2)
     rows.append((999_999, 1000, 4.0, 5))  # a user with one rating
