@@ -249,7 +249,9 @@ class Trainer:
             disable=self._progress_disabled(),
             file=sys.stderr,
         )
-        sse = penalty = 0.0
+        # Per-block shares, summed with fsum below: a float sum in completion order would make
+        # the objective (and so tolerance stopping) depend on which task finished first.
+        sses, penalties = [], []
         nnz = 0
         new_f = np.empty_like(f[f"{side}_factors"])
         new_b = np.empty_like(f[f"{side}_bias"])
@@ -258,8 +260,8 @@ class Trainer:
                 sol: BlockSolution = fut.result()
                 new_f[sol.start : sol.start + sol.n_rows] = sol.factors
                 new_b[sol.start : sol.start + sol.n_rows] = sol.bias
-                sse += sol.sse
-                penalty += sol.penalty
+                sses.append(sol.sse)
+                penalties.append(sol.penalty)
                 nnz += sol.nnz
                 bar.update(1)
                 fut.release()
@@ -268,6 +270,7 @@ class Trainer:
             fixed_fut.release()
         f[f"{side}_factors"] = new_f
         f[f"{side}_bias"] = new_b
+        sse, penalty = math.fsum(sses), math.fsum(penalties)
         m = self.config.model
         other = other_side(side)
         other_pen = penalty_term(

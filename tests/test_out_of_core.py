@@ -1,0 +1,122 @@
+"""Out of core: a store larger than a worker's memory limit trains, streaming blocks from disk.
+
+A block in memory costs ~8 bytes a rating per side (int32 column index, float32 rating, plus the
+row pointer), so a store's in-memory size is ~16 bytes a train rating. A worker process starts at
+~110 MB RSS and solving one block of 150k ratings in 4 MB sub-batches adds ~40 MB, so a worker
+with ``memory_limit`` 224 MiB (Dask pauses it at 80%, ~188 MB, and kills it at 95%) has room for
+one block at a time but not for the store's 15M ratings (~240 MB in memory). That test is slow
+(building the store takes most of it); a fast variant runs the same checks on a 1.5M-rating store
+under a 200 MiB limit, tight for the worker's baseline but not below the store's size.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import random_ratings
+
+from dmf.cluster import BLAS_ENV
+from dmf.config import load_config
+from dmf.store import store_from_arrays
+from dmf.train import train
+
+MiB = 2**20
+
+
+def make_store(path, n_ratings, target_ratings):
+    n_users, n_items = n_ratings // 100, n_ratings // 400
+    u, i, r = random_ratings(n_users, n_items, n_ratings, seed=41)
+    return store_from_arrays(
+        path, u, i, r, n_users=n_users, n_items=n_items, target_ratings=target_ratings
+    )
+
+
+def in_memory_bytes(store) -> int:
+    """Bytes of every block of both sides as RatingBlocks, from one block's bytes per rating."""
+    b = store.read_block("user", 0)
+    return int(b.nbytes / b.nnz * store.n_train * 2)
+
+
+def make_config(model_dir, cache_blocks, iterations=2):
+    return load_config(
+        raw={
+            "model": {"rank": 8, "reg": 0.1, "dtype": "float64", "seed": 4},
+            "train": {
+                "iterations": iterations,
+                "cache_blocks": cache_blocks,
+                "sub_batch_bytes": 4 * MiB,
+                "progress": "off",
+            },
+            "output": {"model": str(model_dir), "plot": False},
+        }
+    )
+
+
+def removed_workers(dask_scheduler) -> int:
+    """How many times a worker left the scheduler (a restart is a removal; run on the scheduler)."""
+    return sum(
+        1
+        for _, msg in dask_scheduler.get_events("all")
+        if isinstance(msg, dict) and msg.get("action") == "remove-worker"
+    )
+
+
+def check_trains_within_limit(store, memory_limit, tmp_path):
+    """Train with blocks streamed from disk under ``memory_limit``: no worker may restart."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            memory_limit=memory_limit,
+            env=BLAS_ENV,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        workers_before = client.run(os.getpid)
+        with get_task_stream(client) as ts:
+            model = train(store, make_config(tmp_path / "m", "never"), client=client, quiet=True)
+        workers_after = client.run(os.getpid)
+        removed = client.run_on_scheduler(removed_workers)
+        limits = [w["memory_limit"] for w in client.scheduler_info()["workers"].values()]
+    assert limits == [memory_limit, memory_limit]
+    # Same worker processes at the same addresses, and the scheduler saw none leave.
+    assert workers_after == workers_before
+    assert removed == 0
+    # Blocks were streamed: no load tasks, one solve task per block per half-iteration.
+    keys = [str(t["key"]) for t in ts.data]
+    assert not any(k.startswith("load-") for k in keys)
+    n_blocks = store.n_blocks("user") + store.n_blocks("item")
+    assert sum(k.startswith("solve-") for k in keys) == 2 * n_blocks
+    assert len(model.history) == 2
+    assert np.isfinite(model.user_factors).all() and np.isfinite(model.item_factors).all()
+    return model
+
+
+@pytest.mark.slow
+def test_store_larger_than_worker_memory_trains(tmp_path):
+    limit = 224 * MiB
+    store = make_store(tmp_path / "store", 15_000_000, target_ratings=150_000)
+    assert in_memory_bytes(store) > limit  # the point of the test
+    check_trains_within_limit(store, limit, tmp_path)
+
+
+def test_tight_memory_limit_streams_blocks(tmp_path):
+    """The same checks at a scale that runs in seconds (see the module docstring)."""
+    store = make_store(tmp_path / "store", 1_500_000, target_ratings=100_000)
+    assert store.n_blocks("user") >= 10 and store.n_blocks("item") >= 10
+    check_trains_within_limit(store, 200 * MiB, tmp_path)
+
+
+def test_cached_and_streamed_blocks_give_identical_factors(client, tmp_path):
+    store = make_store(tmp_path / "store", 60_000, target_ratings=8_000)
+    streamed = train(store, make_config(tmp_path / "a", "never", 3), client=client, quiet=True)
+    cached = train(store, make_config(tmp_path / "b", "always", 3), client=client, quiet=True)
+    for k in ("user_factors", "user_bias", "item_factors", "item_bias"):
+        np.testing.assert_array_equal(getattr(cached, k), getattr(streamed, k), err_msg=k)
+    assert [h["objective"] for h in cached.history] == [h["objective"] for h in streamed.history]
