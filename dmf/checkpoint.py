@@ -69,6 +69,10 @@ def write_checkpoint(
         raise
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    # A run killed while writing leaves its temporary directory behind (never read, as it is not
+    # named iter-*); one training writes here at a time, so any other one is such a leftover.
+    for stale in directory.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

@@ -236,3 +236,18 @@ def test_no_usable_checkpoint_is_an_error(store, client, tmp_path):
     with pytest.raises(CheckpointError, match="no usable checkpoint") as err:
         train(store, cfg, client=client, resume=True, quiet=True)
     assert ckpts[0].name in str(err.value) and ckpts[-1].name in str(err.value)
+
+
+def test_leftover_of_a_killed_write_is_ignored_and_removed(store, client, tmp_path):
+    """A temporary directory left by a kill mid-write is neither resumed from nor kept."""
+    cfg = load_config(raw=raw_config(store, tmp_path / "m", 2))
+    a = train(store, cfg, client=client, quiet=True)
+    ckpt_dir = tmp_path / "m" / "checkpoints"
+    stale = ckpt_dir / ".tmp-00003-0badf00d"
+    stale.mkdir()
+    (stale / "user_factors.npy").write_bytes(b"\x93NUMPY half-written")
+    cfg4 = load_config(raw=raw_config(store, tmp_path / "m", 4))
+    b = train(store, cfg4, client=client, resume=True, quiet=True)
+    assert b.history[:2] == a.history  # resumed from iter-00002, not from the leftover
+    assert not stale.exists()
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["iter-00003", "iter-00004"]
