@@ -39,7 +39,14 @@ import pyarrow.parquet as pq
 
 from dmf.errors import InputError, StoreError
 from dmf.model import Model, check_cold_start
-from dmf.recommend import ItemScorer, SeenItems, csr_rows, default_tile_users, top_n
+from dmf.recommend import (
+    ItemScorer,
+    SeenItems,
+    csr_rows,
+    default_tile_users,
+    run_windowed,
+    top_n,
+)
 from dmf.store import Store
 
 METRICS = ("precision", "recall", "ndcg", "map")
@@ -115,7 +122,7 @@ class EvalParams:
     tile_users: int | None
 
 
-def evaluate_block_task(heldout_file: str, users: EvalUsers, items: EvalItems, p: EvalParams):
+def evaluate_block_task(users: EvalUsers, heldout_file: str, items: EvalItems, p: EvalParams):
     """Sums of squared and absolute errors and of ranking metrics over one user block."""
     from dmf.cluster import blas_single_thread
     from dmf.store import read_block_file
@@ -333,22 +340,15 @@ def evaluate(
         blocks = sorted(files)
         if client is not None and blocks:
             [items_f] = client.scatter([items], broadcast=True, hash=False)
-            user_fs = client.scatter([users_of(b) for b in blocks], hash=False)
-            futures = [
-                client.submit(
-                    evaluate_block_task,
-                    files[b],
-                    uf,
-                    items_f,
-                    params,
-                    key=f"evaluate-block-{b:05d}-{uuid.uuid4().hex[:6]}",
-                    pure=False,
-                )
-                for b, uf in zip(blocks, user_fs, strict=True)
-            ]
-            parts = client.gather(futures)
+            parts = run_windowed(
+                client,
+                evaluate_block_task,
+                len(blocks),
+                lambda j: (users_of(blocks[j]), (files[blocks[j]], items_f, params)),
+                "evaluate-block",
+            )
         else:
-            parts = [evaluate_block_task(files[b], users_of(b), items, params) for b in blocks]
+            parts = [evaluate_block_task(users_of(b), files[b], items, params) for b in blocks]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -557,22 +557,13 @@ def recommend_all(
             map_f = None
             if item_map is not None:
                 [map_f] = client.scatter([item_map], broadcast=True, hash=False)
-            part_fs = client.scatter(parts, hash=False)
-            futures = [
-                client.submit(
-                    recommend_block_task,
-                    pf,
-                    items_f,
-                    n,
-                    tile_users,
-                    f,
-                    map_f,
-                    key=f"recommend-block-{k:05d}-{uuid.uuid4().hex[:6]}",
-                    pure=False,
-                )
-                for k, (pf, f) in enumerate(zip(part_fs, files, strict=True))
-            ]
-            results = client.gather(futures)
+            results = run_windowed(
+                client,
+                recommend_block_task,
+                len(parts),
+                lambda k: (parts[k], (items_f, n, tile_users, files[k], map_f)),
+                "recommend-block",
+            )
         else:
             results = [
                 recommend_block_task(p, items, n, tile_users, f, item_map)
@@ -599,6 +590,44 @@ def recommend_all(
     finally:
         if tmp_dir is not None and tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def run_windowed(
+    client, fn, n_tasks: int, make_args, name: str, window: int | None = None
+) -> list[Any]:
+    """``fn(*args_k)`` for k in range(n_tasks) on the cluster, results in task order.
+
+    ``make_args(k)`` returns ``(own, rest)``: ``own`` is the task's own data (its users'
+    factors), scattered just before the task is submitted; ``rest`` are passed as they are
+    (small values, or futures of data broadcast once). At most ``window`` tasks (default twice
+    the cluster's threads) are in flight, so workers and the driver hold a window's worth of
+    task data at a time, whatever the number of users. Task keys read ``name-NNNNN-xxxxxx``
+    on the dashboard.
+    """
+    from distributed import as_completed
+
+    window = window or 2 * max(1, sum(client.nthreads().values()))
+    results: list[Any] = [None] * n_tasks
+    index: dict[str, int] = {}
+
+    def submit(k: int):
+        own, rest = make_args(k)
+        [own_f] = client.scatter([own], hash=False)
+        fut = client.submit(
+            fn, own_f, *rest, key=f"{name}-{k:05d}-{uuid.uuid4().hex[:6]}", pure=False
+        )
+        index[fut.key] = k
+        return fut
+
+    first = min(window, n_tasks)
+    done = as_completed([submit(k) for k in range(first)])
+    nxt = first
+    for fut in done:
+        results[index.pop(fut.key)] = fut.result()
+        if nxt < n_tasks:
+            done.add(submit(nxt))
+            nxt += 1
+    return results
 
 
 def _cold_recs(model: Model, cold_ids: pa.Array, n: int, tile_users: int | None) -> pa.Table:

@@ -12,7 +12,7 @@ from test_model import random_model
 
 from dmf.cli import main
 from dmf.errors import InputError
-from dmf.recommend import recommend_all, top_n
+from dmf.recommend import recommend_all, run_windowed, top_n
 from dmf.store import store_from_arrays
 
 N_USERS, N_ITEMS = 45, 25
@@ -191,6 +191,16 @@ def test_top_n_group_path_without_ties_and_tail_columns():
     assert cols[0, 0] == 4995 and np.array_equal(cols[0], want[0])
     assert cols[1].tolist() == list(range(19, 12, -1))
     np.testing.assert_array_equal(vals, np.take_along_axis(s, want, axis=1))
+
+
+def _sum_plus(own, add):
+    return float(own.sum()) + add
+
+
+def test_run_windowed_keeps_task_order(client):
+    own = [np.full(3, k, dtype=np.float64) for k in range(7)]
+    got = run_windowed(client, _sum_plus, 7, lambda k: (own[k], (0.5,)), "test-window", window=2)
+    assert got == [3.0 * k + 0.5 for k in range(7)]
 
 
 def test_recommend_rejects_bad_n(rated):
