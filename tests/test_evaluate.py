@@ -171,6 +171,16 @@ def test_cli_evaluate_writes_json(tiny, client, tmp_path, capsys):
     _check(res, KNOWN["sse"] + 1.0, KNOWN["sae"] + 1.0, 6, [*KNOWN["users"], COLD_USER])
     assert res["store"] == str(store.path)
 
+    # Defaults from the model's config: its evaluate section asks for k = 2 and threshold 5.
+    model.config = {"evaluate": {"k": 2, "threshold": 5.0}}
+    model.save(tmp_path / "model2", plot=False)
+    out2 = tmp_path / "m2.json"
+    argv = ["evaluate", str(tmp_path / "model2"), "--store", str(store.path), "--json", str(out2)]
+    assert main(argv) == 0  # no --address: a LocalCluster is started and closed
+    res2 = json.loads(out2.read_text())
+    assert (res2["k"], res2["threshold"], res2["n_users_ranked"]) == (2, 5.0, 1)
+    assert res2["precision"] == pytest.approx(1 / 2)  # user 0: item 1 first of 2
+
     rc = main(
         ["evaluate", str(tmp_path / "model"), "--store", str(tmp_path / "missing"), "--k", "2"]
     )

@@ -35,10 +35,11 @@ def register(sub) -> None:
     )
     p.add_argument("model", help="model directory")
     p.add_argument("--store", help="store directory (default: the one recorded in the model)")
-    p.add_argument("--split", choices=["test", "validation"], default="test")
-    p.add_argument("--k", type=int, default=10, help="length of the top-k lists (default 10)")
-    p.add_argument("--threshold", type=float, default=4.0, help="relevance threshold (4.0)")
-    p.add_argument("--cold-start", choices=["fallback", "drop"], default="fallback")
+    # Defaults (None) come from the `evaluate` section of the model's training config.
+    p.add_argument("--split", choices=["test", "validation"], help="default: test")
+    p.add_argument("--k", type=int, help="length of the top-k lists (default 10)")
+    p.add_argument("--threshold", type=float, help="relevance threshold (default 4.0)")
+    p.add_argument("--cold-start", choices=["fallback", "drop"], help="default: fallback")
     p.add_argument("--no-ranking", action="store_true", help="RMSE and MAE only")
     p.add_argument("--json", metavar="OUT", help="also write the metrics to this JSON file")
     add_cluster_args(p)
@@ -87,21 +88,26 @@ def register(sub) -> None:
 # Commands
 # ---------------------------------------------------------------------------------------------
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dmf.config import EvaluateConfig
     from dmf.evaluate import evaluate, format_table
     from dmf.model import load
 
     model = load(args.model)
+    try:
+        ev = EvaluateConfig.model_validate(model.config.get("evaluate", {}))
+    except Exception:  # noqa: BLE001 - an old or foreign config: use the defaults
+        ev = EvaluateConfig()
     store = _store_arg(args.store, model, "evaluate")
     with _connect(model, args) as client:
         result = evaluate(
             model,
             store,
-            split=args.split,
-            k=args.k,
-            threshold=args.threshold,
-            cold_start=args.cold_start,
+            split=args.split or ev.split,
+            k=args.k if args.k is not None else ev.k,
+            threshold=args.threshold if args.threshold is not None else ev.threshold,
+            cold_start=args.cold_start or ev.cold_start,
             client=client,
-            ranking=not args.no_ranking,
+            ranking=ev.ranking and not args.no_ranking,
         )
     result["model"] = str(args.model)
     result["store"] = str(store.path)
