@@ -312,7 +312,7 @@ def ingest_split_bucket(
         "b": b,
         "user_counts": np.bincount(u - start, minlength=stop - start),
         "items": items.astype(np.int32),
-        "item_counts": item_counts.astype(np.int64),
+        "item_counts": item_counts.astype(np.int32),
         "sum": float(r.astype(np.float64).sum()),
         "n_validation": int(val.sum()),
         "n_test": int(test.sum()),
@@ -370,31 +370,41 @@ def _run_tasks(
     label: str,
     progress: bool | None,
     kwargs: dict | None = None,
+    on_result: Callable[[Any], Any] | None = None,
 ) -> list:
-    """Run ``fn(*a, **kwargs)`` for every ``a``: one Dask task each, or on a thread pool."""
+    """Run ``fn(*a, **kwargs)`` for every ``a``: one Dask task each, or on a thread pool.
+
+    Results come back in the order of ``args``; ``on_result``, if given, is applied to each
+    result as it arrives (on this thread) and its return value is kept instead, so large parts
+    of results can be folded into a total without being held all at once.
+    """
     from tqdm import tqdm
 
     kwargs = kwargs or {}
+    keep = on_result or (lambda x: x)
     results: list = [None] * len(args)
     bar = tqdm(total=len(args), desc=label, unit="task", disable=_disable(progress), leave=False)
     try:
         if client is None:
             with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as ex:
                 futs = {ex.submit(fn, *a, **kwargs): j for j, a in enumerate(args)}
-                for f in as_completed(futs):
-                    results[futs[f]] = f.result()
+                for f in as_completed(list(futs)):
+                    results[futs.pop(f)] = keep(f.result())
                     bar.update()
         else:
             from distributed import as_completed as dask_completed
 
             token = uuid.uuid4().hex[:8]
             name = fn.__name__.replace("_", "-")
-            futs = {}
+            index = {}
+            pending = []
             for j, a in enumerate(args):
                 f = client.submit(fn, *a, **kwargs, key=f"{name}-{j}-{token}", pure=False)
-                futs[f.key] = (j, f)
-            for f in dask_completed([f for _, f in futs.values()]):
-                results[futs[f.key][0]] = f.result()
+                index[f.key] = j
+                pending.append(f)
+            for f in dask_completed(pending):
+                results[index[f.key]] = keep(f.result())
+                f.release()
                 bar.update()
     finally:
         bar.close()
@@ -710,7 +720,16 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
             )
             for f in range(n_fine)
         ]
-        sres = _run_tasks(client, ingest_split_bucket, args3, "ingest: split", progress)
+        item_counts = np.zeros(n_items, dtype=np.int64)
+
+        def fold_items(r: dict) -> dict:
+            if "items" in r:
+                item_counts[r.pop("items")] += r.pop("item_counts")
+            return r
+
+        sres = _run_tasks(
+            client, ingest_split_bucket, args3, "ingest: split", progress, on_result=fold_items
+        )
         dup = [r for r in sres if "duplicate" in r]
         if dup:
             u, i = dup[0]["duplicate"]
@@ -722,9 +741,6 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
                 f"timestamp, then input order) or 'mean'"
             )
         user_counts = np.concatenate([r["user_counts"] for r in sres]).astype(np.int64)
-        item_counts = np.zeros(n_items, dtype=np.int64)
-        for r in sres:
-            item_counts[r["items"]] += r["item_counts"]
         n_train = int(user_counts.sum())
         user_bounds = balanced_bounds(user_counts, bl.target_ratings, bl.n_blocks)
         item_bounds = balanced_bounds(item_counts, bl.target_ratings, bl.n_blocks)
