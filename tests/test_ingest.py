@@ -519,3 +519,10 @@ def test_synth_output_is_the_default_source(tmp_path):
     store = ingest(cfg, progress=False)
     assert store.n_train + store.n_split("test") == 600
     assert "timestamp" in store.read_split("test").column_names
+
+
+def test_info_on_a_store_written_from_arrays(small_store, capsys):
+    assert main(["info", str(small_store.path)]) == 0
+    out = capsys.readouterr().out
+    assert f"train        {small_store.n_train:,} ratings" in out
+    assert "user blocks  3" in out and "split        given" in out
