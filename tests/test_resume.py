@@ -24,6 +24,7 @@ from conftest import random_ratings
 from dmf.checkpoint import list_checkpoints, read_checkpoint
 from dmf.config import load_config
 from dmf.errors import CheckpointError
+from dmf.model import Model
 from dmf.store import store_from_arrays
 from dmf.train import train
 
@@ -118,9 +119,17 @@ def test_resume_after_sigkill_equals_uninterrupted_run(store, client, tmp_path):
     leftovers = [p.name for p in ckpt_dir.iterdir() if not p.name.startswith(("iter-", ".tmp-"))]
     assert leftovers == []
 
-    # Resume from the newest complete checkpoint, in this process.
-    cfg_b = load_config(raw=raw_config(store, model_b))
-    b = train(store, cfg_b, client=client, resume=True, quiet=True)
+    # Resume from the newest complete checkpoint, as a user would: `dmf train --resume`.
+    proc = subprocess.run(
+        [sys.executable, "-m", "dmf", "train", str(config_path), "--resume"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming after iteration {last}" in proc.stderr
+    b = Model.load(model_b)
     assert_same_model(a, b)
     # It did resume (rather than start again): the first iterations' records, timings included,
     # are those of the killed process.
