@@ -62,18 +62,26 @@ def write_checkpoint(
         with open(tmp / STATE) as fh:
             os.fsync(fh.fileno())
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     # A run killed while writing leaves its temporary directory behind (never read, as it is not
     # named iter-*); one training writes here at a time, so any other one is such a leftover.
     for stale in directory.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory, first renamed out of sight: a kill in the middle of the
+    deletion must not leave a partial ``iter-*`` directory behind."""
+    trash = path.parent / f".tmp-old-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:

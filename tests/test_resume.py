@@ -260,3 +260,50 @@ def test_leftover_of_a_killed_write_is_ignored_and_removed(store, client, tmp_pa
     assert b.history[:2] == a.history  # resumed from iter-00002, not from the leftover
     assert not stale.exists()
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["iter-00003", "iter-00004"]
+
+
+# Writes checkpoints of a large array in a loop, printing each iteration once it is complete.
+WRITER = """\
+import sys
+import numpy as np
+from dmf.checkpoint import list_checkpoints, write_checkpoint
+
+arrays = {"user_factors": np.random.default_rng(0).normal(size=(1_000_000, 4))}
+# Continue the numbering of the previous writer.
+it = max((int(p.name[len("iter-"):]) for p in list_checkpoints(sys.argv[1])), default=0)
+while True:
+    it += 1
+    write_checkpoint(sys.argv[1], it, arrays, {"history": [], "fingerprint": {}}, keep=2)
+    print(it, flush=True)
+"""
+
+
+def test_sigkill_during_checkpoint_writes_leaves_only_complete_ones(tmp_path):
+    """Kill a process that does nothing but write checkpoints: every iter-* must verify."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    ckpt_dir = tmp_path / "checkpoints"
+    mid_write = 0
+    for delay in (0.0, 0.03, 0.07):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(ckpt_dir)],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            while int(proc.stdout.readline() or 0) < 2:
+                assert proc.poll() is None
+            time.sleep(delay)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            kill_group(proc)
+            proc.stdout.close()
+        mid_write += any(p.name.startswith(".tmp-") for p in ckpt_dir.iterdir())
+        done = list_checkpoints(ckpt_dir)
+        assert len(done) >= 2  # keep=2 (3 if killed between the rename and the pruning)
+        for p in done:
+            state, arrays = read_checkpoint(p)
+            assert arrays["user_factors"].shape == (1_000_000, 4)
+    assert mid_write, "no kill landed during a write: the test proved nothing"
