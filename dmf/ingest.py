@@ -7,7 +7,7 @@ The pipeline (memory is bounded by one batch or one block, plus the id maps)::
                         rating[, t]) chunks to disk. Id maps are then ranked: the dense index of
                         an id is the rank of the raw id.
     pass 2  per chunk   remap codes -> dense indices; bucket rows by *fine* user bucket
-                        (contiguous users, about 1/8 of a block's ratings).
+                        (contiguous users, about 1/4 of a block's ratings).
     pass 3  per bucket  sort by (user, item); merge duplicates (policy); split off validation and
                         test rows (hash of (user, item, seed), per-user ranks, or timestamps);
                         spill train rows; return exact train counts per user and item.
@@ -308,11 +308,16 @@ def ingest_split_bucket(
         item_counts = ic[items]
     else:
         items, item_counts = np.unique(i, return_counts=True)
+    # Item counts go through a file, not the task's result: on a cluster, hundreds of results
+    # of n_items entries each would all pass through the scheduler's connection to the client.
+    counts_file = Path(spill) / "p3" / f"counts-{b:06d}.bin"
+    with open(counts_file, "wb") as f:
+        items.astype(np.int32).tofile(f)
+        item_counts.astype(np.int32).tofile(f)
     return {
         "b": b,
         "user_counts": np.bincount(u - start, minlength=stop - start),
-        "items": items.astype(np.int32),
-        "item_counts": item_counts.astype(np.int32),
+        "item_counts_file": str(counts_file),
         "sum": float(r.astype(np.float64).sum()),
         "n_validation": int(val.sum()),
         "n_test": int(test.sum()),
@@ -678,10 +683,10 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
         n_users, n_items = len(user_ids), len(item_ids)
         bl = config.blocks
         total_rows = int(user_rows.sum())
-        # Pass 3 works on fine buckets of users (about an eighth of a block's ratings); block
+        # Pass 3 works on fine buckets of users (about a quarter of a block's ratings); block
         # boundaries are then drawn over the exact train counts it returns.
         share = bl.target_ratings if bl.n_blocks is None else -(-total_rows // bl.n_blocks)
-        fine_bounds = balanced_bounds(user_rows, max(1, share // 8))
+        fine_bounds = balanced_bounds(user_rows, max(1, share // 4))
         plan = _SplitPlan(sp.method, sp.validation, sp.test, sp.seed)
         if p1.sample_t is not None:
             plan = _temporal_plan(plan, p1.sample_t)
@@ -723,8 +728,11 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
         item_counts = np.zeros(n_items, dtype=np.int64)
 
         def fold_items(r: dict) -> dict:
-            if "items" in r:
-                item_counts[r.pop("items")] += r.pop("item_counts")
+            if "item_counts_file" in r:
+                raw = np.fromfile(r["item_counts_file"], dtype=np.int32)
+                m = len(raw) // 2
+                item_counts[raw[:m]] += raw[m:]
+                os.remove(r["item_counts_file"])
             return r
 
         sres = _run_tasks(
