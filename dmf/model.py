@@ -242,21 +242,17 @@ class Model:
         An index of -1 is an unknown user or item: its bias and factors count as zero, which is
         the cold-start fallback (mu + c_j, mu + b_i, or mu).
         """
-        users = np.asarray(users, dtype=np.int64)
-        items = np.asarray(items, dtype=np.int64)
-        out = np.full(len(users), self.mu, dtype=np.float64)
-        ku, ki = users >= 0, items >= 0
-        out[ku] += self.user_bias[users[ku]]
-        out[ki] += self.item_bias[items[ki]]
-        both = np.flatnonzero(ku & ki)
-        # Chunks bound the gathered (chunk, rank) factor copies.
-        step = max(1, (1 << 22) // max(1, self.rank))
-        for a in range(0, len(both), step):
-            sel = both[a : a + step]
-            uf = self.user_factors[users[sel]].astype(np.float64)
-            vf = self.item_factors[items[sel]].astype(np.float64)
-            out[sel] += np.einsum("ij,ij->i", uf, vf)
-        return out
+        from dmf.solver import predict
+
+        return predict(
+            self.mu,
+            self.user_factors,
+            self.user_bias,
+            self.item_factors,
+            self.item_bias,
+            users,
+            items,
+        )
 
     def predict(
         self,

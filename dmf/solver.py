@@ -277,3 +277,35 @@ def _solve_long_row(block, r, target, fixed_factors, lam, lam_b, seg_len, dtype)
         resid = t - g @ x
         sse += float(resid @ resid)
     return x, sse
+
+
+def predict(
+    mu: float,
+    user_factors: np.ndarray,
+    user_bias: np.ndarray,
+    item_factors: np.ndarray,
+    item_bias: np.ndarray,
+    users: np.ndarray,
+    items: np.ndarray,
+) -> np.ndarray:
+    """r_hat = mu + b_i + c_j + u_i . v_j for dense indices, shape (n,), float64.
+
+    An index of -1 is an unknown user or item: its bias and factors count as zero, which is the
+    cold-start fallback (mu + c_j, mu + b_i, or mu).
+    """
+    users = np.asarray(users, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    out = np.full(len(users), mu, dtype=np.float64)
+    ku, ki = users >= 0, items >= 0
+    out[ku] += user_bias[users[ku]]
+    out[ki] += item_bias[items[ki]]
+    both = np.flatnonzero(ku & ki)
+    rank = user_factors.shape[1]
+    # Chunks bound the gathered (chunk, rank) factor copies.
+    step = max(1, (1 << 22) // max(1, rank))
+    for a in range(0, len(both), step):
+        sel = both[a : a + step]
+        uf = user_factors[users[sel]].astype(np.float64)
+        vf = item_factors[items[sel]].astype(np.float64)
+        out[sel] += np.einsum("ij,ij->i", uf, vf)
+    return out
