@@ -27,6 +27,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
+ANALYSIS = "\n## Analysis"
 
 
 # -- machine and versions ------------------------------------------------------------------------
@@ -266,6 +267,18 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total
 
 
+def tree_cpu_seconds() -> float:
+    """CPU seconds consumed so far by this process and all its living descendants."""
+    import psutil
+
+    me = psutil.Process()
+    try:
+        kids = me.children(recursive=True)
+    except psutil.Error:
+        kids = []
+    return cpu_seconds([me.pid] + [k.pid for k in kids])
+
+
 def gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f}"
 
@@ -376,11 +389,21 @@ class Report:
         return "\n".join(head + [p + "\n" for p in self.parts])
 
     def write(self, name: str) -> Path:
-        """Write docs/benchmarks_<name>.md atomically and return its path."""
+        """Write docs/benchmarks_<name>.md atomically and return its path.
+
+        A hand-written ``## Analysis`` section at the end of an existing file is kept, so a
+        re-run refreshes the tables without losing the commentary (which may then be stale:
+        it says which run it discusses)."""
         DOCS.mkdir(exist_ok=True)
         out = DOCS / f"benchmarks_{name}.md"
+        text = self.render()
+        if out.is_file():
+            old = out.read_text()
+            at = old.find(ANALYSIS)
+            if at >= 0:
+                text = text.rstrip("\n") + "\n\n" + old[at:]
         tmp = out.with_suffix(".md.tmp")
-        tmp.write_text(self.render())
+        tmp.write_text(text)
         os.replace(tmp, out)
         return out
 

@@ -95,7 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--memory-limit", default=None, help="per worker, e.g. 500MiB (default: auto)")
-    p.add_argument("--target-ratings", type=int, default=2_000_000, help="ratings per block")
+    p.add_argument("--target-ratings", type=int, default=1_000_000, help="ratings per block")
+    p.add_argument(
+        "--sub-batch-bytes",
+        type=int,
+        default=32 * 2**20,
+        help="train.sub_batch_bytes: the solver's working-set bound",
+    )
     p.add_argument("--root", default="runs/bench", help="where synthetic data and stores go")
     p.add_argument("--keep", action="store_true", help="keep the stores afterwards")
     p.add_argument("--out", default="scale", help="writes docs/benchmarks_<out>.md")
@@ -160,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
                         "iterations": args.iterations,
                         "checkpoint_every": 0,
                         "progress": "off",
+                        "sub_batch_bytes": args.sub_batch_bytes,
                     },
                     "output": {"model": str(root / "model-scale"), "plot": False},
                 }
@@ -253,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
         f"first), {args.workers} workers x 1 thread, memory_limit {limit / 2**20:.0f} MiB per "
         f"worker for every size. Largest store: {big_disk / 2**30:.2f} GiB on disk, "
         f"{big_arrays / 2**30:.2f} GiB as arrays; total worker memory_limit "
-        f"{args.workers * limit / 2**30:.2f} GiB. GEMM rate (1 thread): {gemm1:.1f} GFLOP/s."
+        f"{args.workers * limit / 2**30:.2f} GiB. Blocks of {args.target_ratings:,} ratings, "
+        f"solver sub-batches of {args.sub_batch_bytes / 2**20:.0f} MiB. "
+        f"GEMM rate (1 thread): {gemm1:.1f} GFLOP/s."
     )
     report.add(
         md_table(

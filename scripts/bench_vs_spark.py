@@ -49,6 +49,7 @@ from bench_common import (  # noqa: E402
     md_table,
     planted_ratings,
     split_test,
+    tree_cpu_seconds,
 )
 
 
@@ -115,7 +116,7 @@ def datasets(names: list[str], root: Path) -> list[tuple[str, Path]]:
 
 
 # -- dmf -------------------------------------------------------------------------------------------
-def dmf_ingest(split_dir: Path, store_path: Path):
+def dmf_ingest(split_dir: Path, store_path: Path, n_blocks: int | None):
     """The store from train.parquet: dmf.ingest when it exists, else read + store_from_arrays."""
     from dmf.config import load_config
 
@@ -129,6 +130,7 @@ def dmf_ingest(split_dir: Path, store_path: Path):
                 "data": {"source": str(split_dir / "train.parquet"), "format": "parquet"},
                 "store": {"path": str(store_path), "overwrite": True},
                 "split": {"method": "none", "test": 0.0, "validation": 0.0},
+                "blocks": {"n_blocks": n_blocks},
             }
         )
         return ingest(cfg, progress=False), "dmf.ingest.ingest"
@@ -140,14 +142,15 @@ def dmf_ingest(split_dir: Path, store_path: Path):
         t.column("user").to_numpy(),
         t.column("item").to_numpy(),
         t.column("rating").to_numpy(),
-        user_ids=None,
-        item_ids=None,
+        n_blocks=n_blocks,
         overwrite=True,
     )
     return store, "pyarrow read + dmf.store.store_from_arrays"
 
 
 def dmf_train(store, client, rank: int, iters: int, reg: float, weighted: bool, out: Path):
+    """Fit with ``iters`` iterations; returns (model, wall seconds, CPU seconds of all
+    processes: driver and workers)."""
     from dmf.config import load_config
     from dmf.train import train
 
@@ -158,11 +161,23 @@ def dmf_train(store, client, rank: int, iters: int, reg: float, weighted: bool, 
             "output": {"model": str(out), "plot": False, "overwrite": True},
         }
     )
+    cpu = tree_cpu_seconds()
     t = time.perf_counter()
     model = train(store, cfg, client=client, quiet=True)
-    fit = time.perf_counter() - t
-    secs = [h["seconds"] for h in model.history]
-    return model, fit, statistics.mean(secs[1:]) if len(secs) > 1 else secs[0]
+    return model, time.perf_counter() - t, tree_cpu_seconds() - cpu
+
+
+def dmf_per_iter(store, client, rank, iters, reg, weighted, out):
+    """Like Spark's: (fit with n iterations - fit with 1) / (n - 1), wall and CPU seconds."""
+    _, w1, c1 = dmf_train(store, client, rank, 1, reg, weighted, out)
+    model, wn, cn = dmf_train(store, client, rank, iters, reg, weighted, out)
+    hist = [h["seconds"] for h in model.history]
+    return model, {
+        "fit": wn,
+        "per_iter": (wn - w1) / (iters - 1),
+        "cpu_per_iter": (cn - c1) / (iters - 1),
+        "history_per_iter": statistics.mean(hist[1:]),
+    }
 
 
 def test_rmse_dmf(model, split_dir: Path) -> tuple[float, int]:
@@ -236,17 +251,18 @@ def spark_run(
             coldStartStrategy="drop",
             seed=0,
         )
+        cpu = tree_cpu_seconds()
         t0 = time.perf_counter()
         model = als.fit(train)
         # fit() is lazy for the factors' last step; materialise them inside the timing.
         model.userFactors.count()
         model.itemFactors.count()
-        return model, time.perf_counter() - t0
+        return model, time.perf_counter() - t0, tree_cpu_seconds() - cpu
 
     if warm_up:
         fit(1)  # the JVM's JIT compiles ALS's code paths; not timed
-    _, t1 = fit(1)
-    model, tn = fit(iters)
+    _, t1, c1 = fit(1)
+    model, tn, cn = fit(iters)
     t0 = time.perf_counter()
     pred = model.transform(test)
     rmse = RegressionEvaluator(
@@ -261,6 +277,7 @@ def spark_run(
         "fit1": t1,
         "fitn": tn,
         "per_iter": (tn - t1) / (iters - 1),
+        "cpu_per_iter": (cn - c1) / (iters - 1),
         "rmse": rmse,
         "predict": predict_s,
     }
@@ -275,6 +292,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reg", type=float, default=0.05, help="Spark regParam = dmf model.reg")
     p.add_argument("--workers", type=int, default=2, help="dmf workers (1 thread each)")
     p.add_argument("--spark-memory", default="8g", help="spark.driver.memory")
+    p.add_argument(
+        "--blocks",
+        type=int,
+        default=None,
+        help="dmf blocks per side (default: 4 x workers, so every worker has work; Spark's "
+        "default is 10)",
+    )
     p.add_argument("--root", default="runs/bench", help="where splits and stores are kept")
     p.add_argument("--skip-spark", action="store_true")
     p.add_argument("--out", default="vs_spark", help="writes docs/benchmarks_<out>.md")
@@ -283,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--iterations must be at least 2 (Spark's s/iter is a difference of two fits)")
     root = Path(args.root)
     threads = args.workers
+    n_blocks = args.blocks or 4 * args.workers
 
     from distributed import Client, LocalCluster
 
@@ -301,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"{label}: dmf ingest")
         with PeakRSS() as mem_dmf:
             t = time.perf_counter()
-            store, how = dmf_ingest(split_dir, split_dir / "store")
+            store, how = dmf_ingest(split_dir, split_dir / "store", n_blocks)
             ingest_s = time.perf_counter() - t
             t = time.perf_counter()
             cluster = LocalCluster(
@@ -315,10 +340,12 @@ def main(argv: list[str] | None = None) -> None:
             cluster_s = time.perf_counter() - t
             dmf_res = {}
             try:
+                # Untimed: imports on the workers and first-call costs, as Spark's warm-up fit.
+                dmf_train(store, client, args.ranks[0], 1, args.reg, True, split_dir / "model")
                 for rank in args.ranks:
                     for weighted in (True, False):
                         log(f"{label}: dmf rank {rank} weighted_reg={weighted}")
-                        model, fit, per_iter = dmf_train(
+                        model, r = dmf_per_iter(
                             store,
                             client,
                             rank,
@@ -329,8 +356,9 @@ def main(argv: list[str] | None = None) -> None:
                         )
                         t = time.perf_counter()
                         rmse, n_scored = test_rmse_dmf(model, split_dir)
-                        pred_s = time.perf_counter() - t
-                        dmf_res[rank, weighted] = (fit, per_iter, rmse, pred_s, n_scored)
+                        r["predict"] = time.perf_counter() - t
+                        r["rmse"] = rmse
+                        dmf_res[rank, weighted] = r
                         del model
                         gc.collect()
             finally:
@@ -359,23 +387,25 @@ def main(argv: list[str] | None = None) -> None:
         ni = store.n_items
         for rank in args.ranks:
             floor = als_flops(n_train, n_train, rank, nu, ni).floor / (threads * gemm1 * 1e9)
-            fit_w, it_w, rmse_w, pred_w, scored = dmf_res[rank, True]
-            fit_d, it_d, rmse_d, _, _ = dmf_res[rank, False]
-            s = spark_res.get(rank)
-            sp_it = s["per_iter"] if s else float("nan")
+            w, d = dmf_res[rank, True], dmf_res[rank, False]
+            s = spark_res.get(rank, {})
+            nan = float("nan")
             rows.append(
                 [
                     label,
                     f"{n_train:,}",
                     rank,
-                    it_w,
-                    sp_it,
-                    sp_it / it_w,
+                    w["per_iter"],
+                    s.get("per_iter", nan),
+                    s.get("per_iter", nan) / w["per_iter"],
+                    w["cpu_per_iter"],
+                    s.get("cpu_per_iter", nan),
+                    s.get("cpu_per_iter", nan) / w["cpu_per_iter"],
                     floor,
-                    rmse_w,
-                    s["rmse"] if s else float("nan"),
-                    rmse_d,
-                    it_d,
+                    w["rmse"],
+                    s.get("rmse", nan),
+                    d["rmse"],
+                    d["per_iter"],
                 ]
             )
             detail.append(
@@ -384,17 +414,26 @@ def main(argv: list[str] | None = None) -> None:
                     rank,
                     ingest_s,
                     cluster_s,
-                    fit_w,
-                    ingest_s + fit_w + pred_w,
+                    w["history_per_iter"],
+                    w["fit"],
+                    ingest_s + w["fit"] + w["predict"],
                     jvm_start,
-                    s["load"] if s else float("nan"),
-                    s["fit1"] if s else float("nan"),
-                    s["fitn"] if s else float("nan"),
-                    (s["load"] + s["fitn"] + s["predict"]) if s else float("nan"),
+                    s.get("load", nan),
+                    s.get("fit1", nan),
+                    s.get("fitn", nan),
+                    s.get("load", nan) + s.get("fitn", nan) + s.get("predict", nan),
                 ]
             )
         rmse_rows.append(
-            [label, f"{n_train:,}", f"{n_test:,}", scored, dmf_mem / 2**30, spark_mem / 2**30, how]
+            [
+                label,
+                f"{n_train:,}",
+                f"{n_test:,}",
+                n_scored,
+                dmf_mem / 2**30,
+                spark_mem / 2**30,
+                how,
+            ]
         )
         del store
         gc.collect()
@@ -411,7 +450,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.iterations}; regParam = dmf reg = {args.reg}. GEMM rate (1 thread, float64): "
         f"{gemm1:.1f} GFLOP/s; *floor s* = least arithmetic of one exact iteration at "
         f"{threads} x that rate. Spark's BLAS/LAPACK (netlib): {blas_impl}. Before each data "
-        "set's first Spark fit, one untimed fit of 1 iteration warms up the JIT."
+        "set's first Spark fit, one untimed fit of 1 iteration warms up the JIT (dmf gets the same "
+        "untimed warm-up fit). "
+        f"dmf blocks per side: {n_blocks}. **s/iter** for both systems = (fit with "
+        f"{args.iterations} iterations - fit with 1) / {args.iterations - 1}, wall seconds; "
+        "**CPU s/iter** the same difference of CPU seconds consumed by all processes (driver, "
+        "Dask workers, JVM): on a machine shared with other jobs, wall times are inflated by the "
+        "competition while CPU seconds are not, so the CPU ratio is the steadier comparison."
     )
     report.add("## Seconds per iteration and test RMSE")
     report.add(
@@ -423,6 +468,9 @@ def main(argv: list[str] | None = None) -> None:
                 "dmf ALS-WR s/iter",
                 "Spark s/iter",
                 "Spark / dmf",
+                "dmf CPU s/iter",
+                "Spark CPU s/iter",
+                "Spark / dmf (CPU)",
                 "floor s",
                 "dmf ALS-WR test RMSE",
                 "Spark test RMSE",
@@ -440,6 +488,7 @@ def main(argv: list[str] | None = None) -> None:
                 "rank",
                 "dmf ingest",
                 "dmf cluster start",
+                "dmf s/iter (history)",
                 f"dmf fit ({args.iterations} it)",
                 "dmf ingest+fit+predict",
                 "Spark JVM start (once)",
