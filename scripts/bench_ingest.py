@@ -223,7 +223,7 @@ def main() -> None:
                 "ratings",
                 "input",
                 "row order",
-                "passes 2-4 on",
+                "passes 2-5 on",
                 "seconds",
                 "ratings/s",
                 "CPU s",
