@@ -662,6 +662,15 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
             "timestamp column's name or position"
         )
     out = config.resolve(config.store.path)
+    stale = sorted(out.parent.glob(f".{out.name}.tmp-*")) if out.parent.is_dir() else []
+    if stale:
+        # Left by an ingest that was killed (or is still running elsewhere): they may hold
+        # gigabytes of spill files.
+        log.warning(
+            "dmf ingest: temporary directories of an interrupted ingest are next to the store: "
+            "%s; delete them to free their space if no other ingest is running",
+            ", ".join(str(p) for p in stale),
+        )
     with StoreWriter(out, overwrite=config.store.overwrite) as w:
         spill = w.tmp / "_spill"
         # Pass 1, re-run with string ids if integer-looking ids turn out not to be integers.

@@ -461,7 +461,7 @@ def test_truncated_or_deleted_file_is_an_error_naming_it(tmp_path, csv_file):
         Store.open(store.path)
 
 
-def test_killed_ingest_leaves_no_store_and_keeps_the_old_one(tmp_path):
+def test_killed_ingest_leaves_no_store_and_keeps_the_old_one(tmp_path, caplog):
     rows = make_rows(n_users=2000, n_items=500, nnz=200_000, seed=9)
     f = write_csv(tmp_path / "big.csv", rows)
     small = write_csv(tmp_path / "small.csv", rows[:100])
@@ -491,6 +491,12 @@ def test_killed_ingest_leaves_no_store_and_keeps_the_old_one(tmp_path):
             assert not (store_dir / "manifest.json").exists()
             with pytest.raises(StoreError):
                 Store.open(store_dir)
+            # The next ingest says where the leftovers are.
+            cfg2 = cfg_for(tmp_path, str(small))
+            cfg2.store.path = str(store_dir)
+            with caplog.at_level("WARNING", logger="dmf"):
+                ingest(cfg2, progress=False)
+            assert f".{name}.tmp-" in caplog.text and "interrupted ingest" in caplog.text
         else:
             assert Store.open(store_dir).n_train + Store.open(store_dir).n_split("test") == 100
 
