@@ -33,7 +33,7 @@ from dmf.cluster import blas_single_thread, maybe_connect
 from dmf.config import Config
 from dmf.errors import CheckpointError, TrainingError
 from dmf.model import Model
-from dmf.solver import BlockSolution, penalty_term, solve_block
+from dmf.solver import BlockSolution, penalty_term, predict, solve_block
 from dmf.store import Store, read_block_file
 
 log = logging.getLogger("dmf")
@@ -122,24 +122,12 @@ def _rmse_on_split(store: Store, split: str, mu: float, f: dict[str, np.ndarray]
         u = batch.column(0).to_numpy()
         i = batch.column(1).to_numpy()
         r = batch.column(2).to_numpy().astype(np.float64)
-        pred = predict_indices(mu, f, u, i)
+        pred = predict(
+            mu, f["user_factors"], f["user_bias"], f["item_factors"], f["item_bias"], u, i
+        )
         sse += float(np.square(r - pred).sum())
         n += len(r)
     return math.sqrt(sse / n) if n else None
-
-
-def predict_indices(
-    mu: float, f: dict[str, np.ndarray], users: np.ndarray, items: np.ndarray
-) -> np.ndarray:
-    """mu + b_i + c_j + u_i . v_j for dense index arrays, in float64."""
-    uf = f["user_factors"][users].astype(np.float64)
-    vf = f["item_factors"][items].astype(np.float64)
-    return (
-        mu
-        + f["user_bias"][users].astype(np.float64)
-        + f["item_bias"][items].astype(np.float64)
-        + np.einsum("ij,ij->i", uf, vf)
-    )
 
 
 class Trainer:
@@ -207,72 +195,50 @@ class Trainer:
 
     # -- one half-iteration --------------------------------------------------------------------
     def half_step(self, side: str, it: int, f: dict[str, np.ndarray]) -> dict[str, float]:
-        """Solve every row of ``side`` given the other side; updates ``f`` in place."""
-        from distributed import as_completed
+        """Solve every row of ``side`` given the other side; updates ``f`` in place.
+
+        The fixed side is scattered to every worker, but Dask's active memory manager soon keeps
+        a single copy of it; if the worker holding that copy dies, the block tasks not yet done
+        are cancelled. Then the fixed side is broadcast again and only the unsolved blocks are
+        resubmitted (each block's solution is deterministic, so the result is unchanged); the
+        half-step fails only when three attempts in a row solve no block.
+        """
         from distributed.client import FutureCancelledError
 
         other = other_side(side)
         fixed = FixedSide(f[f"{other}_factors"], f[f"{other}_bias"])
         inputs = self._block_inputs(side)
-        for attempt in range(3):
-            try:
-                return self._run_half_step(side, it, f, fixed, inputs, as_completed, attempt)
-            except FutureCancelledError as exc:
-                # The broadcast copy was lost with every worker that held it: broadcast again.
-                log.warning(
-                    "dmf: %s half-step of iteration %d lost data (%s); retrying", side, it, exc
-                )
-        raise TrainingError(f"{side} half-step of iteration {it} failed three times")
-
-    def _run_half_step(self, side, it, f, fixed, inputs, as_completed, attempt):
-        from tqdm.auto import tqdm
-
-        [fixed_fut] = self.client.scatter([fixed], broadcast=True, hash=False)
-        futures = [
-            self.client.submit(
-                solve_block_task,
-                blk,
-                fixed_fut,
-                self.params,
-                key=f"solve-{side}s-{it}-{b:05d}-{self.token}"
-                + (f"-retry{attempt}" if attempt else ""),
-                retries=self.config.train.retries,
-                pure=False,
-            )
-            for b, blk in enumerate(inputs)
-        ]
-        bar = tqdm(
-            total=len(futures),
-            desc=f"iter {it} {side}s",
-            unit="block",
-            leave=False,
-            disable=self._progress_disabled(),
-            file=sys.stderr,
-        )
-        # Per-block shares, summed with fsum below: a float sum in completion order would make
-        # the objective (and so tolerance stopping) depend on which task finished first.
-        sses, penalties = [], []
-        nnz = 0
         new_f = np.empty_like(f[f"{side}_factors"])
         new_b = np.empty_like(f[f"{side}_bias"])
-        try:
-            for fut in as_completed(futures):
-                sol: BlockSolution = fut.result()
-                new_f[sol.start : sol.start + sol.n_rows] = sol.factors
-                new_b[sol.start : sol.start + sol.n_rows] = sol.bias
-                sses.append(sol.sse)
-                penalties.append(sol.penalty)
-                nnz += sol.nnz
-                bar.update(1)
-                fut.release()
-        finally:
-            bar.close()
-            fixed_fut.release()
+        done: dict[int, tuple[float, float, int]] = {}  # block -> (sse, penalty, nnz)
+        attempt = fruitless = 0
+        while len(done) < len(inputs):
+            n_done = len(done)
+            try:
+                self._solve_blocks(side, it, fixed, inputs, new_f, new_b, done, attempt)
+            except FutureCancelledError as exc:
+                fruitless = 0 if len(done) > n_done else fruitless + 1
+                if fruitless >= 3:
+                    raise TrainingError(
+                        f"{side} half-step of iteration {it} lost its broadcast data three times "
+                        f"in a row without solving a block ({exc}); are workers being killed?"
+                    ) from exc
+                log.warning(
+                    "dmf: %s half-step of iteration %d lost data (%s); broadcasting again for "
+                    "the %d unsolved blocks",
+                    side,
+                    it,
+                    exc,
+                    len(inputs) - len(done),
+                )
+                attempt += 1
         f[f"{side}_factors"] = new_f
         f[f"{side}_bias"] = new_b
-        sse, penalty = math.fsum(sses), math.fsum(penalties)
+        # fsum is exact, so the objective does not depend on the order blocks finished in.
+        sse = math.fsum(d[0] for d in done.values())
+        penalty = math.fsum(d[1] for d in done.values())
+        nnz = sum(d[2] for d in done.values())
         m = self.config.model
-        other = other_side(side)
         other_pen = penalty_term(
             f[f"{other}_factors"],
             f[f"{other}_bias"],
@@ -282,6 +248,47 @@ class Trainer:
             m.weighted_reg,
         )
         return {"sse": sse, "objective": sse + penalty + other_pen, "nnz": nnz}
+
+    def _solve_blocks(self, side, it, fixed, inputs, new_f, new_b, done, attempt) -> None:
+        """Broadcast ``fixed``, solve the blocks not in ``done``, record each as it completes."""
+        from distributed import as_completed
+        from tqdm.auto import tqdm
+
+        [fixed_fut] = self.client.scatter([fixed], broadcast=True, hash=False)
+        futures = {
+            self.client.submit(
+                solve_block_task,
+                blk,
+                fixed_fut,
+                self.params,
+                key=f"solve-{side}s-{it}-{b:05d}-{self.token}"
+                + (f"-retry{attempt}" if attempt else ""),
+                retries=self.config.train.retries,
+                pure=False,
+            ): b
+            for b, blk in enumerate(inputs)
+            if b not in done
+        }
+        bar = tqdm(
+            total=len(inputs),
+            initial=len(done),
+            desc=f"iter {it} {side}s",
+            unit="block",
+            leave=False,
+            disable=self._progress_disabled(),
+            file=sys.stderr,
+        )
+        try:
+            for fut in as_completed(list(futures)):
+                sol: BlockSolution = fut.result()
+                new_f[sol.start : sol.start + sol.n_rows] = sol.factors
+                new_b[sol.start : sol.start + sol.n_rows] = sol.bias
+                done[futures[fut]] = (sol.sse, sol.penalty, sol.nnz)
+                bar.update(1)
+                fut.release()
+        finally:
+            bar.close()
+            fixed_fut.release()
 
     def _progress_disabled(self) -> bool | None:
         mode = self.config.train.progress
