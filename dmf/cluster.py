@@ -88,7 +88,10 @@ def connect(
             processes=cc.processes,
             dashboard_address=cc.dashboard_address,
             local_directory=cc.local_directory,
-            env=BLAS_ENV if cc.processes else None,
+            # Worker processes get one BLAS thread from their environment; thread workers
+            # (processes: false) take no ``env`` argument at all (TypeError), and rely on
+            # blas_single_thread in each task.
+            **({"env": BLAS_ENV} if cc.processes else {}),
         )
         client = Client(cluster)
         what = f"LocalCluster: {cc.n_workers} workers x {cc.threads_per_worker} threads"

@@ -31,7 +31,7 @@ from dmf.blocks import RatingBlock, other_side
 from dmf.checkpoint import describe_mismatch, latest_checkpoint, write_checkpoint
 from dmf.cluster import blas_single_thread, maybe_connect
 from dmf.config import Config
-from dmf.errors import CheckpointError, TrainingError
+from dmf.errors import CheckpointError, ModelError, TrainingError
 from dmf.model import Model
 from dmf.solver import BlockSolution, penalty_term, predict, solve_block
 from dmf.store import Store, read_block_file
@@ -301,9 +301,20 @@ class Trainer:
         """What a checkpoint must match to be resumed: the model section and the store."""
         return {"model": self.config.to_dict()["model"], "store": self.store.fingerprint}
 
+    def _may_overwrite(self, resume: bool) -> bool:
+        return (
+            self.config.output.overwrite or resume or not (self.model_dir / "model.json").exists()
+        )
+
     def run(self, resume: bool = False) -> Model:
         cfg = self.config
         tc = cfg.train
+        if not self._may_overwrite(resume):
+            # Refuse now, not after hours of training.
+            raise ModelError(
+                f"model directory {self.model_dir} already holds a model; set "
+                "output.overwrite: true, choose another output.model, or resume"
+            )
         f = initial_factors(self.store, cfg)
         history: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None  # early stopping: best validation RMSE and factors
@@ -408,7 +419,9 @@ class Trainer:
             store_path=str(self.store.path.resolve()),
             meta=meta,
         )
-        model.save(self.model_dir, overwrite=cfg.output.overwrite, plot=cfg.output.plot)
+        # The directory exists once a checkpoint is written; it is only "overwritten" if it held
+        # a model before this run (and a resumed run replaces its own model).
+        model.save(self.model_dir, overwrite=self._may_overwrite(resume), plot=cfg.output.plot)
         self._say(f"dmf: model written to {self.model_dir}")
         return model
 

@@ -229,3 +229,11 @@ def test_blas_pinned_to_one_thread_in_tasks(external_cluster):
     assert all(n == 1 for n in by_name["w1"]["outside"]), by_name
     if (os.cpu_count() or 1) > 1:
         assert max(by_name["w2"]["outside"]) > 1, by_name
+
+
+def test_local_cluster_of_threads(store, local_result, tmp_path):
+    """cluster.processes false: an in-process LocalCluster of thread workers, same model."""
+    raw = raw_config(store, tmp_path / "m")
+    raw["cluster"] = {"n_workers": 2, "processes": False, "dashboard_address": None}
+    model = train(store, load_config(raw=raw), quiet=True)
+    assert_same_model(local_result, model)

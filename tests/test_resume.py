@@ -23,7 +23,7 @@ from conftest import random_ratings
 
 from dmf.checkpoint import list_checkpoints, read_checkpoint
 from dmf.config import load_config
-from dmf.errors import CheckpointError
+from dmf.errors import CheckpointError, ModelError
 from dmf.model import Model
 from dmf.store import store_from_arrays
 from dmf.train import train
@@ -307,3 +307,24 @@ def test_sigkill_during_checkpoint_writes_leaves_only_complete_ones(tmp_path):
             state, arrays = read_checkpoint(p)
             assert arrays["user_factors"].shape == (1_000_000, 4)
     assert mid_write, "no kill landed during a write: the test proved nothing"
+
+
+def test_checkpoints_do_not_block_a_model_that_must_not_overwrite(store, client, tmp_path):
+    """output.overwrite false: checkpoints create the model directory during the run, which
+    must not make the final save fail; an existing model is refused before training starts."""
+    raw = raw_config(store, tmp_path / "m", 2)
+    raw["output"]["overwrite"] = False
+    cfg = load_config(raw=raw)
+    a = train(store, cfg, client=client, quiet=True)
+    assert (tmp_path / "m" / "model.json").is_file()
+    ckpts = [p.name for p in list_checkpoints(tmp_path / "m" / "checkpoints")]
+
+    with pytest.raises(ModelError, match="already holds a model"):
+        train(store, cfg, client=client, quiet=True)
+    assert [p.name for p in list_checkpoints(tmp_path / "m" / "checkpoints")] == ckpts
+    assert_same_model(a, Model.load(tmp_path / "m"), rtol=0)
+
+    # Resuming continues this run into its own directory.
+    raw["train"]["iterations"] = 3
+    b = train(store, load_config(raw=raw), client=client, resume=True, quiet=True)
+    assert [h["iteration"] for h in b.history] == [1, 2, 3]
