@@ -64,6 +64,18 @@ def with_overrides(
     return cfg
 
 
+def _attach(target: str, key: str, **client_kwargs):
+    """Connect to a running scheduler; an unreachable one is the user's config error."""
+    from distributed import Client
+
+    try:
+        return Client(**client_kwargs)
+    except OSError as exc:  # includes TimeoutError and distributed's CommClosedError
+        raise ConfigError(
+            f"{key}: cannot reach {target}: {exc}. Is the scheduler running and reachable?"
+        ) from exc
+
+
 @contextlib.contextmanager
 def connect(
     config: Config | ClusterConfig,
@@ -96,12 +108,16 @@ def connect(
         client = Client(cluster)
         what = f"LocalCluster: {cc.n_workers} workers x {cc.threads_per_worker} threads"
     elif cc.kind == "address":
-        client = Client(cc.address)
+        client = _attach(cc.address, "cluster.address (--address)", address=cc.address)
         what = f"cluster at {cc.address}"
     elif cc.kind == "scheduler_file":
         if not os.path.isfile(cc.scheduler_file):
             raise ConfigError(f"cluster.scheduler_file: {cc.scheduler_file} does not exist")
-        client = Client(scheduler_file=cc.scheduler_file)
+        client = _attach(
+            f"the scheduler of {cc.scheduler_file}",
+            "cluster.scheduler_file (--scheduler-file)",
+            scheduler_file=cc.scheduler_file,
+        )
         what = f"cluster from {cc.scheduler_file}"
     else:  # jobqueue
         try:

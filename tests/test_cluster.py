@@ -237,3 +237,19 @@ def test_local_cluster_of_threads(store, local_result, tmp_path):
     raw["cluster"] = {"n_workers": 2, "processes": False, "dashboard_address": None}
     model = train(store, load_config(raw=raw), quiet=True)
     assert_same_model(local_result, model)
+
+
+def test_unreachable_scheduler_is_a_config_error(store, tmp_path):
+    import dask
+
+    from dmf.errors import ConfigError
+
+    cfg = load_config(raw=raw_config(store, tmp_path / "m"))
+    dead = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    stale = tmp_path / "scheduler.json"
+    stale.write_text(json.dumps({"type": "Scheduler", "address": dead}))
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(ConfigError, match=r"cluster\.address .*127\.0\.0\.1"):
+            train(store, cfg, address=dead, quiet=True)
+        with pytest.raises(ConfigError, match=r"cluster\.scheduler_file .*scheduler\.json"):
+            train(store, cfg, scheduler_file=str(stale), quiet=True)
