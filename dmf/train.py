@@ -203,6 +203,7 @@ class Trainer:
         resubmitted (each block's solution is deterministic, so the result is unchanged); the
         half-step fails only when three attempts in a row solve no block.
         """
+        from distributed import KilledWorker
         from distributed.client import FutureCancelledError
 
         other = other_side(side)
@@ -216,12 +217,16 @@ class Trainer:
             n_done = len(done)
             try:
                 self._solve_blocks(side, it, fixed, inputs, new_f, new_b, done, attempt)
+            except KilledWorker as exc:
+                raise TrainingError(
+                    f"{side} half-step of iteration {it}: {exc}. {_WORKERS_DIED}"
+                ) from exc
             except FutureCancelledError as exc:
                 fruitless = 0 if len(done) > n_done else fruitless + 1
                 if fruitless >= 3:
                     raise TrainingError(
                         f"{side} half-step of iteration {it} lost its broadcast data three times "
-                        f"in a row without solving a block ({exc}); are workers being killed?"
+                        f"in a row without solving a block ({exc}). {_WORKERS_DIED}"
                     ) from exc
                 log.warning(
                     "dmf: %s half-step of iteration %d lost data (%s); broadcasting again for "
@@ -456,6 +461,13 @@ class Trainer:
     def _say(self, msg: str) -> None:
         if not self.quiet:
             print(msg, file=sys.stderr, flush=True)
+
+
+_WORKERS_DIED = (
+    "Workers died while solving blocks: if the worker logs say they exceeded their memory "
+    "budget, lower blocks.target_ratings (re-ingest) or train.sub_batch_bytes, or raise "
+    "cluster.memory_limit"
+)
 
 
 def _accepts_n_workers(client) -> bool:

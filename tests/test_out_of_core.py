@@ -120,3 +120,30 @@ def test_cached_and_streamed_blocks_give_identical_factors(client, tmp_path):
     for k in ("user_factors", "user_bias", "item_factors", "item_bias"):
         np.testing.assert_array_equal(getattr(cached, k), getattr(streamed, k), err_msg=k)
     assert [h["objective"] for h in cached.history] == [h["objective"] for h in streamed.history]
+
+
+def test_block_too_big_for_a_worker_is_a_clear_error(tmp_path):
+    """A block whose working set exceeds memory_limit kills its worker each time Dask reruns it:
+    the user gets a TrainingError naming the settings to change, not a Dask exception."""
+    from distributed import Client, LocalCluster
+
+    from dmf.errors import TrainingError
+
+    u, i, r = random_ratings(15_000, 4_000, 1_500_000, seed=42)
+    store = store_from_arrays(tmp_path / "store", u, i, r, n_blocks=1)
+    raw = make_config(tmp_path / "m", "never", 1).to_dict()
+    raw["model"]["rank"] = 32
+    raw["train"]["sub_batch_bytes"] = 256 * MiB  # the solver's working set alone exceeds the limit
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            dashboard_address=None,
+            memory_limit=200 * MiB,
+            env=BLAS_ENV,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        with pytest.raises(TrainingError, match="memory_limit") as err:
+            train(store, load_config(raw=raw), client=client, quiet=True)
+    assert "blocks.target_ratings" in str(err.value) and "sub_batch_bytes" in str(err.value)
