@@ -7,6 +7,10 @@ with ``memory_limit`` 224 MiB (Dask pauses it at 80%, ~188 MB, and kills it at 9
 one block at a time but not for the store's 15M ratings (~240 MB in memory). That test is slow
 (building the store takes most of it); a fast variant runs the same checks on a 1.5M-rating store
 under a 200 MiB limit, tight for the worker's baseline but not below the store's size.
+
+A limit so tight that workers pause at 80% and never get below it again stalls Dask itself (seen
+at 180 MiB with 100k-rating blocks), hence the margins. A block whose working set cannot fit at
+all must end in a clear error, not a hang or a Dask exception.
 """
 
 from __future__ import annotations
