@@ -174,6 +174,9 @@ class TrainConfig(Section):
     """Working-set bound of the block solver: rows are solved in sub-batches of about this size."""
     progress: Literal["auto", "on", "off"] = "auto"
     """Progress bars per half-iteration: ``auto`` shows them only on a terminal."""
+    stall_warning: float = Field(default=600.0, gt=0)
+    """Seconds without a finished block after which a warning says whether workers are paused
+    for lack of memory (training keeps waiting)."""
     retries: int = Field(default=2, ge=0)
     """How often Dask reruns a block task whose worker died."""
 

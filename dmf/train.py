@@ -203,8 +203,9 @@ class Trainer:
         resubmitted (each block's solution is deterministic, so the result is unchanged); the
         half-step fails only when three attempts in a row solve no block.
         """
+        from concurrent.futures import CancelledError  # Dask's Future(s)CancelledError
+
         from distributed import KilledWorker
-        from distributed.client import FutureCancelledError
 
         other = other_side(side)
         fixed = FixedSide(f[f"{other}_factors"], f[f"{other}_bias"])
@@ -221,7 +222,7 @@ class Trainer:
                 raise TrainingError(
                     f"{side} half-step of iteration {it}: {exc}. {_WORKERS_DIED}"
                 ) from exc
-            except FutureCancelledError as exc:
+            except CancelledError as exc:
                 fruitless = 0 if len(done) > n_done else fruitless + 1
                 if fruitless >= 3:
                     raise TrainingError(
@@ -256,7 +257,7 @@ class Trainer:
 
     def _solve_blocks(self, side, it, fixed, inputs, new_f, new_b, done, attempt) -> None:
         """Broadcast ``fixed``, solve the blocks not in ``done``, record each as it completes."""
-        from distributed import as_completed
+        from distributed import wait
         from tqdm.auto import tqdm
 
         [fixed_fut] = self.client.scatter([fixed], broadcast=True, hash=False)
@@ -283,17 +284,48 @@ class Trainer:
             disable=self._progress_disabled(),
             file=sys.stderr,
         )
+        pending = set(futures)
         try:
-            for fut in as_completed(list(futures)):
-                sol: BlockSolution = fut.result()
-                new_f[sol.start : sol.start + sol.n_rows] = sol.factors
-                new_b[sol.start : sol.start + sol.n_rows] = sol.bias
-                done[futures[fut]] = (sol.sse, sol.penalty, sol.nnz)
-                bar.update(1)
-                fut.release()
+            while pending:
+                try:
+                    finished = wait(
+                        pending,
+                        timeout=self.config.train.stall_warning,
+                        return_when="FIRST_COMPLETED",
+                    ).done
+                except TimeoutError:
+                    self._warn_stall(side, it, len(pending))
+                    continue
+                for fut in finished:
+                    sol: BlockSolution = fut.result()
+                    new_f[sol.start : sol.start + sol.n_rows] = sol.factors
+                    new_b[sol.start : sol.start + sol.n_rows] = sol.bias
+                    done[futures[fut]] = (sol.sse, sol.penalty, sol.nnz)
+                    bar.update(1)
+                    pending.discard(fut)
+                    fut.release()
         finally:
             bar.close()
             fixed_fut.release()
+
+    def _warn_stall(self, side: str, it: int, n_pending: int) -> None:
+        """No block finished for a while: say so, and whether Dask paused workers for memory
+        (a paused worker runs nothing until its memory drops, which may be never)."""
+        workers = self.client.scheduler_info()["workers"].values()
+        paused = sum(w.get("status") == "paused" for w in workers)
+        log.warning(
+            "dmf: no block of the %s half-step of iteration %d finished in the last %g s "
+            "(%d still to solve); %d of %d workers are paused for memory.%s",
+            side,
+            it,
+            self.config.train.stall_warning,
+            n_pending,
+            paused,
+            len(workers),
+            " Raise cluster.memory_limit, or lower blocks.target_ratings and train.sub_batch_bytes."
+            if paused
+            else "",
+        )
 
     def _progress_disabled(self) -> bool | None:
         mode = self.config.train.progress

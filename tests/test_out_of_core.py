@@ -6,7 +6,7 @@ row pointer), so a store's in-memory size is ~16 bytes a train rating. A worker 
 with ``memory_limit`` 224 MiB (Dask pauses it at 80%, ~188 MB, and kills it at 95%) has room for
 one block at a time but not for the store's 15M ratings (~240 MB in memory). That test is slow
 (building the store takes most of it); a fast variant runs the same checks on a 1.5M-rating store
-under a 200 MiB limit, tight for the worker's baseline but not below the store's size.
+under a 400 MiB limit, not below the store's size.
 
 A limit so tight that workers pause at 80% and never get below it again stalls Dask itself (seen
 at 180 MiB with 100k-rating blocks), hence the margins. A block whose working set cannot fit at
@@ -114,7 +114,9 @@ def test_tight_memory_limit_streams_blocks(tmp_path):
     """The same checks at a scale that runs in seconds (see the module docstring)."""
     store = make_store(tmp_path / "store", 1_500_000, target_ratings=100_000)
     assert store.n_blocks("user") >= 10 and store.n_blocks("item") >= 10
-    check_trains_within_limit(store, 200 * MiB, tmp_path)
+    # 400 MiB leaves room over a worker's baseline on any machine (200 MiB paused the workers
+    # for good in a fresh CI virtualenv); the slow test above is the one below the store's size.
+    check_trains_within_limit(store, 400 * MiB, tmp_path)
 
 
 def test_cached_and_streamed_blocks_give_identical_factors(client, tmp_path):

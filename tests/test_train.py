@@ -199,3 +199,16 @@ def test_early_stopping_keeps_the_best_model(tmp_path, client):
     assert m.meta["best_iteration"] == best
     assert len(m.history) == best + 2 < 30
     assert m.meta["best_validation_rmse"] == pytest.approx(min(vals))
+
+
+def test_a_stalled_half_step_is_reported(tmp_path, client, caplog):
+    # A tiny stall_warning makes ordinary block solves count as stalls: the warning must say how
+    # many workers are paused, and training must still finish.
+    store, _ = _store(tmp_path, nnz=2000)
+    cfg = _config(tmp_path, rank=24)
+    cfg.train.iterations = 1
+    cfg.train.stall_warning = 1e-3
+    with caplog.at_level("WARNING", logger="dmf"):
+        m = train(store, cfg, client=client, quiet=True)
+    assert len(m.history) == 1
+    assert any("0 of 2 workers are paused" in r.getMessage() for r in caplog.records)
