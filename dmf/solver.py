@@ -168,8 +168,9 @@ def solve_block(
             pos = np.where(mask, block.indptr[rows][:, None] + offs[None, :], 0)
             # A: the rows [v_j, 1] of every rating, zero on padding, float64.
             a_mat = np.empty((len(rows), length, k1), dtype=np.float64)
-            np.multiply(fixed_factors[block.cols[pos]], mask[:, :, None], out=a_mat[:, :, :rank])
-            a_mat[:, :, rank] = mask
+            a_mat[:, :, :rank] = fixed_factors[block.cols[pos]]
+            a_mat[:, :, rank] = 1.0
+            a_mat[~mask] = 0.0  # padding rows only: cheaper than multiplying all by the mask
             t = np.where(mask, target[pos], 0.0)
             if length < k1 and woodbury_ok:
                 x, row_sse = _solve_short_rows(a_mat, t, lam[rows], lam_b[rows], dtype)
