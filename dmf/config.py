@@ -126,7 +126,7 @@ class SplitConfig(Section):
 
 
 class BlocksConfig(Section):
-    target_ratings: PositiveInt = Field(default=2_000_000, ge=1)
+    target_ratings: PositiveInt = Field(default=1_000_000, ge=1)
     """Target number of train ratings per block; a block's memory is about 12 bytes a rating on
     disk and (rank+1)*8 bytes a rating while being solved in sub-batches."""
     n_blocks: int | None = Field(default=None, ge=1)

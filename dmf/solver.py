@@ -95,6 +95,20 @@ def _plan_sub_batches(sorted_counts: np.ndarray, row_bytes_per_rating: int, max_
         a = b
 
 
+def augment(fixed_factors: np.ndarray) -> np.ndarray:
+    """The rows [v_j, 1] of the fixed side plus one zero row, shape (n_other + 1, rank + 1).
+
+    The solver gathers A from it in one contiguous pass; padding points at the zero row. Same
+    dtype as ``fixed_factors`` (1.0 and 0.0 are exact in float32), so it costs what the factors
+    cost; the trainer builds it once per half-iteration and broadcasts it.
+    """
+    n, rank = fixed_factors.shape
+    aug = np.zeros((n + 1, rank + 1), dtype=fixed_factors.dtype)
+    aug[:n, :rank] = fixed_factors
+    aug[:n, rank] = 1.0
+    return aug
+
+
 def solve_block(
     block: RatingBlock,
     fixed_factors: np.ndarray,
@@ -105,6 +119,7 @@ def solve_block(
     weighted_reg: bool = False,
     dtype: np.dtype | str = np.float32,
     sub_batch_bytes: int = 64 * 2**20,
+    fixed_aug: np.ndarray | None = None,
 ) -> BlockSolution:
     """Solve the augmented normal equations of every row of ``block``.
 
@@ -123,6 +138,8 @@ def solve_block(
         values, so the recorded objective is that of the stored model.
     sub_batch_bytes
         Bound on the float64 working set of one sub-batch.
+    fixed_aug
+        ``augment(fixed_factors)``, if already at hand (the trainer broadcasts it).
 
     Returns
     -------
@@ -132,6 +149,8 @@ def solve_block(
     rank = fixed_factors.shape[1]
     k1 = rank + 1
     n = block.n_rows
+    aug = augment(fixed_factors) if fixed_aug is None else fixed_aug
+    pad = len(aug) - 1
     counts = block.counts
     lam, lam_b = row_penalties(counts, reg, reg_bias, weighted_reg)
 
@@ -154,7 +173,7 @@ def solve_block(
                         block,
                         int(r),
                         target,
-                        fixed_factors,
+                        aug,
                         lam[r],
                         lam_b[r],
                         sub_batch_bytes // row_bytes,
@@ -166,11 +185,10 @@ def solve_block(
             offs = np.arange(length)
             mask = offs[None, :] < cnt[:, None]  # (m, L)
             pos = np.where(mask, block.indptr[rows][:, None] + offs[None, :], 0)
-            # A: the rows [v_j, 1] of every rating, zero on padding, float64.
+            # A: the rows [v_j, 1] of every rating, zero on padding, float64: one contiguous
+            # gather-and-cast from the augmented matrix, padding pointing at its zero row.
             a_mat = np.empty((len(rows), length, k1), dtype=np.float64)
-            a_mat[:, :, :rank] = fixed_factors[block.cols[pos]]
-            a_mat[:, :, rank] = 1.0
-            a_mat[~mask] = 0.0  # padding rows only: cheaper than multiplying all by the mask
+            a_mat[...] = aug[np.where(mask, block.cols[pos], pad)]
             t = np.where(mask, target[pos], 0.0)
             if length < k1 and woodbury_ok:
                 x, row_sse = _solve_short_rows(a_mat, t, lam[rows], lam_b[rows], dtype)
@@ -249,8 +267,8 @@ def _batched_solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         return np.matmul(np.linalg.pinv(gram, hermitian=True), rhs)
 
 
-def _solve_long_row(block, r, target, fixed_factors, lam, lam_b, seg_len, dtype):
-    rank = fixed_factors.shape[1]
+def _solve_long_row(block, r, target, aug, lam, lam_b, seg_len, dtype):
+    rank = aug.shape[1] - 1
     k1 = rank + 1
     lo, hi = int(block.indptr[r]), int(block.indptr[r + 1])
     seg_len = max(1, int(seg_len))
@@ -259,10 +277,7 @@ def _solve_long_row(block, r, target, fixed_factors, lam, lam_b, seg_len, dtype)
 
     def seg(s):
         e = min(hi, s + seg_len)
-        g = np.empty((e - s, k1))
-        g[:, :rank] = fixed_factors[block.cols[s:e]]
-        g[:, rank] = 1.0
-        return g, target[s:e]
+        return aug[block.cols[s:e]].astype(np.float64), target[s:e]
 
     for s in range(lo, hi, seg_len):
         g, t = seg(s)

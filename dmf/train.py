@@ -33,7 +33,7 @@ from dmf.cluster import blas_single_thread, maybe_connect
 from dmf.config import Config
 from dmf.errors import CheckpointError, ModelError, TrainingError
 from dmf.model import Model
-from dmf.solver import BlockSolution, penalty_term, predict, solve_block
+from dmf.solver import BlockSolution, augment, penalty_term, predict, solve_block
 from dmf.store import Store, read_block_file
 
 log = logging.getLogger("dmf")
@@ -44,10 +44,22 @@ log = logging.getLogger("dmf")
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FixedSide:
-    """The side held fixed in a half-iteration: broadcast to every worker once."""
+    """The side held fixed in a half-iteration: broadcast to every worker once.
 
-    factors: np.ndarray  # (n_rows, rank)
+    ``aug`` is :func:`dmf.solver.augment` of the factors, (n_rows + 1, rank + 1): built once here
+    rather than in every block task, at the size of the factors themselves.
+    """
+
+    aug: np.ndarray  # (n_rows + 1, rank + 1)
     bias: np.ndarray  # (n_rows,)
+
+    @classmethod
+    def of(cls, factors: np.ndarray, bias: np.ndarray) -> FixedSide:
+        return cls(augment(factors), bias)
+
+    @property
+    def factors(self) -> np.ndarray:
+        return self.aug[:-1, :-1]
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ def solve_block_task(
             params.weighted_reg,
             params.dtype,
             params.sub_batch_bytes,
+            fixed_aug=fixed.aug,
         )
 
 
@@ -208,7 +221,7 @@ class Trainer:
         from distributed import KilledWorker
 
         other = other_side(side)
-        fixed = FixedSide(f[f"{other}_factors"], f[f"{other}_bias"])
+        fixed = FixedSide.of(f[f"{other}_factors"], f[f"{other}_bias"])
         inputs = self._block_inputs(side)
         new_f = np.empty_like(f[f"{side}_factors"])
         new_b = np.empty_like(f[f"{side}_bias"])
