@@ -274,20 +274,45 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+# Keys holding paths: in a file they are relative to the file, on the command line (--set)
+# relative to the current directory, as a user typing them expects.
+PATH_KEYS = {
+    "data.source",
+    "synth.path",
+    "store.path",
+    "output.model",
+    "cluster.scheduler_file",
+    "cluster.local_directory",
+}
+
+
+def _from_cwd(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_from_cwd(v) for v in value]
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return str(Path.cwd() / value)
+    return value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw config mapping.
+
+    Relative paths given for the keys in ``PATH_KEYS`` are made absolute from the current
+    directory."""
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         key, _, value = item.partition("=")
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = key.split(".")
         node = raw
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
             if not isinstance(nxt, dict):
                 raise ConfigError(f"--set {key}: {p} is not a section")
             node = nxt
-        node[parts[-1]] = _parse_value(value)
+        parsed = _parse_value(value)
+        node[parts[-1]] = _from_cwd(parsed) if key in PATH_KEYS else parsed
     return raw
 
 

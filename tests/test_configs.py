@@ -79,3 +79,19 @@ def test_movielens_configs_point_where_the_download_unpacks():
 def test_scheduler_file_config():
     cfg = load_config(CONFIGS / "cluster-scheduler-file.yaml")
     assert cfg.cluster.kind == "scheduler_file" and cfg.cluster.scheduler_file
+
+
+def test_paths_from_set_are_relative_to_the_current_directory(tmp_path, monkeypatch):
+    # In the file: relative to the file. On the command line: relative to where the user is.
+    from dmf.config import load_config
+
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "c.yaml").write_text("store:\n  path: ../runs/store\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cfg = load_config(cfg_dir / "c.yaml", ["output.model=runs/m", "model.rank=4"])
+    assert cfg.resolve(cfg.store.path) == tmp_path / "runs" / "store"
+    assert cfg.resolve(cfg.output.model) == work / "runs" / "m"
+    assert cfg.model.rank == 4
