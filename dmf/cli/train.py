@@ -126,6 +126,8 @@ def store_is_current(store, cfg) -> bool:
     except DmfError:
         if cfg.synth.enabled:
             return False  # synth output missing: make it, then ingest
-        print(f"dmf: raw inputs not found; using the existing store at {store.path}", file=sys.stderr)
+        print(
+            f"dmf: raw inputs not found; using the existing store at {store.path}", file=sys.stderr
+        )
         return True
     return fingerprint(cfg, spec) == store.fingerprint
