@@ -84,6 +84,12 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def remove_checkpoints(directory: str | Path) -> None:
+    """Discard every checkpoint in ``directory`` (a fresh run starts without them)."""
+    for path in list_checkpoints(directory):
+        _discard(path)
+
+
 def list_checkpoints(directory: str | Path) -> list[Path]:
     """Complete checkpoint directories, oldest first."""
     directory = Path(directory)

@@ -103,6 +103,7 @@ class Model:
         path = Path(path)
         if path.exists() and not overwrite:
             raise ModelError(f"model directory {path} exists; pass overwrite=True to replace it")
+        check_replaceable(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -485,13 +486,25 @@ class Model:
         )
 
 
+def check_replaceable(path: Path) -> None:
+    """Refuse to replace a non-empty directory that is not a model (e.g. output.model: runs)."""
+    if path.is_dir() and not (path / "model.json").is_file():
+        other = [p.name for p in path.iterdir() if p.name != "checkpoints"]
+        if other:
+            raise ModelError(
+                f"{path} is not a model directory but holds {', '.join(sorted(other)[:5])}: "
+                "choose an empty or new directory for output.model"
+            )
+
+
 def _factor_table(ids: pa.Array, factors: np.ndarray, bias: np.ndarray) -> pa.Table:
     # A list column (not fixed-size: Arrow has no fixed-size list of 0 for rank-0 models).
     n, rank = factors.shape
     flat = pa.array(np.ascontiguousarray(factors).reshape(-1))
-    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * rank)
+    # int64 offsets: n * rank passes 2^31 for large models (40M users at rank 64).
+    offsets = pa.array(np.arange(n + 1, dtype=np.int64) * rank)
     return pa.table(
-        {"id": ids, "bias": pa.array(bias), "factors": pa.ListArray.from_arrays(offsets, flat)}
+        {"id": ids, "bias": pa.array(bias), "factors": pa.LargeListArray.from_arrays(offsets, flat)}
     )
 
 

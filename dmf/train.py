@@ -28,11 +28,16 @@ from typing import Any
 import numpy as np
 
 from dmf.blocks import RatingBlock, other_side
-from dmf.checkpoint import describe_mismatch, latest_checkpoint, write_checkpoint
+from dmf.checkpoint import (
+    describe_mismatch,
+    latest_checkpoint,
+    remove_checkpoints,
+    write_checkpoint,
+)
 from dmf.cluster import blas_single_thread, maybe_connect
 from dmf.config import Config
-from dmf.errors import CheckpointError, ModelError, TrainingError
-from dmf.model import Model
+from dmf.errors import CheckpointError, ConfigError, ModelError, TrainingError
+from dmf.model import Model, check_replaceable
 from dmf.solver import BlockSolution, augment, penalty_term, predict, solve_block
 from dmf.store import Store, read_block_file
 
@@ -365,6 +370,16 @@ class Trainer:
                 f"model directory {self.model_dir} already holds a model; set "
                 "output.overwrite: true, choose another output.model, or resume"
             )
+        check_replaceable(self.model_dir)
+        if tc.early_stopping is not None and self.store.n_split("validation") == 0:
+            raise ConfigError(
+                "train.early_stopping needs a validation split, and the store has none: set "
+                "split.validation (and re-ingest) or remove train.early_stopping"
+            )
+        if not resume:
+            # A fresh run: checkpoints of an earlier run in this directory would be mistaken for
+            # this run's (and prune them, being newer by name).
+            remove_checkpoints(self.checkpoint_dir)
         f = initial_factors(self.store, cfg)
         history: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None  # early stopping: best validation RMSE and factors
@@ -388,7 +403,9 @@ class Trainer:
                     k: arrays[k] for k in ("user_factors", "user_bias", "item_factors", "item_bias")
                 }
                 history = state["history"]
-                if "best_user_factors" in arrays:
+                # The kept best model only matters while early stopping is on: a resumed run
+                # with early stopping switched off must end with its last iteration.
+                if "best_user_factors" in arrays and tc.early_stopping is not None:
                     best = {
                         "rmse": state["best_rmse"],
                         "iteration": state["best_iteration"],

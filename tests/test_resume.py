@@ -328,3 +328,29 @@ def test_checkpoints_do_not_block_a_model_that_must_not_overwrite(store, client,
     raw["train"]["iterations"] = 3
     b = train(store, load_config(raw=raw), client=client, resume=True, quiet=True)
     assert [h["iteration"] for h in b.history] == [1, 2, 3]
+
+
+def test_resume_with_early_stopping_switched_off_keeps_the_last_model(client, tmp_path):
+    # The checkpoint holds a best-so-far model; without early stopping it must not be returned.
+    u, i, r = random_ratings(60, 40, 1500, seed=3)
+    val = np.arange(len(u)) % 5 == 0
+    st = store_from_arrays(
+        tmp_path / "store",
+        u[~val],
+        i[~val],
+        r[~val],
+        n_users=60,
+        n_items=40,
+        n_blocks=2,
+        held_out={"validation": (u[val], i[val], r[val])},
+    )
+    raw = raw_config(st, tmp_path / "model", iterations=2, rank=3, reg=0.1)
+    raw["train"]["early_stopping"] = {"patience": 100}
+    train(st, load_config(raw=raw), client=client, quiet=True)
+    raw["train"]["early_stopping"] = None
+    raw["train"]["iterations"] = 5
+    resumed = train(st, load_config(raw=raw), client=client, resume=True, quiet=True)
+    raw["train"]["early_stopping"] = None
+    fresh = train(st, load_config(raw=raw), client=client, quiet=True)
+    assert "best_iteration" not in resumed.meta
+    np.testing.assert_array_equal(resumed.user_factors, fresh.user_factors)

@@ -212,3 +212,41 @@ def test_a_stalled_half_step_is_reported(tmp_path, client, caplog):
         m = train(store, cfg, client=client, quiet=True)
     assert len(m.history) == 1
     assert any("0 of 2 workers are paused" in r.getMessage() for r in caplog.records)
+
+
+def test_a_fresh_run_discards_an_earlier_runs_checkpoints(tmp_path, client):
+    store, _ = _store(tmp_path)
+    cfg = _config(tmp_path)
+    cfg.train.checkpoint_every = 1
+    cfg.train.iterations = 3
+    train(store, cfg, client=client, quiet=True)
+    cfg2 = _config(tmp_path, reg=0.3)
+    cfg2.train.checkpoint_every = 1
+    cfg2.train.iterations = 1
+    train(store, cfg2, client=client, quiet=True)
+    names = sorted(p.name for p in (tmp_path / "model" / "checkpoints").glob("iter-*"))
+    assert names == ["iter-00001"]
+    # And it is this run's: resuming with this run's config is accepted.
+    cfg2.train.iterations = 2
+    assert len(train(store, cfg2, client=client, resume=True, quiet=True).history) == 2
+
+
+def test_output_that_is_not_a_model_is_never_replaced(tmp_path, client):
+    from dmf.errors import ModelError
+
+    store, _ = _store(tmp_path)
+    cfg = _config(tmp_path)
+    cfg.output.model = str(tmp_path)  # holds the store
+    with pytest.raises(ModelError, match="not a model directory"):
+        train(store, cfg, client=client, quiet=True)
+    assert (tmp_path / "store" / "manifest.json").is_file()
+
+
+def test_early_stopping_without_validation_is_a_config_error(tmp_path, client):
+    from dmf.errors import ConfigError
+
+    store, _ = _store(tmp_path)
+    cfg = _config(tmp_path)
+    cfg.train.early_stopping = {"patience": 2}
+    with pytest.raises(ConfigError, match="split.validation"):
+        train(store, cfg, client=client, quiet=True)
