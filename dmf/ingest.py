@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dmf.config import Config
-from dmf.errors import ConfigError, InputError
+from dmf.errors import ConfigError, InputError, StoreError
 from dmf.idmap import IdMapper, make_mapper
 from dmf.readers import IdTypeMismatch, InputSpec, iter_batches, resolve_inputs
 from dmf.store import (
@@ -186,7 +186,8 @@ def ingest_bucket_chunk(chunk: str, c: int, spill: str, has_t: bool, maps: tuple
             d = Path(spill) / "p2" / f"u{b:06d}"
             d.mkdir(parents=True, exist_ok=True)
             _write_spill(d / f"c{c:06d}.bin", u[sel], i[sel], r[sel], None if t is None else t[sel])
-    os.remove(chunk)
+    # The chunk is deleted by the driver once the whole pass is done: Dask may run a task
+    # twice (a worker died before its result arrived), and a rerun must find its input.
     return len(u)
 
 
@@ -299,8 +300,6 @@ def ingest_split_bucket(
     train = ~(val | test)
     u, i, r = u[train], i[train], r[train]
     _write_spill(Path(spill) / "p3" / f"u{b:06d}.bin", u, i, r)
-    for p in paths:
-        os.remove(p)
     # Train counts per item, sparse: a dense bincount costs n_items per bucket.
     if n_items <= 8 * max(len(i), 1):
         ic = np.bincount(i, minlength=n_items)
@@ -322,6 +321,7 @@ def ingest_split_bucket(
         "n_validation": int(val.sum()),
         "n_test": int(test.sum()),
         "merged": merged,
+        "n_in": n_in,
     }
 
 
@@ -360,8 +360,6 @@ def ingest_item_block(k: int, start: int, stop: int, spill: str, out: str) -> di
     order, _ = stable_order(i.astype(np.int64) - start, stop - start)
     rel = block_relpath("item", k)
     entry = write_block_file(Path(out) / rel, "item", i[order], u[order], r[order])
-    for p in paths:
-        os.remove(p)
     return {"k": k, "rel": rel, "entry": entry, "nnz": len(u)}
 
 
@@ -708,7 +706,7 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
         maps: Any = (user_index, item_index, block_table(fine_bounds), None, n_fine, 0)
         if client is not None:
             [maps] = client.scatter([maps], broadcast=True)
-        _run_tasks(
+        n_bucketed = _run_tasks(
             client,
             ingest_bucket_chunk,
             [(c, j, str(spill), has_t) for j, c in enumerate(p1.chunks)],
@@ -716,6 +714,10 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
             progress,
             {"maps": maps},
         )
+        # Inputs of a pass are deleted only once every task of the pass is done (see
+        # ingest_bucket_chunk): peak spill space is two passes' worth.
+        for c in p1.chunks:
+            os.remove(c)
         timings["bucket"] = time.perf_counter() - t0
 
         # Pass 3: per fine bucket: sort, merge duplicates, split.
@@ -747,6 +749,7 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
         sres = _run_tasks(
             client, ingest_split_bucket, args3, "ingest: split", progress, on_result=fold_items
         )
+        shutil.rmtree(spill / "p2", ignore_errors=True)
         dup = [r for r in sres if "duplicate" in r]
         if dup:
             u, i = dup[0]["duplicate"]
@@ -756,6 +759,11 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
                 f"{item_ids[i].as_py()!r} more than once ({total} repeated (user, item) rows in "
                 f"all); data.duplicates is 'error': set it to 'last' (keep the latest by "
                 f"timestamp, then input order) or 'mean'"
+            )
+        if sum(r["n_in"] for r in sres) != sum(n_bucketed):
+            raise StoreError(
+                f"ingest: the split pass read {sum(r['n_in'] for r in sres)} rows of the "
+                f"{sum(n_bucketed)} bucketed; spill files in {spill} went missing"
             )
         user_counts = np.concatenate([r["user_counts"] for r in sres]).astype(np.int64)
         n_train = int(user_counts.sum())
@@ -793,7 +801,11 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
         for res in ures + ires:
             w.add_file(res["rel"], res["entry"])
         if not (sum(r["nnz"] for r in ures) == sum(r["nnz"] for r in ires) == n_train):
-            raise RuntimeError("ingest: by_user and by_item hold different numbers of ratings")
+            raise StoreError(
+                f"ingest: by_user holds {sum(r['nnz'] for r in ures)} ratings and by_item "
+                f"{sum(r['nnz'] for r in ires)}, expected {n_train}; spill files in {spill} "
+                "went missing"
+            )
         w.write_id_map("user", user_ids, user_counts)
         w.write_id_map("item", item_ids, item_counts)
         held = {name: _write_held(w, spill, name, has_t) for name in SPLITS}

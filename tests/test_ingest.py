@@ -532,3 +532,29 @@ def test_info_on_a_store_written_from_arrays(small_store, capsys):
     out = capsys.readouterr().out
     assert f"train        {small_store.n_train:,} ratings" in out
     assert "user blocks  3" in out and "split        given" in out
+
+
+def test_tasks_run_twice_give_the_same_store(tmp_path, monkeypatch):
+    # Dask reruns a task whose worker died before its result arrived: every per-chunk and
+    # per-block pass must find its input again and write the same output.
+    import dmf.ingest as ing
+
+    rows = make_rows(nnz=1500, seed=9)
+    f = write_csv(tmp_path / "r.csv", rows)
+    sections = {"split": {"method": "user", "test": 0.2}, "blocks": {"n_blocks": 3}}
+    once = store_triples(run_store(tmp_path, "once", str(f), **sections))
+    for name in (
+        "ingest_bucket_chunk",
+        "ingest_split_bucket",
+        "ingest_user_block",
+        "ingest_item_block",
+    ):
+        real = getattr(ing, name)
+
+        def twice(*a, _real=real, **kw):
+            _real(*a, **kw)
+            return _real(*a, **kw)
+
+        twice.__name__ = real.__name__
+        monkeypatch.setattr(ing, name, twice)
+    assert store_triples(run_store(tmp_path, "twice", str(f), **sections)) == once
