@@ -82,6 +82,16 @@ def prepare_store(cfg, client, quiet: bool = False):
     from dmf.errors import StoreError
     from dmf.store import Store
 
+    if cfg.synth.enabled and not synth_is_current(cfg):
+        from dmf.synth import synth
+
+        # New planted data: the inputs' fingerprint changes, so the store is rebuilt below.
+        synth(
+            cfg.synth,
+            cfg.resolve(cfg.synth.path),
+            overwrite=True,
+            progress=None if not quiet else False,
+        )
     path = cfg.resolve(cfg.store.path)
     try:
         store = Store.open(path)
@@ -100,15 +110,22 @@ def prepare_store(cfg, client, quiet: bool = False):
                 f"the store at {path} was made from other inputs or settings than this config; "
                 "set store.overwrite: true to rebuild it, or point store.path elsewhere"
             )
-    if cfg.synth.enabled:
-        from dmf.synth import synth
-
-        out = cfg.resolve(cfg.synth.path)
-        if not (out / "synth.json").is_file():
-            synth(cfg.synth, out, overwrite=True, progress=None if not quiet else False)
     from dmf.ingest import ingest
 
     return ingest(cfg, client=client)
+
+
+def synth_is_current(cfg) -> bool:
+    """Whether the synthetic ratings at synth.path were made with this config's synth settings."""
+    meta = cfg.resolve(cfg.synth.path) / "synth.json"
+    if not meta.is_file():
+        return False
+    made = json.loads(meta.read_text()).get("config", {})
+    want = cfg.to_dict()["synth"]
+    skip = {"enabled", "path"}
+    return {k: v for k, v in made.items() if k not in skip} == {
+        k: v for k, v in want.items() if k not in skip
+    }
 
 
 def store_is_current(store, cfg) -> bool:
