@@ -767,6 +767,12 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
             )
         user_counts = np.concatenate([r["user_counts"] for r in sres]).astype(np.int64)
         n_train = int(user_counts.sum())
+        if n_train == 0:
+            raise InputError(
+                f"the split left no train ratings (split.method {sp.method}, split.test "
+                f"{sp.test}, split.validation {sp.validation}): lower them; with a temporal "
+                "split, many equal timestamps at the cutoff all go to the held-out side"
+            )
         user_bounds = balanced_bounds(user_counts, bl.target_ratings, bl.n_blocks)
         item_bounds = balanced_bounds(item_counts, bl.target_ratings, bl.n_blocks)
         timings["split"] = time.perf_counter() - t0

@@ -203,3 +203,26 @@ def test_non_empty_store_directory_is_refused(tmp_path):
     with pytest.raises(StoreError, match=r"not empty.*store.overwrite"):
         run(tmp_path, f)
     assert (tmp_path / "store" / "keep.txt").read_text() == "mine"
+
+
+def test_split_that_leaves_no_train_ratings_is_an_error(tmp_path):
+    # Every timestamp equal: the temporal cutoff sends all of them to the test side.
+    from dmf.config import load_config
+    from dmf.errors import InputError
+    from dmf.ingest import ingest
+
+    f = tmp_path / "r.csv"
+    f.write_text(
+        "user,item,rating,timestamp\n"
+        + "".join(f"{u},{i},4,100\n" for u in range(5) for i in range(4))
+    )
+    cfg = load_config(
+        raw={
+            "data": {"source": str(f), "columns": {"timestamp": "timestamp"}},
+            "split": {"method": "temporal", "test": 0.2},
+            "store": {"path": str(tmp_path / "store")},
+        }
+    )
+    with pytest.raises(InputError, match="split.test"):
+        ingest(cfg, progress=False)
+    assert not (tmp_path / "store").exists()
