@@ -364,6 +364,9 @@ class Report:
     title: str
     intro: str = ""
     parts: list[str] = field(default_factory=list)
+    # Taken when the benchmark starts, so they describe the code that was measured.
+    started: str = field(default_factory=now_utc)
+    package_versions: dict[str, str] = field(default_factory=versions)
 
     def add(self, text: str) -> None:
         self.parts.append(text)
@@ -373,7 +376,7 @@ class Report:
         if self.intro:
             head += [self.intro, ""]
         head += [
-            f"Date: {now_utc()}",
+            f"Started: {self.started}; written: {now_utc()}",
             "",
             "Command (from the repository root):",
             "",
@@ -383,7 +386,7 @@ class Report:
             "",
             md_kv("machine", machine_info()),
             "",
-            md_kv("package", versions()),
+            md_kv("package", self.package_versions),
             "",
         ]
         return "\n".join(head + [p + "\n" for p in self.parts])

@@ -11,7 +11,8 @@ half-iteration. Peak RSS of each worker and of the driver is sampled every 0.1 s
 restarts are detected by comparing the worker processes' pids and addresses before and after
 training (a worker killed by its nanny for exceeding memory_limit comes back with a new pid).
 
-Writes docs/benchmarks_scale.md and docs/scale_memory.png, docs/scale_seconds.png. Example::
+Writes docs/benchmarks_<out>.md and docs/<out>_memory.png, docs/<out>_seconds.png (``--out``,
+default ``scale``). Example::
 
     .venv/bin/python scripts/bench_scale.py                      # 10M and 100M ratings
     .venv/bin/python scripts/bench_scale.py --sizes 1e7 1e8 5e8  # disk and time permitting
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from dmf.cluster import BLAS_ENV
 
+    report = Report("Benchmark: scale and out-of-core training", intro=__doc__.split("Writes")[0])
     gemm1 = gemm_rate(1)
     log(f"GEMM rate, 1 thread: {gemm1:.1f} GFLOP/s")
 
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_title(f"dmf memory, rank {args.rank}, {args.workers} workers")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(DOCS / "scale_memory.png", dpi=110)
+    fig.savefig(DOCS / f"{args.out}_memory.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ns, [x[2] for x in plot], "o-")
@@ -251,10 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_ylabel("seconds per iteration")
     ax.set_title(f"dmf ALS, rank {args.rank}, {args.workers} workers x 1 thread")
     fig.tight_layout()
-    fig.savefig(DOCS / "scale_seconds.png", dpi=110)
+    fig.savefig(DOCS / f"{args.out}_seconds.png", dpi=110)
     plt.close(fig)
 
-    report = Report("Benchmark: scale and out-of-core training", intro=__doc__.split("Writes")[0])
     report.add(
         f"Rank {args.rank}, ALS-WR reg 0.05, {args.iterations} iterations (s/iter: mean after the "
         f"first), {args.workers} workers x 1 thread, memory_limit {limit / 2**20:.0f} MiB per "
@@ -288,8 +289,8 @@ def main(argv: list[str] | None = None) -> None:
             rows,
         )
     )
-    report.add("![peak memory against rating count](scale_memory.png)")
-    report.add("![seconds per iteration against rating count](scale_seconds.png)")
+    report.add(f"![peak memory against rating count]({args.out}_memory.png)")
+    report.add(f"![seconds per iteration against rating count]({args.out}_seconds.png)")
     report.add(
         "*synth s* is `nan` when the planted data was already on disk from an earlier run. "
         "*ingest peak RSS* covers the driver process and its children (ingest runs in a local "

@@ -313,6 +313,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from dmf.cluster import BLAS_ENV
 
+    report = Report(
+        "Benchmark: dmf against Spark MLlib ALS",
+        intro=__doc__.split("Writes docs")[0].strip(),
+    )
     gemm1 = gemm_rate(1)
     log(f"GEMM rate, 1 thread: {gemm1:.1f} GFLOP/s")
     rows, detail, rmse_rows = [], [], []
@@ -440,10 +444,6 @@ def main(argv: list[str] | None = None) -> None:
     if spark is not None:
         spark.stop()
 
-    report = Report(
-        "Benchmark: dmf against Spark MLlib ALS",
-        intro=__doc__.split("Writes docs")[0].strip(),
-    )
     report.add(
         f"Same machine, same run. dmf: LocalCluster {args.workers} workers x 1 thread; Spark: "
         f"local[{threads}], spark.driver.memory {args.spark_memory}. Iterations: "
