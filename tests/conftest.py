@@ -43,6 +43,22 @@ def random_ratings(n_users, n_items, nnz, seed=0, rank=3, noise=0.3):
     return u.astype(np.int64), i.astype(np.int64), r.astype(np.float32)
 
 
+def store_with_validation(path, n_users, n_items, nnz, seed, n_blocks, noise=0.3) -> Store:
+    """Planted ratings with every fifth one held out as the validation split."""
+    u, i, r = random_ratings(n_users, n_items, nnz, seed=seed, noise=noise)
+    val = np.arange(len(u)) % 5 == 0
+    return store_from_arrays(
+        path,
+        u[~val],
+        i[~val],
+        r[~val],
+        n_users=n_users,
+        n_items=n_items,
+        n_blocks=n_blocks,
+        held_out={"validation": (u[val], i[val], r[val])},
+    )
+
+
 @pytest.fixture
 def small_store(tmp_path) -> Store:
     """60 users x 40 items, ~900 train ratings, 3 blocks a side, a test split."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import random_ratings
+from conftest import random_ratings, store_with_validation
 
 from dmf.checkpoint import list_checkpoints, read_checkpoint
 from dmf.config import load_config
@@ -150,18 +150,7 @@ def test_resume_of_finished_run_changes_nothing(store, client, tmp_path):
 
 def test_resume_keeps_early_stopping_state(client, tmp_path):
     """The best model and patience survive a resume: same stop and same kept model."""
-    u, i, r = random_ratings(300, 200, 12_000, seed=8, noise=1.0)
-    val = np.arange(len(u)) % 5 == 0
-    st = store_from_arrays(
-        tmp_path / "store",
-        u[~val],
-        i[~val],
-        r[~val],
-        n_users=300,
-        n_items=200,
-        n_blocks=3,
-        held_out={"validation": (u[val], i[val], r[val])},
-    )
+    st = store_with_validation(tmp_path / "store", 300, 200, 12_000, seed=8, n_blocks=3, noise=1.0)
     raw = raw_config(st, tmp_path / "model-a", iterations=25, rank=20, reg=0.001)
     raw["train"]["early_stopping"] = {"patience": 2}
     a = train(st, load_config(raw=raw), client=client, quiet=True)
@@ -332,18 +321,7 @@ def test_checkpoints_do_not_block_a_model_that_must_not_overwrite(store, client,
 
 def test_resume_with_early_stopping_switched_off_keeps_the_last_model(client, tmp_path):
     # The checkpoint holds a best-so-far model; without early stopping it must not be returned.
-    u, i, r = random_ratings(60, 40, 1500, seed=3)
-    val = np.arange(len(u)) % 5 == 0
-    st = store_from_arrays(
-        tmp_path / "store",
-        u[~val],
-        i[~val],
-        r[~val],
-        n_users=60,
-        n_items=40,
-        n_blocks=2,
-        held_out={"validation": (u[val], i[val], r[val])},
-    )
+    st = store_with_validation(tmp_path / "store", 60, 40, 1500, seed=3, n_blocks=2)
     raw = raw_config(st, tmp_path / "model", iterations=2, rank=3, reg=0.1)
     raw["train"]["early_stopping"] = {"patience": 100}
     train(st, load_config(raw=raw), client=client, quiet=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_ratings
+from conftest import random_ratings, store_with_validation
 from reference import als_reference, dense_matrix
 
 from dmf.config import load_config
@@ -177,18 +177,7 @@ def test_model_round_trips_and_records_history(tmp_path, client):
 
 
 def test_early_stopping_keeps_the_best_model(tmp_path, client):
-    u, i, r = random_ratings(60, 40, 1500, seed=4, noise=1.0)
-    val = np.arange(len(u)) % 5 == 0
-    store = store_from_arrays(
-        tmp_path / "s",
-        u[~val],
-        i[~val],
-        r[~val],
-        n_users=60,
-        n_items=40,
-        n_blocks=2,
-        held_out={"validation": (u[val], i[val], r[val])},
-    )
+    store = store_with_validation(tmp_path / "s", 60, 40, 1500, seed=4, n_blocks=2, noise=1.0)
     # Rank 8 with almost no regularisation overfits: validation RMSE turns up.
     cfg = _config(tmp_path, rank=8, reg=1e-4)
     cfg.train.iterations = 30
