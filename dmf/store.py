@@ -340,7 +340,7 @@ def store_from_arrays(
     ratings: np.ndarray,
     n_users: int | None = None,
     n_items: int | None = None,
-    target_ratings: int = 2_000_000,
+    target_ratings: int = 1_000_000,
     n_blocks: int | None = None,
     held_out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
     user_ids: pa.Array | None = None,

@@ -51,8 +51,14 @@ from bench_common import (  # noqa: E402
 from dmf.store import Store, store_from_arrays  # noqa: E402
 
 
-def planted_store(path: Path, n: int, target_ratings: int = 2_000_000, seed: int = 0) -> Store:
-    """A store of ~n planted train ratings (and a 10% test split), reused if already built."""
+def planted_store(path: Path, n: int, target_ratings: int | None = None, seed: int = 0) -> Store:
+    """A store of ~n planted train ratings (and a 10% test split), reused if already built.
+
+    Blocks of dmf's default size (``blocks.target_ratings``) unless ``target_ratings`` is given."""
+    if target_ratings is None:
+        from dmf.config import BlocksConfig
+
+        target_ratings = BlocksConfig().target_ratings
     tag = {"n": n, "seed": seed, "target": target_ratings}
     stamp = path / "bench.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == tag:
