@@ -122,39 +122,69 @@ class IntIdMapper(IdMapper):
 
 
 class StrIdMapper(IdMapper):
+    """String ids: known ids kept sorted as fixed-width bytes beside their codes.
+
+    Each batch's distinct ids are looked up by binary search (memcmp, O(d log K) for d distinct
+    ids against K known ones) and new ids merged in with one insert (a memcpy). Rebuilding a hash
+    table over all K known ids for every batch, as before, made ingest quadratic in the number
+    of ids. Ids are UTF-8 bytes; an id containing a NUL byte is refused (fixed-width bytes would
+    not tell "a" from "a\\0").
+    """
+
     def __init__(self) -> None:
         super().__init__()
-        self.known = pa.array([], type=pa.string())
+        self.sorted_ids = np.empty(0, dtype="S1")  # known ids (UTF-8), sorted
+        self.sorted_codes = np.empty(0, dtype=np.int32)  # their codes (order of first sight)
+        self._n = 0
 
     @property
     def n_codes(self) -> int:
-        return len(self.known)
+        return self._n
 
     def _encode(self, ids: pa.Array) -> np.ndarray:
         if not len(ids):
             return np.zeros(0, dtype=np.int32)
         enc = pc.dictionary_encode(ids)
-        dictionary, indices = enc.dictionary, enc.indices.to_numpy()
-        code_of = pc.index_in(dictionary, value_set=self.known)
-        missing = code_of.is_null()
-        if pc.any(missing).as_py():
-            new = dictionary.filter(missing)
-            base = len(self.known)
-            self.known = pa.concat_arrays([self.known, new])
-            fill = np.arange(base, base + len(new), dtype=np.int32)
-            codes_d = code_of.to_numpy(zero_copy_only=False)
-            codes_d = np.where(np.isnan(codes_d), 0, codes_d).astype(np.int32)
-            codes_d[missing.to_numpy(zero_copy_only=False)] = fill
-        else:
-            codes_d = code_of.to_numpy().astype(np.int32)
+        indices = enc.indices.to_numpy()
+        dictionary = enc.dictionary
+        if pc.any(pc.match_substring(dictionary, "\x00")).as_py():
+            raise ValueError("an id contains a NUL byte")
+        width = max(1, pc.max(pc.binary_length(dictionary)).as_py() or 1)
+        if width > self.sorted_ids.dtype.itemsize:
+            self.sorted_ids = self.sorted_ids.astype(f"S{width}")
+        d = (
+            dictionary.cast(pa.binary())
+            .to_numpy(zero_copy_only=False)
+            .astype(self.sorted_ids.dtype)
+        )
+        order = np.argsort(d, kind="stable")
+        d = d[order]
+        pos = np.searchsorted(self.sorted_ids, d)
+        hit = np.zeros(len(d), dtype=bool)
+        inside = pos < len(self.sorted_ids)
+        hit[inside] = self.sorted_ids[pos[inside]] == d[inside]
+        codes_sorted_d = np.empty(len(d), dtype=np.int32)
+        codes_sorted_d[hit] = self.sorted_codes[pos[hit]]
+        n_new = int((~hit).sum())
+        if n_new:
+            # Codes only need to be unique; the dense index is the rank of the raw id (finish).
+            new_codes = np.arange(self._n, self._n + n_new, dtype=np.int32)
+            codes_sorted_d[~hit] = new_codes
+            self.sorted_ids = np.insert(self.sorted_ids, pos[~hit], d[~hit])
+            self.sorted_codes = np.insert(self.sorted_codes, pos[~hit], new_codes)
+            self._n += n_new
+        codes_d = np.empty(len(d), dtype=np.int32)
+        codes_d[order] = codes_sorted_d
         return codes_d[indices]
 
     def finish(self) -> tuple[np.ndarray, pa.Array, np.ndarray]:
-        order = pc.sort_indices(self.known).to_numpy()
-        index_of_code = np.empty(len(order), dtype=np.int32)
-        index_of_code[order] = np.arange(len(order), dtype=np.int32)
-        counts = self.counts[: self.n_codes]
-        return index_of_code, self.known.take(pa.array(order)), counts[order]
+        # Known ids are kept sorted (bytewise, which is also Arrow's string order): the dense
+        # index of a code is its position.
+        index_of_code = np.empty(self._n, dtype=np.int32)
+        index_of_code[self.sorted_codes] = np.arange(self._n, dtype=np.int32)
+        counts = self.counts[: self._n]
+        ids = pa.array(self.sorted_ids.tolist(), type=pa.binary()).cast(pa.string())
+        return index_of_code, ids, counts[self.sorted_codes]
 
 
 def make_mapper(kind: str) -> IdMapper:

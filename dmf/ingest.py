@@ -557,8 +557,15 @@ def _pass1(spec: InputSpec, config: Config, spill: Path, progress: bool | None) 
                 t = t[keep] if t is not None else None
             else:
                 users, items = bt.user, bt.item
-            uc = res.users.encode(users)
-            ic = res.items.encode(items)
+            try:
+                uc = res.users.encode(users)
+                ic = res.items.encode(items)
+            except ValueError as exc:  # an id the map cannot hold (a NUL byte in a string id)
+                raise InputError(
+                    f"{bt.file}: {bt.kind}s from {bt.first}: user column "
+                    f"{bt.colnames.get('user', 'user')!r} or item column "
+                    f"{bt.colnames.get('item', 'item')!r}: {exc}"
+                ) from exc
             res.rows_kept += len(uc)
             buf.append((uc, ic, r.astype(np.float32), t))
             buf_rows += len(uc)

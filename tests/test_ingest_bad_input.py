@@ -226,3 +226,24 @@ def test_split_that_leaves_no_train_ratings_is_an_error(tmp_path):
     with pytest.raises(InputError, match="split.test"):
         ingest(cfg, progress=False)
     assert not (tmp_path / "store").exists()
+
+
+def test_string_id_with_a_nul_byte_is_an_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dmf.config import load_config
+    from dmf.errors import InputError
+    from dmf.ingest import ingest
+
+    f = tmp_path / "r.parquet"
+    pq.write_table(pa.table({"user": ["a", "b\x00"], "item": ["x", "y"], "rating": [4.0, 3.0]}), f)
+    cfg = load_config(
+        raw={
+            "data": {"source": str(f)},
+            "store": {"path": str(tmp_path / "s")},
+            "split": {"method": "none"},
+        }
+    )
+    with pytest.raises(InputError, match="NUL byte"):
+        ingest(cfg, progress=False)
