@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dmf.errors import ModelError
@@ -587,6 +588,11 @@ def as_id_array(ids: Any, id_type: pa.DataType, what: str = "id") -> pa.Array:
         return arr
     if pa.types.is_null(arr.type):
         return arr.cast(id_type)
+    if pa.types.is_string(arr.type) and pa.types.is_integer(id_type):
+        # Text that is not an integer cannot be any of the model's ids: unknown (null), like
+        # any other id the model never saw, rather than an error that stops a whole file.
+        is_int = pc.match_substring_regex(arr, r"^\s*[-+]?[0-9]+\s*$")
+        arr = pc.if_else(is_int, pc.utf8_trim_whitespace(arr), pa.nulls(len(arr), pa.string()))
     try:
         if pa.types.is_floating(arr.type) and pa.types.is_integer(id_type):
             return arr.cast(id_type, safe=True)
@@ -603,7 +609,6 @@ def lookup_ids(values: pa.Array, value_set: pa.Array) -> np.ndarray:
 
     One Arrow hash lookup (``pyarrow.compute.index_in``), not a Python loop.
     """
-    import pyarrow.compute as pc
 
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()

@@ -112,8 +112,12 @@ def test_predict_accepts_numpy_arrow_and_text_ids(small_store):
     c = m.predict(["3", "7"], ["1", "2"])  # integer ids read from text
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
-    with pytest.raises(InputError, match="user ids"):
-        m.predict(["x"], ["1"])
+    # Text that is no integer cannot be one of this model's ids: an unknown user, predicted
+    # from the item's bias like any other (a bad row must not stop a whole file).
+    p = m.predict(["x", " 3 "], ["1", "1"], return_info=True)
+    assert p.cold_users == 1 and list(p.known) == [False, True]
+    assert p.scores[0] == pytest.approx(m.mu + m.item_bias[m.index_of([1], "item")[0]])
+    assert p.scores[1] == pytest.approx(m.predict([3], [1])[0])
     with pytest.raises(ModelError, match="pairwise"):
         m.predict([1, 2], [1])
 
