@@ -376,6 +376,8 @@ class Trainer:
                 "train.early_stopping needs a validation split, and the store has none: set "
                 "split.validation (and re-ingest) or remove train.early_stopping"
             )
+        if tc.iterations == 0:
+            log.warning("dmf: train.iterations is 0: the model keeps its initial factors")
         if not resume:
             # A fresh run: checkpoints of an earlier run in this directory would be mistaken for
             # this run's (and prune them, being newer by name).
