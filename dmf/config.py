@@ -23,8 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dmf.errors import ConfigError
 
-PositiveInt = int
-
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -70,7 +68,7 @@ class DataConfig(Section):
     rating_range: tuple[float, float] | None = None
     """Inclusive valid range of ratings, e.g. [0.5, 5]."""
     out_of_range: Literal["error", "drop", "clip"] = "error"
-    batch_rows: PositiveInt = Field(default=1_000_000, ge=1)
+    batch_rows: int = Field(default=1_000_000, ge=1)
     """Rows per streaming batch; memory use of ingest scales with this, not with the input."""
 
 
@@ -80,9 +78,9 @@ class SynthConfig(Section):
 
     enabled: bool = False
     path: str = "runs/synth"
-    n_users: PositiveInt = Field(default=10_000, ge=1)
-    n_items: PositiveInt = Field(default=2_000, ge=1)
-    n_ratings: PositiveInt = Field(default=500_000, ge=1)
+    n_users: int = Field(default=10_000, ge=1)
+    n_items: int = Field(default=2_000, ge=1)
+    n_ratings: int = Field(default=500_000, ge=1)
     rank: int = Field(default=8, ge=0)
     noise: float = Field(default=0.5, ge=0)
     """Standard deviation sigma of Gaussian noise added to each rating."""
@@ -99,7 +97,7 @@ class SynthConfig(Section):
     """Round ratings to a multiple of this (e.g. 0.5 or 1) after clipping."""
     clip: tuple[float, float] | None = None
     seed: int = 0
-    files: PositiveInt = Field(default=1, ge=1)
+    files: int = Field(default=1, ge=1)
     """Number of output files the ratings are spread over."""
     format: Literal["parquet", "csv"] = "parquet"
 
@@ -126,7 +124,7 @@ class SplitConfig(Section):
 
 
 class BlocksConfig(Section):
-    target_ratings: PositiveInt = Field(default=1_000_000, ge=1)
+    target_ratings: int = Field(default=1_000_000, ge=1)
     """Target number of train ratings per block; a block's memory is about 12 bytes a rating on
     disk and (rank+1)*8 bytes a rating while being solved in sub-batches."""
     n_blocks: int | None = Field(default=None, ge=1)
@@ -170,7 +168,7 @@ class TrainConfig(Section):
     cache_blocks: Literal["auto", "always", "never"] = "auto"
     """Keep rating blocks in worker memory between iterations (``auto``: when they fit in half the
     cluster's memory), or read them from disk every half-iteration."""
-    sub_batch_bytes: PositiveInt = Field(default=64 * 2**20, ge=2**16)
+    sub_batch_bytes: int = Field(default=64 * 2**20, ge=2**16)
     """Working-set bound of the block solver: rows are solved in sub-batches of about this size."""
     progress: Literal["auto", "on", "off"] = "auto"
     """Progress bars per half-iteration: ``auto`` shows them only on a terminal."""

@@ -162,6 +162,19 @@ def _buckets(blk: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray]:
     return order, cuts
 
 
+def _spill_by_block(blk: np.ndarray, nb: int, dirs: str, name: str, u, i, r, t=None) -> None:
+    """Write the rows of each block b (``blk`` gives every row's block) to the spill file
+    ``dirs.format(b) / name``; blocks without rows get no file."""
+    order, cuts = _buckets(blk, nb)
+    for b in range(nb):
+        lo, hi = cuts[b], cuts[b + 1]
+        if hi > lo:
+            sel = order[lo:hi]
+            d = Path(dirs.format(b))
+            d.mkdir(parents=True, exist_ok=True)
+            _write_spill(d / name, u[sel], i[sel], r[sel], None if t is None else t[sel])
+
+
 def block_table(bounds: np.ndarray) -> np.ndarray:
     """The block of every row, shape (bounds[-1],): a gather is faster than a searchsorted."""
     nb = len(bounds) - 1
@@ -178,14 +191,9 @@ def ingest_bucket_chunk(chunk: str, c: int, spill: str, has_t: bool, maps: tuple
     uc, ic, r, t = _read_spills([Path(chunk)], has_t)
     u = user_index[uc]
     i = item_index[ic]
-    order, cuts = _buckets(user_block[u], nb_user)
-    for b in range(nb_user):
-        lo, hi = cuts[b], cuts[b + 1]
-        if hi > lo:
-            sel = order[lo:hi]
-            d = Path(spill) / "p2" / f"u{b:06d}"
-            d.mkdir(parents=True, exist_ok=True)
-            _write_spill(d / f"c{c:06d}.bin", u[sel], i[sel], r[sel], None if t is None else t[sel])
+    _spill_by_block(
+        user_block[u], nb_user, str(Path(spill) / "p2" / "u{:06d}"), f"c{c:06d}.bin", u, i, r, t
+    )
     # The chunk is deleted by the driver once the whole pass is done: Dask may run a task
     # twice (a worker died before its result arrived), and a rerun must find its input.
     return len(u)
@@ -339,14 +347,9 @@ def ingest_user_block(
     rel = block_relpath("user", b)
     entry = write_block_file(Path(out) / rel, "user", u, i, r)
     _, _, _, item_block, _, nb_item = maps
-    order, cuts = _buckets(item_block[i], nb_item)
-    for k in range(nb_item):
-        lo, hi = cuts[k], cuts[k + 1]
-        if hi > lo:
-            sel = order[lo:hi]
-            dk = Path(spill) / "p4" / f"i{k:06d}"
-            dk.mkdir(parents=True, exist_ok=True)
-            _write_spill(dk / f"u{b:06d}.bin", u[sel], i[sel], r[sel])
+    _spill_by_block(
+        item_block[i], nb_item, str(Path(spill) / "p4" / "i{:06d}"), f"u{b:06d}.bin", u, i, r
+    )
     return {"b": b, "rel": rel, "entry": entry, "nnz": len(u)}
 
 
