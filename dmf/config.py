@@ -125,8 +125,8 @@ class SplitConfig(Section):
 
 class BlocksConfig(Section):
     target_ratings: int = Field(default=1_000_000, ge=1)
-    """Target number of train ratings per block; a block's memory is about 12 bytes a rating on
-    disk and (rank+1)*8 bytes a rating while being solved in sub-batches."""
+    """Target number of train ratings per block; a block in a worker's memory takes about 12
+    bytes a rating (the solver's own working set is a few hundred KiB)."""
     n_blocks: int | None = Field(default=None, ge=1)
     """If set, overrides target_ratings: this many blocks per side (fewer if there are fewer rows)."""
 
@@ -168,8 +168,6 @@ class TrainConfig(Section):
     cache_blocks: Literal["auto", "always", "never"] = "auto"
     """Keep rating blocks in worker memory between iterations (``auto``: when they fit in half the
     cluster's memory), or read them from disk every half-iteration."""
-    sub_batch_bytes: int = Field(default=64 * 2**20, ge=2**16)
-    """Working-set bound of the block solver: rows are solved in sub-batches of about this size."""
     progress: Literal["auto", "on", "off"] = "auto"
     """Progress bars per half-iteration: ``auto`` shows them only on a terminal."""
     stall_warning: float = Field(default=600.0, gt=0)

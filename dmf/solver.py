@@ -17,10 +17,12 @@ minimiser of J over (u_i, b_i), so J never increases from one half-iteration to 
 Rows with no ratings get x_i = 0. Everything here is plain NumPy on arrays: no Dask, Parquet or
 config. The normal equations are accumulated in float64 whatever the storage dtype of the factors.
 
-Speed: rows are sorted by rating count and solved in sub-batches of similar length, padded to a
-common length L, so that the Gram matrices of a whole sub-batch are one batched BLAS ``matmul``
-(shape (n, k+1, L) @ (n, L, k+1)) and the solves one batched LAPACK call. The loop runs per
-sub-batch, never per row or per rating; ``sub_batch_bytes`` bounds the working set.
+Speed: :func:`dmf.kernels.solve_rows`, compiled with numba, solves one row after another with
+no Python in between: it gathers the row's fixed-side rows in chunks, accumulates the symmetric
+Gram matrix with BLAS ``dsyrk``, and factors it with LAPACK's Cholesky; rows shorter than the
+number of unknowns take the Woodbury form, an L x L system instead. Its working set is a few
+hundred KiB whatever the row lengths, and each row's arithmetic is the same whichever block it
+falls in, so results do not depend on the block layout.
 """
 
 from __future__ import annotations
@@ -30,11 +32,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from dmf.blocks import RatingBlock
-
-# Rows in one sub-batch have lengths within this ratio (or within _PAD_SLACK ratings) of each
-# other, so padding wastes at most ~25% of the arithmetic.
-_PAD_RATIO = 1.25
-_PAD_SLACK = 8
 
 
 @dataclass
@@ -80,21 +77,6 @@ def penalty_term(
     return float(lam @ sq + lam_b @ np.square(bias.astype(np.float64)))
 
 
-def _plan_sub_batches(sorted_counts: np.ndarray, row_bytes_per_rating: int, max_bytes: int):
-    """Split rows sorted by count into (begin, end, L) ranges of similar length and bounded size."""
-    n = len(sorted_counts)
-    a = int(np.searchsorted(sorted_counts, 1))  # skip rows with no ratings
-    while a < n:
-        lo = int(sorted_counts[a])
-        cap = max(int(np.ceil(lo * _PAD_RATIO)), lo + _PAD_SLACK)
-        b = int(np.searchsorted(sorted_counts, cap, side="right"))
-        length = int(sorted_counts[b - 1])
-        max_rows = max(1, max_bytes // max(1, length * row_bytes_per_rating))
-        b = min(b, a + max_rows)
-        yield a, b, int(sorted_counts[b - 1])
-        a = b
-
-
 def augment(fixed_factors: np.ndarray) -> np.ndarray:
     """The rows [v_j, 1] of the fixed side plus one zero row, shape (n_other + 1, rank + 1).
 
@@ -118,7 +100,6 @@ def solve_block(
     reg_bias: float,
     weighted_reg: bool = False,
     dtype: np.dtype | str = np.float32,
-    sub_batch_bytes: int = 64 * 2**20,
     fixed_aug: np.ndarray | None = None,
 ) -> BlockSolution:
     """Solve the augmented normal equations of every row of ``block``.
@@ -134,10 +115,8 @@ def solve_block(
     reg, reg_bias, weighted_reg
         L2 weights of factors and biases; ALS-WR scales both by each row's rating count.
     dtype
-        Storage dtype of the returned factors. The objective share is computed with the rounded
-        values, so the recorded objective is that of the stored model.
-    sub_batch_bytes
-        Bound on the float64 working set of one sub-batch.
+        Storage dtype of the returned factors (float32 or float64). The objective share is
+        computed with the rounded values, so the recorded objective is that of the stored model.
     fixed_aug
         ``augment(fixed_factors)``, if already at hand (the trainer broadcasts it).
 
@@ -145,58 +124,53 @@ def solve_block(
     -------
     BlockSolution with factors of shape (block.n_rows, rank).
     """
+    from dmf.kernels import solve_rows
+
     dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"factor dtype must be float32 or float64, not {dtype}")
     rank = fixed_factors.shape[1]
-    k1 = rank + 1
     n = block.n_rows
     aug = augment(fixed_factors) if fixed_aug is None else fixed_aug
-    pad = len(aug) - 1
+    n_other = len(aug) - 1
+    if aug.ndim != 2 or aug.shape[1] != rank + 1 or len(fixed_bias) != n_other:
+        raise ValueError(
+            f"fixed side mismatch: augmented factors {aug.shape}, biases {len(fixed_bias)}, "
+            f"rank {rank}"
+        )
+    if block.nnz and (int(block.cols.min()) < 0 or int(block.cols.max()) >= n_other):
+        # The compiled kernel does not check bounds: refuse here, naming the block.
+        raise ValueError(
+            f"{block.side} block [{block.start}, {block.stop}) refers to column "
+            f"{int(block.cols.max())}, but the other side has {n_other} rows"
+        )
     counts = block.counts
     lam, lam_b = row_penalties(counts, reg, reg_bias, weighted_reg)
-
-    x_all = np.zeros((n, k1), dtype=np.float64)
-    sse = 0.0
-    if block.nnz:
-        # Targets t_ij = r_ij - mu - c_j, in float64.
-        target = block.vals.astype(np.float64) - mu - fixed_bias[block.cols].astype(np.float64)
-        order = np.argsort(counts, kind="stable")
-        sorted_counts = counts[order]
-        row_bytes = k1 * 8 * 2  # A (float64) plus its gather temporary
-        # The short-row form needs every penalty positive (it divides by them).
-        woodbury_ok = reg > 0 and reg_bias > 0
-        for a, b, length in _plan_sub_batches(sorted_counts, row_bytes, sub_batch_bytes):
-            rows = order[a:b]
-            if length * row_bytes > sub_batch_bytes:
-                # A very long row (a popular item): accumulate its Gram over segments.
-                for r in rows:
-                    x_all[r], s = _solve_long_row(
-                        block,
-                        int(r),
-                        target,
-                        aug,
-                        lam[r],
-                        lam_b[r],
-                        sub_batch_bytes // row_bytes,
-                        dtype,
-                    )
-                    sse += s
-                continue
-            cnt = counts[rows]
-            offs = np.arange(length)
-            mask = offs[None, :] < cnt[:, None]  # (m, L)
-            pos = np.where(mask, block.indptr[rows][:, None] + offs[None, :], 0)
-            # A: the rows [v_j, 1] of every rating, zero on padding, float64: one contiguous
-            # gather-and-cast from the augmented matrix, padding pointing at its zero row.
-            a_mat = np.empty((len(rows), length, k1), dtype=np.float64)
-            a_mat[...] = aug[np.where(mask, block.cols[pos], pad)]
-            t = np.where(mask, target[pos], 0.0)
-            if length < k1 and woodbury_ok:
-                x, row_sse = _solve_short_rows(a_mat, t, lam[rows], lam_b[rows], dtype)
-            else:
-                x, row_sse = _solve_gram(a_mat, t, lam[rows], lam_b[rows], dtype)
-            x_all[rows] = x
-            sse += float(row_sse.sum())
-
+    x_all = np.empty((n, rank + 1), dtype=np.float64)
+    row_sse = np.empty(n, dtype=np.float64)
+    status = np.empty(n, dtype=np.int8)
+    solve_rows(
+        np.ascontiguousarray(block.indptr, dtype=np.int64),
+        block.cols,
+        block.vals,
+        float(mu),
+        np.ascontiguousarray(fixed_bias),
+        np.ascontiguousarray(aug),
+        lam,
+        lam_b,
+        # The short-row form divides by the penalties: only when all are positive.
+        reg > 0 and reg_bias > 0,
+        dtype == np.float32,
+        x_all,
+        row_sse,
+        status,
+    )
+    for r in np.flatnonzero(status):
+        # Singular normal equations (reg or reg_bias 0 and too few ratings): minimum norm.
+        x_all[r], row_sse[r] = _solve_singular_row(
+            block, int(r), mu, fixed_bias, aug, lam[r], lam_b[r], dtype
+        )
+    sse = float(row_sse.sum())
     factors = x_all[:, :rank].astype(dtype)
     bias = x_all[:, rank].astype(dtype)
     if not (np.isfinite(sse) and np.all(np.isfinite(x_all))):
@@ -210,89 +184,23 @@ def solve_block(
     return BlockSolution(block.start, factors, bias, sse, penalty, block.nnz)
 
 
-def _solve_gram(a_mat, t, lam, lam_b, dtype):
-    """Rows with at least rank+1 ratings: x = (A^T A + P)^-1 A^T t, P = diag(lam, .., lam, lam_b).
-
-    a_mat (m, L, k1), t (m, L), lam and lam_b (m,). Returns x (m, k1) rounded to ``dtype`` and
-    each row's squared error under it, from the Gram matrix rather than another pass over A:
-    |t - A x|^2 = t.t - 2 x.(A^T t) + x.(A^T A) x."""
-    k1 = a_mat.shape[2]
-    at = a_mat.transpose(0, 2, 1)
-    gram = np.matmul(at, a_mat)  # (m, k1, k1): one batched BLAS call (syrk per row)
-    rhs = np.matmul(at, t[:, :, None])[:, :, 0]  # (m, k1)
-    pen = np.empty((len(lam), k1))
-    pen[:, : k1 - 1] = lam[:, None]
-    pen[:, k1 - 1] = lam_b
-    diag = np.arange(k1)
-    gram[:, diag, diag] += pen
-    x = _batched_solve(gram, rhs[:, :, None])[:, :, 0]
-    x = x.astype(dtype).astype(np.float64)  # the stored (rounded) solution
-    gx = np.matmul(gram, x[:, :, None])[:, :, 0] - pen * x  # (A^T A) x
-    sse = (
-        np.einsum("ij,ij->i", t, t)
-        - 2 * np.einsum("ij,ij->i", x, rhs)
-        + np.einsum("ij,ij->i", x, gx)
-    )
-    return x, np.maximum(sse, 0.0)
-
-
-def _solve_short_rows(a_mat, t, lam, lam_b, dtype):
-    """Rows with fewer ratings (L) than unknowns (k1): the same solution through an L x L system.
-
-    By the Woodbury identity, (A^T A + P)^-1 A^T t = P^-1 A^T (A P^-1 A^T + I)^-1 t, so a row
-    costs L^2 k1 + L^3 instead of L k1^2 + k1^3: most rows of real rating data are this short.
-    Padding rows of A are zero, which puts ones on the padded diagonal and zeros in y there.
-    Returns x (m, k1) rounded to ``dtype`` and each row's squared error under it."""
-    m, length, k1 = a_mat.shape
-    p_inv = np.empty((m, k1))
-    p_inv[:, : k1 - 1] = (1.0 / lam)[:, None]
-    p_inv[:, k1 - 1] = 1.0 / lam_b
-    scaled = a_mat * p_inv[:, None, :]  # A P^-1
-    kern = np.matmul(scaled, a_mat.transpose(0, 2, 1))  # (m, L, L)
-    idx = np.arange(length)
-    kern[:, idx, idx] += 1.0
-    y = np.linalg.solve(kern, t[:, :, None])  # (m, L, 1)
-    x = np.matmul(scaled.transpose(0, 2, 1), y)[:, :, 0]
-    x = x.astype(dtype).astype(np.float64)  # the stored (rounded) solution
-    resid = t - np.matmul(a_mat, x[:, :, None])[:, :, 0]  # padding: A = 0, t = 0
-    return x, np.einsum("ij,ij->i", resid, resid)
-
-
-def _batched_solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    try:
-        return np.linalg.solve(gram, rhs)
-    except np.linalg.LinAlgError:
-        # Only possible with reg == 0 (or reg_bias == 0) and a row with fewer ratings than
-        # unknowns: take the minimum-norm least-squares solution for the singular systems.
-        return np.matmul(np.linalg.pinv(gram, hermitian=True), rhs)
-
-
-def _solve_long_row(block, r, target, aug, lam, lam_b, seg_len, dtype):
-    rank = aug.shape[1] - 1
-    k1 = rank + 1
+def _solve_singular_row(block, r, mu, fixed_bias, aug, lam, lam_b, dtype):
+    """One row whose penalised Gram matrix is not positive definite: the minimum-norm
+    least-squares solution by pseudo-inverse (NaN if the inputs are not finite)."""
+    k1 = aug.shape[1]
     lo, hi = int(block.indptr[r]), int(block.indptr[r + 1])
-    seg_len = max(1, int(seg_len))
-    gram = np.zeros((k1, k1))
-    rhs = np.zeros(k1)
-
-    def seg(s):
-        e = min(hi, s + seg_len)
-        return aug[block.cols[s:e]].astype(np.float64), target[s:e]
-
-    for s in range(lo, hi, seg_len):
-        g, t = seg(s)
-        gram += g.T @ g
-        rhs += g.T @ t
-    gram[np.arange(rank), np.arange(rank)] += lam
-    gram[rank, rank] += lam_b
-    x = _batched_solve(gram[None], rhs[None, :, None])[0, :, 0]
+    cols = block.cols[lo:hi]
+    a_mat = aug[cols].astype(np.float64)
+    t = block.vals[lo:hi].astype(np.float64) - mu - fixed_bias[cols].astype(np.float64)
+    gram = a_mat.T @ a_mat
+    gram[np.arange(k1 - 1), np.arange(k1 - 1)] += lam
+    gram[k1 - 1, k1 - 1] += lam_b
+    if not (np.all(np.isfinite(gram)) and np.all(np.isfinite(t))):
+        return np.full(k1, np.nan), np.nan
+    x = np.linalg.pinv(gram, hermitian=True) @ (a_mat.T @ t)
     x = x.astype(dtype).astype(np.float64)
-    sse = 0.0
-    for s in range(lo, hi, seg_len):
-        g, t = seg(s)
-        resid = t - g @ x
-        sse += float(resid @ resid)
-    return x, sse
+    resid = t - a_mat @ x
+    return x, float(resid @ resid)
 
 
 def predict(

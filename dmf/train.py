@@ -74,7 +74,6 @@ class SolveParams:
     reg_bias: float
     weighted_reg: bool
     dtype: str
-    sub_batch_bytes: int
 
 
 def load_block(path: str, side: str, start: int, stop: int) -> RatingBlock:
@@ -98,7 +97,6 @@ def solve_block_task(
             params.reg_bias,
             params.weighted_reg,
             params.dtype,
-            params.sub_batch_bytes,
             fixed_aug=fixed.aug,
         )
 
@@ -163,7 +161,6 @@ class Trainer:
             reg_bias=m.effective_reg_bias,
             weighted_reg=m.weighted_reg,
             dtype=m.dtype,
-            sub_batch_bytes=config.train.sub_batch_bytes,
         )
         self.counts = {"user": store.counts("user"), "item": store.counts("item")}
         self.cached: dict[str, list] | None = None
@@ -340,7 +337,7 @@ class Trainer:
             n_pending,
             paused,
             len(workers),
-            " Raise cluster.memory_limit, or lower blocks.target_ratings and train.sub_batch_bytes."
+            " Raise cluster.memory_limit, or lower blocks.target_ratings (re-ingest)."
             if paused
             else "",
         )
@@ -529,8 +526,8 @@ class Trainer:
 
 _WORKERS_DIED = (
     "Workers died while solving blocks: if the worker logs say they exceeded their memory "
-    "budget, lower blocks.target_ratings (re-ingest) or train.sub_batch_bytes, or raise "
-    "cluster.memory_limit"
+    "budget, raise cluster.memory_limit or lower blocks.target_ratings (re-ingest); each worker "
+    "also holds the other side's factors, (rows x (rank + 1)) numbers"
 )
 
 

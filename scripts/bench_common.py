@@ -157,35 +157,36 @@ def gemm_rate(threads: int = 1, n: int = 2048, repeats: int = 5) -> float:
 class AlsFlops:
     """Flops of one full ALS iteration (both half-iterations).
 
-    ``floor``: the arithmetic the exact solve needs at least: per rating, the symmetric half of
-    the augmented (rank+1)^2 Gram update, (rank+1)(rank+2)/2 multiply-adds = (rank+1)(rank+2)
-    flops (the issue's ``nnz (rank+1)(rank+2)`` per half-iteration); the right-hand side,
-    2 (rank+1); and per row a Cholesky factorisation, (rank+1)^3 / 3, plus two triangular
-    solves, 2 (rank+1)^2.
+    ``floor``: the issue's arithmetic floor of the exact solve: per rating, the symmetric half
+    of the augmented (rank+1)^2 Gram update, (rank+1)(rank+2)/2 multiply-adds = (rank+1)(rank+2)
+    flops (the issue's ``nnz (rank+1)(rank+2)`` per half-iteration), and the right-hand side,
+    2 (rank+1); per row a Cholesky factorisation, (rank+1)^3 / 3, plus two triangular solves,
+    2 (rank+1)^2.
 
-    ``executed``: what dmf's solver runs as written: the full (not symmetric) Gram as a batched
-    GEMM, 2 (rank+1)^2 per rating; the right-hand side and the residual, 2 (rank+1) each; and an
-    LU solve (numpy.linalg.solve), 2/3 (rank+1)^3 + 2 (rank+1)^2 per row. Padding of sub-batches
-    to a common length adds up to ~25% more, not counted here.
+    ``executed``: what dmf's kernel (dmf/kernels.py) runs: the floor's arithmetic, plus the
+    squared error from the Gram matrix (2 (rank+1)^2 a row), for rows of at least rank+1
+    ratings; for a shorter row (L ratings) the Woodbury form instead: the L x L symmetric
+    kernel, L (L+1) (rank+1), its Cholesky solve, L^3/3 + 2 L^2, and x and the residuals,
+    4 L (rank+1). With many short rows ``executed`` is below ``floor``: the floor assumes the
+    normal equations for every row.
     """
 
     floor: float
     executed: float
 
 
-def als_flops(
-    nnz_user_side: int, nnz_item_side: int, rank: int, n_users: int, n_items: int
-) -> AlsFlops:
-    """Flops of one full iteration: users solved from their ratings, then items from theirs.
-
-    ``nnz_*_side`` are the train ratings seen by that half-iteration (equal for a full store);
-    ``n_users``/``n_items`` count rows with at least one rating (rows without are not solved).
-    """
+def als_flops(counts: np.ndarray, rank: int) -> AlsFlops:
+    """Flops of one full iteration; ``counts``: the ratings of every row solved in it, users and
+    items (``np.concatenate([store.counts("user"), store.counts("item")])``); empty rows cost
+    nothing."""
     k1 = rank + 1
-    nnz = nnz_user_side + nnz_item_side
-    rows = n_users + n_items
-    floor = nnz * (k1 * (k1 + 1) + 2 * k1) + rows * (k1**3 / 3 + 2 * k1**2)
-    executed = nnz * (2 * k1 * k1 + 4 * k1) + rows * (2 * k1**3 / 3 + 2 * k1**2)
+    n = np.asarray(counts, dtype=np.float64)
+    n = n[n > 0]
+    gram_row = n * (k1 * (k1 + 1) + 2 * k1) + k1**3 / 3 + 2 * k1**2
+    short = n < k1
+    woodbury_row = n * (n + 1) * k1 + n**3 / 3 + 2 * n**2 + 4 * n * k1
+    floor = gram_row.sum()
+    executed = np.where(short, woodbury_row, gram_row + 2 * k1**2).sum()
     return AlsFlops(float(floor), float(executed))
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 from bench_common import (  # noqa: E402
     DOCS,
     PeakRSS,
@@ -97,12 +98,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--memory-limit", default=None, help="per worker, e.g. 500MiB (default: auto)")
     p.add_argument("--target-ratings", type=int, default=1_000_000, help="ratings per block")
-    p.add_argument(
-        "--sub-batch-bytes",
-        type=int,
-        default=32 * 2**20,
-        help="train.sub_batch_bytes: the solver's working-set bound",
-    )
     p.add_argument("--root", default="runs/bench", help="where synthetic data and stores go")
     p.add_argument("--keep", action="store_true", help="keep the stores afterwards")
     p.add_argument("--out", default="scale", help="writes docs/benchmarks_<out>.md")
@@ -168,7 +163,6 @@ def main(argv: list[str] | None = None) -> None:
                         "iterations": args.iterations,
                         "checkpoint_every": 0,
                         "progress": "off",
-                        "sub_batch_bytes": args.sub_batch_bytes,
                     },
                     "output": {"model": str(root / "model-scale"), "plot": False},
                 }
@@ -189,11 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         per_iter = statistics.mean(secs[1:]) if len(secs) > 1 else secs[0]
         restarted = sorted(set(before.items()) ^ set(after.items()))
         worker_peaks = mem.of(before.values())
-        nu = int((store.counts("user") > 0).sum())
-        ni = int((store.counts("item") > 0).sum())
-        floor = als_flops(store.n_train, store.n_train, args.rank, nu, ni).floor / (
-            args.workers * gemm1 * 1e9
-        )
+        counts = np.concatenate([store.counts("user"), store.counts("item")])
+        floor = als_flops(counts, args.rank).floor / (args.workers * gemm1 * 1e9)
         synth_s, ingest_s, ingest_mem = ingest_rows[n]
         disk = store.disk_bytes()
         rows.append(
@@ -261,8 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         f"first), {args.workers} workers x 1 thread, memory_limit {limit / 2**20:.0f} MiB per "
         f"worker for every size. Largest store: {big_disk / 2**30:.2f} GiB on disk, "
         f"{big_arrays / 2**30:.2f} GiB as arrays; total worker memory_limit "
-        f"{args.workers * limit / 2**30:.2f} GiB. Blocks of {args.target_ratings:,} ratings, "
-        f"solver sub-batches of {args.sub_batch_bytes / 2**20:.0f} MiB. "
+        f"{args.workers * limit / 2**30:.2f} GiB. Blocks of {args.target_ratings:,} ratings. "
         f"GEMM rate (1 thread): {gemm1:.1f} GFLOP/s."
     )
     report.add(

@@ -81,10 +81,6 @@ def planted_store(path: Path, n: int, target_ratings: int | None = None, seed: i
     return store
 
 
-def active_rows(store: Store) -> tuple[int, int]:
-    return int((store.counts("user") > 0).sum()), int((store.counts("item") > 0).sum())
-
-
 def train_once(
     store: Store, client, rank: int, iterations: int, cache: str, out: Path, pids: list[int]
 ) -> dict:
@@ -156,7 +152,7 @@ def solver_micro(store: Store, rank: int, repeats: int) -> list[dict]:
                 solve_block(block, fixed, fbias, store.mu, 0.1, 0.1)
                 best = min(best, time.perf_counter() - t)
         rows = int((block.counts > 0).sum())
-        fl = als_flops(block.nnz, 0, rank, rows, 0)
+        fl = als_flops(block.counts, rank)
         out.append(
             {
                 "side": side,
@@ -272,7 +268,6 @@ def main(argv: list[str] | None = None) -> None:
     threads_total = args.workers * args.threads
     for n in sizes:
         store = planted_store(data / f"planted-{n}", n)
-        nu, ni = active_rows(store)
         ranks = args.ranks if n <= 20_000_000 else args.large_ranks
         cluster = LocalCluster(
             n_workers=args.workers,
@@ -296,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
                         data / "model",
                         list(pids.values()),
                     )
-                fl = als_flops(store.n_train, store.n_train, rank, nu, ni)
+                fl = als_flops(np.concatenate([store.counts("user"), store.counts("item")]), rank)
                 floor_s = fl.floor / (threads_total * gemm_before * 1e9)
                 dist_rows.append(
                     [

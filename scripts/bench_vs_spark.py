@@ -387,10 +387,9 @@ def main(argv: list[str] | None = None) -> None:
                     )
             spark_mem = mem_spark.total
         # ---- rows
-        nu = store.n_users
-        ni = store.n_items
+        counts = np.concatenate([store.counts("user"), store.counts("item")])
         for rank in args.ranks:
-            floor = als_flops(n_train, n_train, rank, nu, ni).floor / (threads * gemm1 * 1e9)
+            floor = als_flops(counts, rank).floor / (threads * gemm1 * 1e9)
             w, d = dmf_res[rank, True], dmf_res[rank, False]
             s = spark_res.get(rank, {})
             nan = float("nan")

@@ -50,15 +50,67 @@ def test_solver_matches_reference_rows(weighted, rank):
     )
 
 
-def test_sub_batch_size_does_not_change_the_answer():
+@pytest.mark.parametrize("rank", [3, 40])
+def test_rows_across_chunk_boundaries_match_the_reference(rank):
+    # The kernel gathers CHUNK ratings at a time and accumulates the Gram matrix over chunks:
+    # rows of every length around the chunk size, and far beyond it, against the oracle.
+    from dmf.kernels import CHUNK
+
+    rng = np.random.default_rng(7)
+    lengths = [0, 1, rank, rank + 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7]
+    n_other = 4 * CHUNK
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.concatenate([rng.choice(n_other, n, replace=False) for n in lengths])
+    vals = rng.normal(3.5, 1.0, len(rows))
+    fixed = rng.normal(0, 0.5, (n_other, rank))
+    fixed_b = rng.normal(0, 0.2, n_other)
+    block = RatingBlock.from_coo("user", 0, len(lengths), rows, cols, vals)
+    sol = solve_block(block, fixed, fixed_b, 3.4, 0.2, 0.1, dtype="float64")
+    R = dense_matrix(len(lengths), n_other, rows, cols, vals)
+    for i in range(len(lengths)):
+        u, b = solve_row(R[i], fixed, fixed_b, 3.4, 0.2, 0.1, False)
+        np.testing.assert_allclose(sol.factors[i], u, rtol=1e-10, atol=1e-12)
+        assert sol.bias[i] == pytest.approx(b, rel=1e-10, abs=1e-12)
+    pred = 3.4 + sol.bias[:, None] + fixed_b[None, :] + sol.factors @ fixed.T
+    assert sol.sse == pytest.approx(np.nansum((R - pred) ** 2), rel=1e-9)
+
+
+def test_a_row_gets_the_same_bits_in_any_block():
+    # Each row is solved on its own: splitting a block changes nothing, to the last bit, which
+    # is what makes results independent of the block layout.
     rows, cols, vals, fixed, fixed_b = _problem(seed=2, rank=6)
-    block = RatingBlock.from_coo("item", 10, 130, rows + 10, cols, vals)
-    big = solve_block(block, fixed, fixed_b, 3.0, 0.1, 0.1, dtype="float64")
-    # 4 KiB forces many sub-batches and the segmented path for long rows.
-    small = solve_block(block, fixed, fixed_b, 3.0, 0.1, 0.1, dtype="float64", sub_batch_bytes=4096)
-    np.testing.assert_allclose(small.factors, big.factors, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(small.bias, big.bias, rtol=1e-12, atol=1e-14)
-    assert small.sse == pytest.approx(big.sse, rel=1e-12)
+    whole = RatingBlock.from_coo("item", 10, 130, rows + 10, cols, vals)
+    sol = solve_block(whole, fixed, fixed_b, 3.0, 0.1, 0.1)
+    for lo, hi in ((10, 47), (47, 130)):
+        keep = (rows + 10 >= lo) & (rows + 10 < hi)
+        part = RatingBlock.from_coo("item", lo, hi, rows[keep] + 10, cols[keep], vals[keep])
+        sub = solve_block(part, fixed, fixed_b, 3.0, 0.1, 0.1)
+        assert np.array_equal(sub.factors, sol.factors[lo - 10 : hi - 10])
+        assert np.array_equal(sub.bias, sol.bias[lo - 10 : hi - 10])
+
+
+def test_singular_rows_without_regularisation_take_the_minimum_norm_solution():
+    # reg = 0 and rows with fewer ratings than unknowns: the Cholesky factorisation fails and
+    # those rows are solved by pseudo-inverse, the others as usual.
+    rows, cols, vals, fixed, fixed_b = _problem(seed=8, rank=8, density=0.08)
+    counts = np.bincount(rows, minlength=120)
+    assert ((counts > 0) & (counts < 9)).sum() > 10 and (counts >= 9).sum() > 0
+    block = RatingBlock.from_coo("user", 0, 120, rows, cols, vals)
+    sol = solve_block(block, fixed, fixed_b, 3.0, 0.0, 0.0, dtype="float64")
+    R = dense_matrix(120, 50, rows, cols, vals)
+    for i in np.flatnonzero(counts):
+        obs = ~np.isnan(R[i])
+        a_mat = np.hstack([fixed[obs], np.ones((obs.sum(), 1))])
+        x = np.linalg.lstsq(a_mat, R[i, obs] - 3.0 - fixed_b[obs], rcond=None)[0]
+        np.testing.assert_allclose(sol.factors[i], x[:8], rtol=1e-6, atol=1e-8)
+        assert sol.bias[i] == pytest.approx(x[8], rel=1e-6, abs=1e-8)
+
+
+def test_columns_outside_the_other_side_are_refused():
+    rows, cols, vals, fixed, fixed_b = _problem(seed=9)
+    block = RatingBlock.from_coo("user", 0, 120, rows, cols, vals)
+    with pytest.raises(ValueError, match=r"user block \[0, 120\) refers to column 49"):
+        solve_block(block, fixed[:40], fixed_b[:40], 3.0, 0.1, 0.1)
 
 
 def test_short_rows_without_regularisation_use_the_normal_equations():
