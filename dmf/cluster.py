@@ -31,9 +31,16 @@ BLAS_ENV = {
 
 
 @contextlib.contextmanager
-def blas_single_thread() -> Iterator[None]:
-    """One BLAS thread for the enclosed work (a Dask task already runs on its own thread)."""
+def blas_single_thread(load_solver: bool = False) -> Iterator[None]:
+    """One BLAS thread for the enclosed work (a Dask task already runs on its own thread).
+
+    threadpoolctl limits the BLAS libraries loaded so far: ``load_solver`` loads the block
+    solver's kernel, and with it SciPy's BLAS, first, so that the limit covers it even in the
+    first task a worker started by hand runs."""
     from threadpoolctl import threadpool_limits
+
+    if load_solver:
+        import dmf.kernels  # noqa: F401
 
     with threadpool_limits(limits=1, user_api="blas"):
         yield

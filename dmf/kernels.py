@@ -4,8 +4,9 @@
 :mod:`dmf.solver` for the mathematics) in one call, with no Python between rows:
 
 1. gather the row's fixed-side rows ``[v_j, 1]`` (float32 or float64) into a small float64 buffer,
-   ``CHUNK`` ratings at a time, so the buffer stays in the L2 cache and any row length works;
-2. accumulate the symmetric half of ``A^T A`` with BLAS ``dsyrk`` and ``A^T t`` with ``dgemv``;
+   a chunk of ratings at a time, so the buffer stays in the L2 cache and any row length works;
+2. accumulate ``A^T A`` with BLAS (``dgemm`` up to rank 95, ``dsyrk`` above: see ``GEMM_MAX_K1``)
+   and ``A^T t`` with ``dgemv``;
 3. add the penalties to the diagonal, factor with LAPACK ``dpotrf`` and solve with ``dpotrs``.
 
 Rows with fewer ratings L than unknowns k1 (most rows of real rating data, at higher ranks) take
@@ -33,9 +34,15 @@ import numpy as np
 from numba import types
 from numba.extending import get_cython_function_address
 
-# Ratings gathered per BLAS call: a CHUNK x (rank+1) float64 buffer (133 KiB at rank 64) stays
-# in the L2 cache; the Gram of a longer row accumulates over chunks.
+# Ratings gathered per BLAS call: a CHUNK x (rank+1) float64 buffer stays in the L2 cache; the
+# Gram matrix of a longer row accumulates over chunks. Up to GEMM_MAX_K1 unknowns the Gram update
+# is a full dgemm on 64-rating chunks, above it a dsyrk (half the arithmetic) on 256: OpenBLAS's
+# small dsyrk runs at well under half its dgemm rate, and on our machines (OpenBLAS 0.3, AVX-512)
+# the full product was 22% faster at rank 10 and 13% at rank 64, dsyrk 16% faster at rank 128
+# (whole 10M-rating store, one thread; docs/benchmarks_train.md).
 CHUNK = 256
+GEMM_CHUNK = 64
+GEMM_MAX_K1 = 96
 
 
 def _bind(module: str, name: str, nargs: int):
@@ -47,6 +54,7 @@ def _bind(module: str, name: str, nargs: int):
 
 
 _dsyrk = _bind("blas", "dsyrk", 10)
+_dgemm = _bind("blas", "dgemm", 13)
 _dgemv = _bind("blas", "dgemv", 11)
 _dpotrf = _bind("lapack", "dpotrf", 5)
 _dpotrs = _bind("lapack", "dpotrs", 8)
@@ -70,12 +78,14 @@ def solve_rows(
     """
     n = len(indptr) - 1
     k1 = aug.shape[1]
-    chunk = max(CHUNK, k1)
-    buf = np.empty((chunk, k1))
-    tbuf = np.empty(chunk)
+    use_gemm = k1 <= GEMM_MAX_K1
+    chunk = GEMM_CHUNK if use_gemm else CHUNK
+    cap = max(chunk, k1)  # a Woodbury row (< k1 ratings) fits the buffer whole
+    buf = np.empty((cap, k1))
+    tbuf = np.empty(cap)
     g = np.empty((k1, k1))
     g0 = np.empty((k1, k1))
-    kern = np.empty(chunk * chunk)
+    kern = np.empty(k1 * k1)
     rhs = np.empty(k1)
     x = np.empty(k1)
     scale = np.empty(k1)
@@ -156,8 +166,25 @@ def solve_rows(
                 tt += e * e
             ints[1] = m
             beta = one_d if s > lo else zero_d
-            # G (+)= M M^T: dsyrk('L', 'N', k1, m, 1, M, k1, beta, G, k1); rhs (+)= M t.
-            _dsyrk(lo_c, n_c, k1_p, m_p, one_d, buf.ctypes, k1_p, beta, g.ctypes, k1_p)
+            # G (+)= M M^T (the lower triangle is what counts); rhs (+)= M t.
+            if use_gemm:  # dgemm('N', 'T', k1, k1, m, 1, M, k1, M, k1, beta, G, k1)
+                _dgemm(
+                    n_c,
+                    t_c,
+                    k1_p,
+                    k1_p,
+                    m_p,
+                    one_d,
+                    buf.ctypes,
+                    k1_p,
+                    buf.ctypes,
+                    k1_p,
+                    beta,
+                    g.ctypes,
+                    k1_p,
+                )
+            else:  # dsyrk('L', 'N', k1, m, 1, M, k1, beta, G, k1)
+                _dsyrk(lo_c, n_c, k1_p, m_p, one_d, buf.ctypes, k1_p, beta, g.ctypes, k1_p)
             _dgemv(
                 n_c, k1_p, m_p, one_d, buf.ctypes, k1_p, tbuf.ctypes, one_i, beta, rhs.ctypes, one_i
             )

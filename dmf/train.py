@@ -87,7 +87,7 @@ def solve_block_task(
     """Solve one block on a worker: ``block`` is a cached RatingBlock or (path, side, start, stop)."""
     if not isinstance(block, RatingBlock):
         block = read_block_file(*block)
-    with blas_single_thread():
+    with blas_single_thread(load_solver=True):
         return solve_block(
             block,
             fixed.factors,

@@ -207,9 +207,14 @@ def blas_threads() -> dict[str, list[int]]:
         return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
 
     outside = counts()
-    with blas_single_thread():
+    # As a block task does: the solver's kernel (and SciPy's BLAS) is loaded on entry.
+    with blas_single_thread(load_solver=True):
         inside = counts()
-    return {"outside": outside, "inside": inside}
+    return {
+        "outside": outside,
+        "inside": inside,
+        "libs": sorted(p["filepath"] for p in threadpool_info() if p["user_api"] == "blas"),
+    }
 
 
 def test_blas_pinned_to_one_thread_in_tasks(external_cluster):
@@ -224,6 +229,8 @@ def test_blas_pinned_to_one_thread_in_tasks(external_cluster):
     for name, r in by_name.items():
         assert r["inside"], f"{name}: no BLAS library found by threadpoolctl"
         assert all(n == 1 for n in r["inside"]), (name, r)
+        # NumPy's BLAS and SciPy's (the solver kernel's) are separate libraries: both pinned.
+        assert any("scipy" in lib for lib in r["libs"]), (name, r)
     # The nanny pins BLAS through the environment; the hand-started worker does not, so the
     # pinning above is the context manager's doing there.
     assert all(n == 1 for n in by_name["w1"]["outside"]), by_name

@@ -50,15 +50,18 @@ def test_solver_matches_reference_rows(weighted, rank):
     )
 
 
-@pytest.mark.parametrize("rank", [3, 40])
+@pytest.mark.parametrize("rank", [3, 40, 100])
 def test_rows_across_chunk_boundaries_match_the_reference(rank):
-    # The kernel gathers CHUNK ratings at a time and accumulates the Gram matrix over chunks:
-    # rows of every length around the chunk size, and far beyond it, against the oracle.
-    from dmf.kernels import CHUNK
+    # The kernel gathers a chunk of ratings at a time and accumulates the Gram matrix over
+    # chunks (dgemm on short chunks at low rank, dsyrk on longer ones above): rows of every
+    # length around the chunk size, and far beyond it, against the oracle.
+    from dmf.kernels import CHUNK, GEMM_CHUNK, GEMM_MAX_K1
 
+    chunk = GEMM_CHUNK if rank + 1 <= GEMM_MAX_K1 else CHUNK
+    assert (rank == 100) == (chunk == CHUNK)  # both paths are covered
     rng = np.random.default_rng(7)
-    lengths = [0, 1, rank, rank + 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7]
-    n_other = 4 * CHUNK
+    lengths = [0, 1, rank, rank + 1, chunk - 1, chunk, chunk + 1, 3 * chunk + 7]
+    n_other = 4 * max(chunk, rank)
     rows = np.repeat(np.arange(len(lengths)), lengths)
     cols = np.concatenate([rng.choice(n_other, n, replace=False) for n in lengths])
     vals = rng.normal(3.5, 1.0, len(rows))
