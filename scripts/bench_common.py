@@ -163,9 +163,10 @@ class AlsFlops:
     2 (rank+1); per row a Cholesky factorisation, (rank+1)^3 / 3, plus two triangular solves,
     2 (rank+1)^2.
 
-    ``executed``: what dmf's kernel (dmf/kernels.py) runs: the floor's arithmetic, plus the
-    squared error from the Gram matrix (2 (rank+1)^2 a row), for rows of at least rank+1
-    ratings; for a shorter row (L ratings) the Woodbury form instead: the L x L symmetric
+    ``executed``: what dmf's kernel (dmf/kernels.py) runs: for rows of at least rank+1 ratings
+    the floor's arithmetic, plus the squared error from the Gram matrix (2 (rank+1)^2 a row),
+    with the full Gram product, 2 (rank+1)^2 a rating, where the kernel uses dgemm (up to
+    ``GEMM_MAX_K1`` unknowns); for a shorter row (L ratings) the Woodbury form instead: the L x L symmetric
     kernel, L (L+1) (rank+1), its Cholesky solve, L^3/3 + 2 L^2, and x and the residuals,
     4 L (rank+1). With many short rows ``executed`` is below ``floor``: the floor assumes the
     normal equations for every row.
@@ -179,14 +180,18 @@ def als_flops(counts: np.ndarray, rank: int) -> AlsFlops:
     """Flops of one full iteration; ``counts``: the ratings of every row solved in it, users and
     items (``np.concatenate([store.counts("user"), store.counts("item")])``); empty rows cost
     nothing."""
+    from dmf.kernels import GEMM_MAX_K1
+
     k1 = rank + 1
     n = np.asarray(counts, dtype=np.float64)
     n = n[n > 0]
-    gram_row = n * (k1 * (k1 + 1) + 2 * k1) + k1**3 / 3 + 2 * k1**2
+    solve = k1**3 / 3 + 2 * k1**2
+    gram_row = n * (k1 * (k1 + 1) + 2 * k1) + solve
+    run_row = n * ((2 * k1 * k1 if k1 <= GEMM_MAX_K1 else k1 * (k1 + 1)) + 2 * k1) + solve
     short = n < k1
     woodbury_row = n * (n + 1) * k1 + n**3 / 3 + 2 * n**2 + 4 * n * k1
     floor = gram_row.sum()
-    executed = np.where(short, woodbury_row, gram_row + 2 * k1**2).sum()
+    executed = np.where(short, woodbury_row, run_row + 2 * k1**2).sum()
     return AlsFlops(float(floor), float(executed))
 
 

@@ -6,10 +6,10 @@ Two measurements:
    64 and 128, on a LocalCluster of 2 worker processes x 1 thread. Seconds per full iteration
    (median of the iterations after the first, which also loads the blocks) beside the floor:
    ``als_flops(...).floor / (workers * threads * gemm_rate(1))``.
-2. Solver only: the largest user block and the largest item block of the store through
-   ``dmf.solver.solve_block`` in this process, BLAS on one thread, best of ``--repeats``, beside
-   the one-thread floor. With ``--profile``, py-spy samples the solver and the table says which
-   lines of dmf/solver.py the time goes to.
+2. Solver only: every block of each side through ``dmf.solver.solve_block`` in this process,
+   BLAS on one thread, best of ``--repeats`` per block, beside the one-thread floor: the CPU
+   time one iteration's solves need. With ``--profile``, py-spy (native frames) samples the
+   solver at rank 64 and the table says which part of the compiled kernel the time goes to.
 
 Writes docs/benchmarks_train.md. Example::
 
@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from bench_common import (  # noqa: E402
-    REPO,
     PeakRSS,
     Report,
     als_flops,
@@ -132,35 +131,42 @@ def train_once(
 
 
 def solver_micro(store: Store, rank: int, repeats: int) -> list[dict]:
-    """The largest block of each side through solve_block on one BLAS thread, best of N."""
-    from threadpoolctl import threadpool_limits
-
-    from dmf.solver import solve_block
+    """Every block of each side through solve_block on one BLAS thread, against random fixed
+    factors; per block the best of ``repeats``, summed over the side. Both sides together are
+    the CPU-seconds one iteration's solves need, to compare with the distributed run."""
+    from dmf.cluster import blas_single_thread
+    from dmf.solver import augment, solve_block
 
     rng = np.random.default_rng(0)
     out = []
     for side, other in (("user", "item"), ("item", "user")):
-        b = int(np.argmax(store.block_nnz(side)))
-        block = store.read_block(side, b)
         n_other = store.n_rows(other)
         fixed = rng.normal(0, 0.3, (n_other, rank)).astype(np.float32)
         fbias = rng.normal(0, 0.3, n_other).astype(np.float32)
-        best = float("inf")
-        with threadpool_limits(limits=1, user_api="blas"):
-            for _ in range(repeats):
-                t = time.perf_counter()
-                solve_block(block, fixed, fbias, store.mu, 0.1, 0.1)
-                best = min(best, time.perf_counter() - t)
-        rows = int((block.counts > 0).sum())
-        fl = als_flops(block.counts, rank)
+        aug = augment(fixed)
+        total = 0.0
+        with blas_single_thread(load_solver=True):
+            for b in range(store.n_blocks(side)):
+                block = store.read_block(side, b)
+                if b == 0:  # compile, or load the compiled kernel, outside the timing
+                    solve_block(block, fixed, fbias, store.mu, 0.1, 0.1, fixed_aug=aug)
+                best = float("inf")
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    solve_block(block, fixed, fbias, store.mu, 0.1, 0.1, fixed_aug=aug)
+                    best = min(best, time.perf_counter() - t)
+                total += best
+        counts = store.counts(side)
+        fl = als_flops(counts, rank)
+        rows = int((counts > 0).sum())
         out.append(
             {
                 "side": side,
-                "block": b,
+                "blocks": store.n_blocks(side),
                 "rows": rows,
-                "nnz": block.nnz,
-                "mean_len": block.nnz / max(rows, 1),
-                "seconds": best,
+                "nnz": int(counts.sum()),
+                "mean_len": counts.sum() / max(rows, 1),
+                "seconds": total,
                 "floor_flops": fl.floor,
                 "exec_flops": fl.executed,
             }
@@ -168,25 +174,46 @@ def solver_micro(store: Store, rank: int, repeats: int) -> list[dict]:
     return out
 
 
+# The profiled process warms the kernel up, then attaches py-spy to itself (native frames, so
+# the BLAS and LAPACK calls inside the compiled kernel are seen) for the measured loop only.
 _PROFILE_DRIVER = """
-import sys, numpy as np
-from threadpoolctl import threadpool_limits
+import os, signal, subprocess, sys, time, numpy as np
+from dmf.cluster import blas_single_thread
+from dmf.solver import augment, solve_block
 from dmf.store import Store
-from dmf.solver import solve_block
-store = Store.open(sys.argv[1]); rank = int(sys.argv[2])
+store = Store.open(sys.argv[1]); rank = int(sys.argv[2]); pyspy, out = sys.argv[3], sys.argv[4]
 rng = np.random.default_rng(0)
+work = []
 for side, other in (("user", "item"), ("item", "user")):
-    block = store.read_block(side, int(np.argmax(store.block_nnz(side))))
     n = store.n_rows(other)
     V = rng.normal(0, 0.3, (n, rank)).astype(np.float32); c = rng.normal(0, 0.3, n).astype(np.float32)
-    with threadpool_limits(limits=1, user_api="blas"):
-        for _ in range(3):
-            solve_block(block, V, c, store.mu, 0.1, 0.1)
+    work += [(store.read_block(side, b), V, c, augment(V)) for b in range(store.n_blocks(side))]
+with blas_single_thread(load_solver=True):
+    solve_block(work[0][0], work[0][1], work[0][2], store.mu, 0.1, 0.1, fixed_aug=work[0][3])
+    spy = subprocess.Popen([pyspy, "record", "--native", "-r", "200", "-f", "raw", "-o", out,
+                            "-p", str(os.getpid())], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    time.sleep(2.0)  # let py-spy attach
+    for _ in range(2):
+        for blk, V, c, aug in work:
+            solve_block(blk, V, c, store.mu, 0.1, 0.1, fixed_aug=aug)
+spy.send_signal(signal.SIGINT)
+spy.wait()
 """
+
+# Where a sample is, by the first SciPy BLAS/LAPACK entry point below solve_block.
+_PROFILE_PARTS = [
+    ("scipy_dgemm", "Gram matrix, A^T A (BLAS dgemm, up to rank 95)"),
+    ("scipy_dsyrk", "Gram matrix or Woodbury kernel, symmetric (BLAS dsyrk)"),
+    ("scipy_dgemv", "right-hand side A^T t, and x in the Woodbury form (BLAS dgemv)"),
+    ("scipy_dpotrf", "Cholesky factorisation (LAPACK dpotrf)"),
+    ("scipy_dpotrs", "triangular solves (LAPACK dpotrs)"),
+]
 
 
 def profile_solver(store: Store, rank: int) -> str | None:
-    """py-spy the solver micro-benchmark; return a table of time per line of dmf/solver.py."""
+    """py-spy the solver on every block of the store: where the time goes, by part of the
+    kernel (a table of % of the samples inside solve_block)."""
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(pyspy).exists():
         log("py-spy not found: pip install py-spy to profile the solver")
@@ -195,30 +222,37 @@ def profile_solver(store: Store, rank: int) -> str | None:
         drv = Path(d) / "drive.py"
         drv.write_text(_PROFILE_DRIVER)
         raw = Path(d) / "profile.txt"
-        cmd = [pyspy, "record", "-r", "250", "-f", "raw", "-o", str(raw), "--"]
-        cmd += [sys.executable, str(drv), str(store.path), str(rank)]
+        cmd = [sys.executable, str(drv), str(store.path), str(rank), pyspy, str(raw)]
         subprocess.run(cmd, check=True, capture_output=True)
         lines = raw.read_text().splitlines()
-    src = (REPO / "dmf" / "solver.py").read_text().splitlines()
-    per_line: Counter[str] = Counter()
+    parts: Counter[str] = Counter()
     total = 0
     for line in lines:
         stack, _, n = line.rpartition(" ")
         frames = stack.split(";")
-        inside = [f for f in frames if "solver.py" in f]
-        if not any("solve_block" in f for f in frames):
-            continue  # reading the store, imports
+        at = [k for k, f in enumerate(frames) if f.startswith("solve_block (")]
+        if not at:
+            continue
         total += int(n)
-        key = inside[-1] if inside else frames[-1]
-        per_line[key] += int(n)
-    rows = []
-    for key, n in per_line.most_common(12):
-        code = ""
-        if "solver.py:" in key:
-            lineno = int(key.rsplit(":", 1)[1].rstrip(")"))
-            code = "`" + src[lineno - 1].strip().replace("|", "\\|")[:70] + "`"
-        rows.append([key.replace("|", "\\|"), 100.0 * n / total, code])
-    return md_table(["frame (function, file:line)", "% of solver samples", "code"], rows)
+        below = frames[at[-1] + 1 :]
+        part = next(
+            (label for prefix, label in _PROFILE_PARTS if any(f.startswith(prefix) for f in below)),
+            None,
+        )
+        if part is None:
+            # Compiled kernel code shows as bare addresses: the gather, the Woodbury and
+            # squared-error loops. Anything else is NumPy/Python around the kernel call.
+            compiled = below and below[0].startswith("0x")
+            part = (
+                "kernel's own loops: gather [v_j, 1] rows, Woodbury scaling, squared error"
+                if compiled
+                else "NumPy and Python around the kernel (penalties, casts, checks)"
+            )
+        parts[part] += int(n)
+    rows = [[part, 100.0 * n / total] for part, n in parts.most_common()]
+    return md_table(["part of the solver", "% of samples"], rows) + (
+        f"\n\n{total} samples at 200 Hz, rank {rank}, every block of both sides twice, one thread."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -324,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
                             f"{store.n_train:,}",
                             rank,
                             m["side"],
+                            m["blocks"],
                             f"{m['nnz']:,}",
                             m["rows"],
                             m["mean_len"],
@@ -366,8 +401,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     report.add(
-        "*executed GFLOP/s*: the arithmetic dmf's solver actually performs (full Gram GEMM, LU "
-        "solve, residuals; `AlsFlops.executed`) divided by s/iter, to compare with "
+        "*executed GFLOP/s*: the arithmetic dmf's kernel actually performs (`AlsFlops.executed`: "
+        "the floor's for rows of at least rank+1 ratings, the smaller Woodbury form for shorter "
+        "ones, so it can be below the floor) divided by s/iter, to compare with "
         f"{threads_total} x the GEMM rate. *solve task s/iter*: compute time of the solve "
         "tasks per iteration summed over workers (scheduler task stream; it includes reading "
         "blocks when they are not cached); *workers busy* = that / (threads x s/iter): below 1, "
@@ -377,14 +413,19 @@ def main(argv: list[str] | None = None) -> None:
         "inflated by roughly its inverse."
     )
     if micro_rows:
-        report.add("## Solver only: one block, one thread (dmf.solver.solve_block)")
+        report.add(
+            "## Solver only: every block of a side, one thread (dmf.solver.solve_block)\n\n"
+            "*s*: the side's blocks solved one after another (best of the repeats per block); "
+            "the two sides together are the CPU-seconds an iteration's solves need."
+        )
         report.add(
             md_table(
                 [
                     "store ratings",
                     "rank",
                     "side",
-                    "block ratings",
+                    "blocks",
+                    "ratings",
                     "rows",
                     "ratings/row",
                     "s",
@@ -396,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     if profile_md:
-        report.add("## Where the solver's time goes (py-spy, rank 64, both sides' largest block)")
+        report.add("## Where the solver's time goes (py-spy with native frames, rank 64)")
         report.add(profile_md)
     path = report.write(args.out)
     log(f"wrote {path}")

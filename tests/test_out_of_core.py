@@ -2,14 +2,15 @@
 
 A block in memory costs ~8 bytes a rating per side (int32 column index, float32 rating, plus the
 row pointer), so a store's in-memory size is ~16 bytes a train rating. A worker process starts at
-~110 MB RSS and solving one block of 150k ratings in 4 MB sub-batches adds ~40 MB, so a worker
-with ``memory_limit`` 224 MiB (Dask pauses it at 80%, ~188 MB, and kills it at 95%) has room for
-one block at a time but not for the store's 15M ratings (~240 MB in memory). That test is slow
+~110 MB RSS and loading the compiled solver (numba, LLVM, SciPy) takes it to ~230 MB; a block of
+150k ratings and the solver's working set (under 1 MB) add little. So a worker with
+``memory_limit`` 352 MiB (Dask pauses it at 80%, ~295 MB, and kills it at 95%) has room for one
+block at a time but not for the store's 25M ratings (~400 MB in memory). That test is slow
 (building the store takes most of it); a fast variant runs the same checks on a 1.5M-rating store
 under a 400 MiB limit, not below the store's size.
 
 A limit so tight that workers pause at 80% and never get below it again stalls Dask itself (seen
-at 180 MiB with 100k-rating blocks), hence the margins. A block whose working set cannot fit at
+at 180 MiB with 100k-rating blocks, before the compiled solver), hence the margins. A block whose working set cannot fit at
 all must end in a clear error, not a hang or a Dask exception.
 """
 
@@ -103,8 +104,8 @@ def check_trains_within_limit(store, memory_limit, tmp_path):
 
 @pytest.mark.slow
 def test_store_larger_than_worker_memory_trains(tmp_path):
-    limit = 224 * MiB
-    store = make_store(tmp_path / "store", 15_000_000, target_ratings=150_000)
+    limit = 352 * MiB
+    store = make_store(tmp_path / "store", 25_000_000, target_ratings=150_000)
     assert in_memory_bytes(store) > limit  # the point of the test
     check_trains_within_limit(store, limit, tmp_path)
 
@@ -128,8 +129,10 @@ def test_cached_and_streamed_blocks_give_identical_factors(client, tmp_path):
 
 
 def test_block_too_big_for_a_worker_is_a_clear_error(tmp_path):
-    """A block whose working set exceeds memory_limit kills its worker each time Dask reruns it:
-    the user gets a TrainingError naming the settings to change, not a Dask exception."""
+    """A block whose solve does not fit in memory_limit kills its worker each time Dask reruns
+    it: the user gets a TrainingError naming the settings to change, not a Dask exception.
+    Here 200 MiB: a worker starts at ~110 MB but needs ~230 MB once the compiled solver is
+    loaded, plus the block of 1.5M ratings."""
     from distributed import Client, LocalCluster
 
     from dmf.errors import TrainingError
