@@ -124,13 +124,12 @@ def solve_block(
     -------
     BlockSolution with factors of shape (block.n_rows, rank).
     """
-    from dmf.kernels import solve_rows
+    from dmf.kernels import solve
 
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"factor dtype must be float32 or float64, not {dtype}")
     rank = fixed_factors.shape[1]
-    n = block.n_rows
     aug = augment(fixed_factors) if fixed_aug is None else fixed_aug
     n_other = len(aug) - 1
     if aug.ndim != 2 or aug.shape[1] != rank + 1 or len(fixed_bias) != n_other:
@@ -146,24 +145,18 @@ def solve_block(
         )
     counts = block.counts
     lam, lam_b = row_penalties(counts, reg, reg_bias, weighted_reg)
-    x_all = np.empty((n, rank + 1), dtype=np.float64)
-    row_sse = np.empty(n, dtype=np.float64)
-    status = np.empty(n, dtype=np.int8)
-    solve_rows(
-        np.ascontiguousarray(block.indptr, dtype=np.int64),
+    x_all, row_sse, status = solve(
+        block.indptr,
         block.cols,
         block.vals,
-        float(mu),
-        np.ascontiguousarray(fixed_bias),
-        np.ascontiguousarray(aug),
+        mu,
+        fixed_bias,
+        aug,
         lam,
         lam_b,
         # The short-row form divides by the penalties: only when all are positive.
         reg > 0 and reg_bias > 0,
         dtype == np.float32,
-        x_all,
-        row_sse,
-        status,
     )
     for r in np.flatnonzero(status):
         # Singular normal equations (reg or reg_bias 0 and too few ratings): minimum norm.

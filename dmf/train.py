@@ -416,6 +416,11 @@ class Trainer:
                     f"dmf: resuming after iteration {state['iteration']} from {self.checkpoint_dir}"
                 )
 
+        # Compile the solver kernel here (or load it from numba's disk cache), so that workers
+        # on this machine load it instead of all compiling it at once.
+        from dmf.kernels import warm_up
+
+        warm_up(self.config.model.dtype)
         if self._should_cache():
             self.cache_blocks()
         n_train = self.store.n_train
