@@ -154,3 +154,23 @@ def test_block_invariants_are_checked():
         RatingBlock.from_coo(
             "user", 0, 3, np.array([2, 1]), np.array([0, 0]), np.ones(2), assume_sorted=True
         )
+
+
+def test_one_compiled_kernel_per_factor_dtype(small_store):
+    # Blocks from Parquet (read-only float32 arrays) and from memory (writable float64) must
+    # share one compiled specialization: warm_up on the driver compiles exactly that one.
+    from dmf.kernels import solve_rows, warm_up
+
+    warm_up("float32")
+    warm_up("float64")
+    before = set(solve_rows.signatures)
+    assert len(before) == 2
+    rows, cols, vals, fixed, fixed_b = _problem(seed=10)
+    solve_block(
+        RatingBlock.from_coo("user", 0, 120, rows, cols, vals), fixed, fixed_b, 3.0, 0.1, 0.1
+    )
+    block = small_store.read_block("user", 0)
+    n_items = small_store.n_rows("item")
+    f32 = np.random.default_rng(0).normal(0, 0.3, (n_items, 4)).astype(np.float32)
+    solve_block(block, f32, np.zeros(n_items, np.float32), small_store.mu, 0.1, 0.1)
+    assert set(solve_rows.signatures) == before
