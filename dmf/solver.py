@@ -14,7 +14,7 @@ Setting the gradient to zero gives the augmented normal equations
 where A_i stacks the rows [v_j, 1] and t_i = r_ij - mu - c_j. Their solution is the exact
 minimiser of J over (u_i, b_i), so J never increases from one half-iteration to the next.
 
-Rows with no ratings get x_i = 0. Everything here is plain NumPy on arrays: no Dask, Parquet or
+Rows with no ratings get x_i = 0. Everything here works on arrays in memory: no Dask, Parquet or
 config. The normal equations are accumulated in float64 whatever the storage dtype of the factors.
 
 Speed: :func:`dmf.kernels.solve_rows`, compiled with numba, solves one row after another with

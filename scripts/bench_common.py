@@ -83,13 +83,18 @@ def _version(mod: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of python, numpy, the BLAS numpy runs, pyarrow, dask, distributed, dmf, pyspark."""
+    """Versions of python, numpy, the BLAS libraries loaded (NumPy's, and SciPy's, which the
+    solver kernel calls), numba, scipy, pyarrow, dask, distributed, dmf, pyspark."""
+    import os
+
     import numpy
     from threadpoolctl import threadpool_info
 
+    import dmf.kernels  # noqa: F401 - loads SciPy's BLAS, so that it is listed
+
     blas = [
-        f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}, "
-        f"{i.get('threading_layer')})"
+        f"{os.path.basename(i.get('filepath', '?'))}: {i.get('internal_api')} {i.get('version')} "
+        f"({i.get('architecture')}, {i.get('threading_layer')})"
         for i in threadpool_info()
         if i.get("user_api") == "blas"
     ]
@@ -97,6 +102,8 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "BLAS": "; ".join(blas) or "unknown",
+        "numba": _version("numba"),
+        "scipy": _version("scipy"),
         "pyarrow": _version("pyarrow"),
         "dask": _version("dask"),
         "distributed": _version("distributed"),
