@@ -211,7 +211,9 @@ def test_workers_killed_again_and_again(store, tmp_path):
 
     cluster, client = local_cluster(3)
     with cluster, client:
-        cfg = make_config(store, tmp_path / "ref", iterations=8)
+        # 40 iterations: long enough (several seconds even with the compiled solver) for the
+        # chaos thread to kill workers at least three times.
+        cfg = make_config(store, tmp_path / "ref", iterations=40)
         reference = train(store, cfg, client=client, quiet=True)
         stop, kills = threading.Event(), []
 
@@ -232,7 +234,7 @@ def test_workers_killed_again_and_again(store, tmp_path):
         thread.start()
         try:
             model = train(
-                store, make_config(store, tmp_path / "m", iterations=8), client=client, quiet=True
+                store, make_config(store, tmp_path / "m", iterations=40), client=client, quiet=True
             )
         finally:
             stop.set()
