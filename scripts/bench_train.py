@@ -230,10 +230,11 @@ def profile_solver(store: Store, rank: int) -> str | None:
     for line in lines:
         stack, _, n = line.rpartition(" ")
         frames = stack.split(";")
-        at = [k for k, f in enumerate(frames) if f.startswith("solve_block (")]
-        if not at:
+        if not any(f.startswith("solve_block (") for f in frames):
             continue
         total += int(n)
+        # Below the innermost Python frame of dmf's solver (solve_block, kernels.solve).
+        at = [k for k, f in enumerate(frames) if "dmf/solver.py" in f or "dmf/kernels.py" in f]
         below = frames[at[-1] + 1 :]
         part = next(
             (label for prefix, label in _PROFILE_PARTS if any(f.startswith(prefix) for f in below)),
