@@ -403,8 +403,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     report.add(
         "*executed GFLOP/s*: the arithmetic dmf's kernel actually performs (`AlsFlops.executed`: "
-        "the floor's for rows of at least rank+1 ratings, the smaller Woodbury form for shorter "
-        "ones, so it can be below the floor) divided by s/iter, to compare with "
+        "for rows of at least rank+1 ratings the full Gram product up to rank 95, the symmetric "
+        "half above, and the Cholesky solve; the smaller Woodbury form for shorter rows) divided "
+        "by s/iter, to compare with "
         f"{threads_total} x the GEMM rate. *solve task s/iter*: compute time of the solve "
         "tasks per iteration summed over workers (scheduler task stream; it includes reading "
         "blocks when they are not cached); *workers busy* = that / (threads x s/iter): below 1, "
