@@ -259,7 +259,7 @@ def warm_up(factor_dtype) -> None:
     ~70 MB more at its peak, on every worker at once, which a tight memory_limit may not
     allow)."""
     dt = np.dtype(factor_dtype)
-    aug = np.array([[1.0, 1.0], [0.0, 0.0]], dtype=dt if dt in (np.float32, np.float64) else None)
+    aug = np.array([[1.0, 1.0], [0.0, 0.0]], dtype=dt)  # solve() casts other dtypes to float64
     solve(
         np.array([0, 1]),
         np.array([0]),
