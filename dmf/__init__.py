@@ -3,7 +3,12 @@
 __version__ = "0.1.0"
 
 # The Python API, loaded on first use so that `import dmf` (and the CLI) stays light.
-_EXPORTS = {"ALS": "dmf.api", "Model": "dmf.model", "load": "dmf.model", "Store": "dmf.store"}
+_EXPORTS = {
+    "ALS": "dmf.api",
+    "Model": "dmf.model.model",
+    "load": "dmf.model.model",
+    "Store": "dmf.store.layout",
+}
 __all__ = ["ALS", "Model", "Store", "load", "__version__"]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dmf.config import Config, load_config
-from dmf.model import Model
+from dmf.model.model import Model
 
 
 class ALS:
@@ -109,7 +109,7 @@ class ALS:
         The trained :class:`dmf.Model` (also saved to ``config.output.model``); kept as
         ``self.model_``.
         """
-        from dmf.train import train  # imported here: training pulls in the whole Dask layer
+        from dmf.train.loop import train  # imported here: training pulls in the whole Dask layer
 
         self.model_ = train(store, self.config, client=client, **kwargs)
         return self.model_

@@ -90,7 +90,7 @@ def versions() -> dict[str, str]:
     import numpy
     from threadpoolctl import threadpool_info
 
-    import dmf.kernels  # noqa: F401 - loads SciPy's BLAS, so that it is listed
+    import dmf.als.kernels  # noqa: F401 - loads SciPy's BLAS, so that it is listed
 
     blas = [
         f"{os.path.basename(i.get('filepath', '?'))}: {i.get('internal_api')} {i.get('version')} "
@@ -187,7 +187,7 @@ def als_flops(counts: np.ndarray, rank: int) -> AlsFlops:
     """Flops of one full iteration; ``counts``: the ratings of every row solved in it, users and
     items (``np.concatenate([store.counts("user"), store.counts("item")])``); empty rows cost
     nothing."""
-    from dmf.kernels import GEMM_MAX_K1
+    from dmf.als.kernels import GEMM_MAX_K1
 
     k1 = rank + 1
     n = np.asarray(counts, dtype=np.float64)

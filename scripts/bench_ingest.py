@@ -34,7 +34,7 @@ from bench_common import PeakRSS, Report, gib, log, md_table  # noqa: E402
 
 def make_csv(n: int, work: Path) -> tuple[Path, float]:
     from dmf.config import SynthConfig
-    from dmf.synth import synth
+    from dmf.data.synth import synth
 
     out = work / f"synth-{n}"
     if (out / "synth.json").is_file():
@@ -116,7 +116,7 @@ def _cpu_seconds(client) -> float:
 
 def run_ingest(source: Path, work: Path, cluster: bool) -> dict:
     from dmf.config import load_config
-    from dmf.ingest import ingest
+    from dmf.data.ingest import ingest
 
     store_dir = work / "store"
     cfg = load_config(
@@ -131,7 +131,7 @@ def run_ingest(source: Path, work: Path, cluster: bool) -> dict:
     if cluster:
         from distributed import Client, LocalCluster
 
-        from dmf.cluster import BLAS_ENV
+        from dmf.dist.cluster import BLAS_ENV
 
         lc = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, env=BLAS_ENV)
         client = Client(lc)

@@ -41,15 +41,15 @@ from bench_common import (  # noqa: E402
     worker_pids,
 )
 
-from dmf.model import Model  # noqa: E402
-from dmf.recommend import (  # noqa: E402
+from dmf.model.model import Model  # noqa: E402
+from dmf.model.recommend import (  # noqa: E402
     ItemScorer,
     default_tile_users,
     recommend_all,
     top_n,
     top_n_reference,
 )
-from dmf.store import Store, store_from_arrays  # noqa: E402
+from dmf.store.layout import Store, store_from_arrays  # noqa: E402
 
 
 def bench_store(path: Path, n_users: int, n_items: int, per_user: int, seed: int) -> Store:
@@ -155,7 +155,7 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
-    from dmf.cluster import BLAS_ENV
+    from dmf.dist.cluster import BLAS_ENV
 
     n_users, n_items = int(args.users), int(args.items)
     work = Path(args.dir)

@@ -48,7 +48,7 @@ BYTES_PER_RATING_ARRAYS = 12  # int32 user + int32 item + float32 rating
 def synth_data(root: Path, n: int, seed: int = 0) -> tuple[Path, float]:
     """Planted ratings for ``n`` (reused when present); returns (directory, seconds spent)."""
     from dmf.config import SynthConfig
-    from dmf.synth import synth
+    from dmf.data.synth import synth
 
     out = root / f"synth-{n}"
     if (out / "synth.json").is_file():
@@ -71,7 +71,7 @@ def synth_data(root: Path, n: int, seed: int = 0) -> tuple[Path, float]:
 
 def ingest_store(src: Path, store_path: Path, target: int):
     from dmf.config import load_config
-    from dmf.ingest import ingest
+    from dmf.data.ingest import ingest
 
     cfg = load_config(
         raw={
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from distributed import Client, LocalCluster
 
-    from dmf.cluster import BLAS_ENV
+    from dmf.dist.cluster import BLAS_ENV
 
     report = Report("Benchmark: scale and out-of-core training", intro=__doc__.split("Writes")[0])
     gemm1 = gemm_rate(1)
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             before = worker_pids(client)
             from dmf.config import load_config
-            from dmf.train import Trainer
+            from dmf.train.loop import Trainer
 
             cfg = load_config(
                 raw={

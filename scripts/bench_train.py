@@ -47,7 +47,7 @@ from bench_common import (  # noqa: E402
     worker_pids,
 )
 
-from dmf.store import Store, store_from_arrays  # noqa: E402
+from dmf.store.layout import Store, store_from_arrays  # noqa: E402
 
 
 def planted_store(path: Path, n: int, target_ratings: int | None = None, seed: int = 0) -> Store:
@@ -85,7 +85,7 @@ def train_once(
 ) -> dict:
     """Train with dmf.train.train on ``client``; returns per-iteration seconds and RMSEs."""
     from dmf.config import load_config
-    from dmf.train import train
+    from dmf.train.loop import train
 
     cfg = load_config(
         raw={
@@ -134,8 +134,8 @@ def solver_micro(store: Store, rank: int, repeats: int) -> list[dict]:
     """Every block of each side through solve_block on one BLAS thread, against random fixed
     factors; per block the best of ``repeats``, summed over the side. Both sides together are
     the CPU-seconds one iteration's solves need, to compare with the distributed run."""
-    from dmf.cluster import blas_single_thread
-    from dmf.solver import augment, solve_block
+    from dmf.als.solver import augment, solve_block
+    from dmf.dist.cluster import blas_single_thread
 
     rng = np.random.default_rng(0)
     out = []
@@ -178,9 +178,9 @@ def solver_micro(store: Store, rank: int, repeats: int) -> list[dict]:
 # the BLAS and LAPACK calls inside the compiled kernel are seen) for the measured loop only.
 _PROFILE_DRIVER = """
 import os, signal, subprocess, sys, time, numpy as np
-from dmf.cluster import blas_single_thread
-from dmf.solver import augment, solve_block
-from dmf.store import Store
+from dmf.dist.cluster import blas_single_thread
+from dmf.als.solver import augment, solve_block
+from dmf.store.layout import Store
 store = Store.open(sys.argv[1]); rank = int(sys.argv[2]); pyspy, out = sys.argv[3], sys.argv[4]
 rng = np.random.default_rng(0)
 work = []
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from distributed import Client, LocalCluster
 
-    from dmf.cluster import BLAS_ENV
+    from dmf.dist.cluster import BLAS_ENV
 
     gemm_before = gemm_rate(1)
     log(f"GEMM rate, 1 thread: {gemm_before:.1f} GFLOP/s")

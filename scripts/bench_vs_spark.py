@@ -117,11 +117,11 @@ def datasets(names: list[str], root: Path) -> list[tuple[str, Path]]:
 
 # -- dmf -------------------------------------------------------------------------------------------
 def dmf_ingest(split_dir: Path, store_path: Path, n_blocks: int | None):
-    """The store from train.parquet: dmf.ingest when it exists, else read + store_from_arrays."""
+    """The store from train.parquet: dmf.data.ingest when it exists, else read + store_from_arrays."""
     from dmf.config import load_config
 
     try:
-        from dmf.ingest import ingest
+        from dmf.data.ingest import ingest
     except ImportError:
         ingest = None
     if ingest is not None:
@@ -134,7 +134,7 @@ def dmf_ingest(split_dir: Path, store_path: Path, n_blocks: int | None):
             }
         )
         return ingest(cfg, progress=False), "dmf.ingest.ingest"
-    from dmf.store import store_from_arrays
+    from dmf.store.layout import store_from_arrays
 
     t = pq.read_table(split_dir / "train.parquet")
     store = store_from_arrays(
@@ -152,7 +152,7 @@ def dmf_train(store, client, rank: int, iters: int, reg: float, weighted: bool, 
     """Fit with ``iters`` iterations; returns (model, wall seconds, CPU seconds of all
     processes: driver and workers)."""
     from dmf.config import load_config
-    from dmf.train import train
+    from dmf.train.loop import train
 
     cfg = load_config(
         raw={
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from distributed import Client, LocalCluster
 
-    from dmf.cluster import BLAS_ENV
+    from dmf.dist.cluster import BLAS_ENV
 
     report = Report(
         "Benchmark: dmf against Spark MLlib ALS",

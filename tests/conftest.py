@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dmf.store import Store, store_from_arrays
+from dmf.store.layout import Store, store_from_arrays
 
 
 @pytest.fixture(scope="session")
@@ -13,7 +13,7 @@ def client():
     """A session-wide LocalCluster with two single-threaded worker processes."""
     from distributed import Client, LocalCluster
 
-    from dmf.cluster import BLAS_ENV
+    from dmf.dist.cluster import BLAS_ENV
 
     with (
         LocalCluster(

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pytest
 
 import dmf
+from dmf.als.solver import solve_block
 from dmf.errors import ConfigError
-from dmf.evaluate import evaluate
-from dmf.solver import solve_block
+from dmf.model.evaluate import evaluate
 
 needs_trainer = pytest.mark.skipif(
-    importlib.util.find_spec("dmf.train") is None,
+    importlib.util.find_spec("dmf.train.loop") is None,
     reason="dmf/train.py (the distributed trainer) is not in this tree yet",
 )
 

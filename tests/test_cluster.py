@@ -23,9 +23,9 @@ import yaml
 from conftest import random_ratings
 
 from dmf.config import load_config
-from dmf.model import Model
-from dmf.store import store_from_arrays
-from dmf.train import train
+from dmf.model.model import Model
+from dmf.store.layout import store_from_arrays
+from dmf.train.loop import train
 
 pytestmark = pytest.mark.cluster
 
@@ -201,7 +201,7 @@ def blas_threads() -> dict[str, list[int]]:
     """BLAS thread counts outside and inside :func:`dmf.cluster.blas_single_thread` (on a worker)."""
     from threadpoolctl import threadpool_info
 
-    from dmf.cluster import blas_single_thread
+    from dmf.dist.cluster import blas_single_thread
 
     def counts():
         return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]

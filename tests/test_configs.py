@@ -46,7 +46,7 @@ def test_config_validates(path):
 
 
 def test_quickstart_ingests_what_it_synthesizes():
-    from dmf.synth import _validate
+    from dmf.data.synth import _validate
 
     cfg = load_config(CONFIGS / "quickstart.yaml")
     assert cfg.synth.enabled
@@ -67,7 +67,7 @@ def test_quickstart_ingests_what_it_synthesizes():
 
 
 def test_movielens_configs_point_where_the_download_unpacks():
-    from dmf.movielens import RELEASES
+    from dmf.data.movielens import RELEASES
 
     for name, variant in (("movielens-1m.yaml", "1m"), ("movielens-25m.yaml", "25m")):
         cfg = load_config(CONFIGS / name)

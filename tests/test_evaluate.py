@@ -13,9 +13,9 @@ from test_model import random_model
 
 from dmf.cli import main
 from dmf.errors import StoreError
-from dmf.evaluate import evaluate, ranking_from_hits
-from dmf.model import Model
-from dmf.store import store_from_arrays
+from dmf.model.evaluate import evaluate, ranking_from_hits
+from dmf.model.model import Model
+from dmf.store.layout import store_from_arrays
 
 
 @pytest.fixture

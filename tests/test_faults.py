@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from conftest import random_ratings
 
-from dmf.cluster import BLAS_ENV
 from dmf.config import load_config
-from dmf.store import store_from_arrays
-from dmf.train import train
+from dmf.dist.cluster import BLAS_ENV
+from dmf.store.layout import store_from_arrays
+from dmf.train.loop import train
 
 ITERATIONS = 3
 

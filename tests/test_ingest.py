@@ -19,9 +19,9 @@ import pytest
 
 from dmf.cli import main
 from dmf.config import load_config
+from dmf.data.ingest import ingest
 from dmf.errors import ConfigError, StoreError
-from dmf.ingest import ingest
-from dmf.store import Store
+from dmf.store.layout import Store
 
 
 def write_csv(path: Path, rows, header=("user", "item", "rating", "timestamp"), sep=","):
@@ -503,7 +503,7 @@ def test_killed_ingest_leaves_no_store_and_keeps_the_old_one(tmp_path, caplog):
 
 def test_synth_output_is_the_default_source(tmp_path):
     from dmf.config import SynthConfig
-    from dmf.synth import synth
+    from dmf.data.synth import synth
 
     sc = {
         "enabled": True,
@@ -537,7 +537,7 @@ def test_info_on_a_store_written_from_arrays(small_store, capsys):
 def test_tasks_run_twice_give_the_same_store(tmp_path, monkeypatch):
     # Dask reruns a task whose worker died before its result arrived: every per-chunk and
     # per-block pass must find its input again and write the same output.
-    import dmf.ingest as ing
+    import dmf.data.ingest as ing
 
     rows = make_rows(nnz=1500, seed=9)
     f = write_csv(tmp_path / "r.csv", rows)

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dmf.config import load_config
+from dmf.data.ingest import ingest
 from dmf.errors import InputError, StoreError
-from dmf.ingest import ingest
 
 GOOD = ["user,item,rating", "1,10,4.0", "2,10,3.5", "2,11,1.0", "3,12,5.0"]
 
@@ -208,8 +208,8 @@ def test_non_empty_store_directory_is_refused(tmp_path):
 def test_split_that_leaves_no_train_ratings_is_an_error(tmp_path):
     # Every timestamp equal: the temporal cutoff sends all of them to the test side.
     from dmf.config import load_config
+    from dmf.data.ingest import ingest
     from dmf.errors import InputError
-    from dmf.ingest import ingest
 
     f = tmp_path / "r.csv"
     f.write_text(
@@ -233,8 +233,8 @@ def test_string_id_with_a_nul_byte_is_an_error(tmp_path):
     import pyarrow.parquet as pq
 
     from dmf.config import load_config
+    from dmf.data.ingest import ingest
     from dmf.errors import InputError
-    from dmf.ingest import ingest
 
     f = tmp_path / "r.parquet"
     pq.write_table(pa.table({"user": ["a", "b\x00"], "item": ["x", "y"], "rating": [4.0, 3.0]}), f)

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dmf.config import load_config
-from dmf.ingest import ingest, pair_hash
-from dmf.store import Store
+from dmf.data.ingest import ingest, pair_hash
+from dmf.store.layout import Store
 
 
 def reference(rows, invalid, rng_range, out_of_range, duplicates, test, seed):

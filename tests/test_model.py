@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import random_ratings
 
+from dmf.als.solver import solve_block
 from dmf.cli import main
 from dmf.errors import InputError, ModelError
-from dmf.model import Model, load
-from dmf.solver import solve_block
-from dmf.store import store_from_arrays
+from dmf.model.model import Model, load
+from dmf.store.layout import store_from_arrays
 
 
 def random_model(store, rank=3, seed=0, reg=0.1, reg_bias=None, weighted_reg=False, dtype=None):

@@ -19,9 +19,9 @@ import yaml
 from conftest import random_ratings
 
 from dmf.config import load_config
-from dmf.model import Model
-from dmf.store import store_from_arrays
-from dmf.train import train
+from dmf.model.model import Model
+from dmf.store.layout import store_from_arrays
+from dmf.train.loop import train
 
 ITERATIONS = 3
 N_BLOCKS = 3

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from dmf.cli import main
+from dmf.data.movielens import BASE_URL, RELEASES, download
 from dmf.errors import DownloadError
-from dmf.movielens import BASE_URL, RELEASES, download
 
 RATINGS_1M = "1::1193::5::978300760\n1::661::3::978302109\n2::1357::5::978298709\n"
 

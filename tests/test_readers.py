@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dmf.config import load_config
-from dmf.readers import _DelimiterTranslator, iter_batches, resolve_inputs
+from dmf.data.readers import _DelimiterTranslator, iter_batches, resolve_inputs
 
 
 def spec_for(source, **data):

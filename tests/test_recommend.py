@@ -12,8 +12,8 @@ from test_model import random_model
 
 from dmf.cli import main
 from dmf.errors import InputError
-from dmf.recommend import recommend_all, run_windowed, top_n
-from dmf.store import store_from_arrays
+from dmf.model.recommend import recommend_all, run_windowed, top_n
+from dmf.store.layout import store_from_arrays
 
 N_USERS, N_ITEMS = 45, 25
 

@@ -21,12 +21,12 @@ import pytest
 import yaml
 from conftest import random_ratings, store_with_validation
 
-from dmf.checkpoint import list_checkpoints, read_checkpoint
 from dmf.config import load_config
 from dmf.errors import CheckpointError, ModelError
-from dmf.model import Model
-from dmf.store import store_from_arrays
-from dmf.train import train
+from dmf.model.model import Model
+from dmf.store.layout import store_from_arrays
+from dmf.train.checkpoint import list_checkpoints, read_checkpoint
+from dmf.train.loop import train
 
 # Enough iterations that the run is still going when the test kills it after checkpoint 2.
 N_ITER = 30
@@ -255,7 +255,7 @@ def test_leftover_of_a_killed_write_is_ignored_and_removed(store, client, tmp_pa
 WRITER = """\
 import sys
 import numpy as np
-from dmf.checkpoint import list_checkpoints, write_checkpoint
+from dmf.train.checkpoint import list_checkpoints, write_checkpoint
 
 arrays = {"user_factors": np.random.default_rng(0).normal(size=(1_000_000, 4))}
 # Continue the numbering of the previous writer.

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from dmf.cli import main
-from dmf.store import Store
+from dmf.store.layout import Store
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from reference import dense_matrix, solve_row
 
-from dmf.blocks import RatingBlock
+from dmf.als.solver import penalty_term, solve_block
 from dmf.errors import TrainingError
-from dmf.solver import penalty_term, solve_block
+from dmf.store.blocks import RatingBlock
 
 
 def _problem(seed=0, n_rows=120, n_other=50, density=0.3, rank=4, empty_rows=(3, 17)):
@@ -55,7 +55,7 @@ def test_rows_across_chunk_boundaries_match_the_reference(rank):
     # The kernel gathers a chunk of ratings at a time and accumulates the Gram matrix over
     # chunks (dgemm on short chunks at low rank, dsyrk on longer ones above): rows of every
     # length around the chunk size, and far beyond it, against the oracle.
-    from dmf.kernels import CHUNK, GEMM_CHUNK, GEMM_MAX_K1
+    from dmf.als.kernels import CHUNK, GEMM_CHUNK, GEMM_MAX_K1
 
     chunk = GEMM_CHUNK if rank + 1 <= GEMM_MAX_K1 else CHUNK
     assert (rank == 100) == (chunk == CHUNK)  # both paths are covered
@@ -159,7 +159,7 @@ def test_block_invariants_are_checked():
 def test_one_compiled_kernel_per_factor_dtype(small_store):
     # Blocks from Parquet (read-only float32 arrays) and from memory (writable float64) must
     # share one compiled specialization: warm_up on the driver compiles exactly that one.
-    from dmf.kernels import solve_rows, warm_up
+    from dmf.als.kernels import solve_rows, warm_up
 
     warm_up("float32")
     warm_up("float64")

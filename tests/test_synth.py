@@ -1,4 +1,4 @@
-"""dmf.synth: planted truth, exact distinct counts, skew, determinism, formats, atomic output."""
+"""dmf.data.synth: planted truth, exact distinct counts, skew, determinism, formats, atomic output."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 
 from dmf.cli import main
 from dmf.config import SynthConfig
+from dmf.data.synth import OutputExistsError, synth
 from dmf.errors import ConfigError
-from dmf.synth import OutputExistsError, synth
 
 
 def _cfg(**kw) -> SynthConfig:
@@ -182,7 +182,7 @@ def test_refuses_non_empty_output_unless_overwrite(tmp_path):
 
 
 def test_failure_leaves_no_output(tmp_path, monkeypatch):
-    import dmf.synth as S
+    import dmf.data.synth as S
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
@@ -237,7 +237,7 @@ def test_cli_config_file(tmp_path, capsys):
 def test_successive_and_gumbel_sampling_agree_in_distribution():
     """The fast path (first distinct draws) and the dense path (Gumbel top-k) both sample items
     without replacement in proportion to popularity: inclusion frequencies must agree."""
-    import dmf.synth as S
+    import dmf.data.synth as S
 
     plan = S._Plan(_cfg(n_users=20_000, n_items=30, n_ratings=60_000, item_skew=1.0))
     users = np.arange(20_000, dtype=np.int64)

@@ -12,9 +12,9 @@ from reference import als_reference, dense_matrix
 
 from dmf.config import load_config
 from dmf.errors import TrainingError
-from dmf.model import Model
-from dmf.store import Store, store_from_arrays
-from dmf.train import initial_factors, train
+from dmf.model.model import Model
+from dmf.store.layout import Store, store_from_arrays
+from dmf.train.loop import initial_factors, train
 
 
 def _config(tmp_path, **model):

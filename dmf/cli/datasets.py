@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("data", help="download public rating datasets")
     dsub = d.add_subparsers(dest="dataset", metavar="DATASET", required=True)
-    from dmf.movielens import BASE_URL, RELEASES
+    from dmf.data.movielens import BASE_URL, RELEASES
 
     m = dsub.add_parser(
         "movielens",
@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from dmf.synth import DEFAULT_CHUNK_RATINGS, synth
+    from dmf.data.synth import DEFAULT_CHUNK_RATINGS, synth
 
     flags: dict[str, Any] = {}
     for flag, key in _SYNTH_FLAGS.items():
@@ -110,7 +110,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _movielens(args: argparse.Namespace) -> int:
-    from dmf.movielens import RELEASES, download
+    from dmf.data.movielens import RELEASES, download
 
     path = download(
         args.variant,

@@ -41,14 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from dmf.ingest import ingest
+    from dmf.data.ingest import ingest
 
     cfg = config_from_args(args)
     progress = False if args.quiet else None
     if args.no_cluster and not (args.address or args.scheduler_file):
         store = ingest(cfg, progress=progress)
     else:
-        from dmf.cluster import connect
+        from dmf.dist.cluster import connect
 
         with connect(cfg, quiet=args.quiet, **cluster_kwargs(args)) as client:
             store = ingest(cfg, client=client, progress=progress)
@@ -57,7 +57,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from dmf.store import Store
+    from dmf.store.layout import Store
 
     store = Store.open(args.store)
     if args.json:

@@ -31,8 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dmf.store import Store
-    from dmf.train import train
+    from dmf.store.layout import Store
+    from dmf.train.loop import train
 
     cfg = config_from_args(args)
     store = Store.open(cfg.resolve(args.store or cfg.store.path))
@@ -41,8 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dmf.cluster import connect
-    from dmf.train import train
+    from dmf.dist.cluster import connect
+    from dmf.train.loop import train
 
     cfg = config_from_args(args)
     with connect(cfg, quiet=args.quiet, **cluster_kwargs(args)) as client:
@@ -57,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 0
-        from dmf.evaluate import evaluate, format_table
+        from dmf.model.evaluate import evaluate, format_table
 
         e = cfg.evaluate
         metrics = evaluate(
@@ -80,10 +80,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def prepare_store(cfg, client, quiet: bool = False):
     """Open the configured store, making it first when it is missing (synth, then ingest)."""
     from dmf.errors import StoreError
-    from dmf.store import Store
+    from dmf.store.layout import Store
 
     if cfg.synth.enabled and not synth_is_current(cfg):
-        from dmf.synth import synth
+        from dmf.data.synth import synth
 
         # New planted data: the inputs' fingerprint changes, so the store is rebuilt below.
         synth(
@@ -110,7 +110,7 @@ def prepare_store(cfg, client, quiet: bool = False):
                 f"the store at {path} was made from other inputs or settings than this config; "
                 "set store.overwrite: true to rebuild it, or point store.path elsewhere"
             )
-    from dmf.ingest import ingest
+    from dmf.data.ingest import ingest
 
     return ingest(cfg, client=client)
 
@@ -133,8 +133,8 @@ def store_is_current(store, cfg) -> bool:
 
     A store whose raw inputs are no longer there is taken as it is: that is how a store is
     used after the raw files were cleaned up."""
+    from dmf.data.ingest import fingerprint, resolve_inputs
     from dmf.errors import DmfError
-    from dmf.ingest import fingerprint, resolve_inputs
 
     if cfg.data.source is None and not cfg.synth.enabled:
         return True

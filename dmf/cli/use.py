@@ -1,6 +1,6 @@
 """Using a trained model: ``dmf evaluate``, ``dmf recommend``, ``dmf predict``, ``dmf similar``.
 
-Thin layers over the Python API (:mod:`dmf.evaluate`, :mod:`dmf.recommend`, :class:`dmf.Model`).
+Thin layers over the Python API (:mod:`dmf.model.evaluate`, :mod:`dmf.model.recommend`, :class:`dmf.Model`).
 ``evaluate`` and recommending for every user run on a Dask cluster (``--address``,
 ``--scheduler-file``, or an embedded LocalCluster); the others run in this process.
 """
@@ -89,8 +89,8 @@ def register(sub) -> None:
 # ---------------------------------------------------------------------------------------------
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dmf.config import EvaluateConfig
-    from dmf.evaluate import evaluate, format_table
-    from dmf.model import load
+    from dmf.model.evaluate import evaluate, format_table
+    from dmf.model.model import load
 
     model = load(args.model)
     try:
@@ -118,8 +118,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from dmf.model import load
-    from dmf.recommend import recommend_all
+    from dmf.model.model import load
+    from dmf.model.recommend import recommend_all
 
     model = load(args.model)
     if args.n < 1:
@@ -160,7 +160,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from dmf.model import load
+    from dmf.model.model import load
 
     model = load(args.model)
     types = {"user": model.user_ids.type, "item": model.item_ids.type}
@@ -198,7 +198,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
-    from dmf.model import load
+    from dmf.model.model import load
 
     model = load(args.model)
     if args.n < 1:
@@ -352,7 +352,7 @@ def _write_stream(tables: Iterator[pa.Table], out: str | None, schema=None) -> N
 
 
 def _store_arg(store: str | None, model, command: str):
-    from dmf.store import Store
+    from dmf.store.layout import Store
 
     path = store or model.store_path
     if not path:
@@ -370,8 +370,8 @@ class _no_cluster:
 
 def _connect(model, args: argparse.Namespace):
     """The cluster: --address/--scheduler-file, else a LocalCluster like the model's training."""
-    from dmf.cluster import connect
     from dmf.config import ClusterConfig
+    from dmf.dist.cluster import connect
 
     try:
         cc = ClusterConfig.model_validate(model.config.get("cluster", {}))

@@ -10,7 +10,7 @@ memory when blocks are cached), solves every row with :func:`dmf.solver.solve_bl
 the rows' new factors and biases with the block's share of the objective. The driver holds the
 factor matrices, never the ratings.
 
-Layers, as in the style guide: the maths (:mod:`dmf.solver`), the function run on a worker
+Layers, as in the style guide: the maths (:mod:`dmf.als.solver`), the function run on a worker
 (:func:`solve_block_task`), and orchestration (:class:`Trainer`).
 """
 
@@ -27,19 +27,19 @@ from typing import Any
 
 import numpy as np
 
-from dmf.blocks import RatingBlock, other_side
-from dmf.checkpoint import (
+from dmf.als.solver import BlockSolution, augment, penalty_term, predict, solve_block
+from dmf.config import Config
+from dmf.dist.cluster import blas_single_thread, maybe_connect
+from dmf.errors import CheckpointError, ConfigError, ModelError, TrainingError
+from dmf.model.model import Model, check_replaceable
+from dmf.store.blocks import RatingBlock, other_side
+from dmf.store.layout import Store, read_block_file
+from dmf.train.checkpoint import (
     describe_mismatch,
     latest_checkpoint,
     remove_checkpoints,
     write_checkpoint,
 )
-from dmf.cluster import blas_single_thread, maybe_connect
-from dmf.config import Config
-from dmf.errors import CheckpointError, ConfigError, ModelError, TrainingError
-from dmf.model import Model, check_replaceable
-from dmf.solver import BlockSolution, augment, penalty_term, predict, solve_block
-from dmf.store import Store, read_block_file
 
 log = logging.getLogger("dmf")
 
@@ -418,7 +418,7 @@ class Trainer:
 
         # Compile the solver kernel here (or load it from numba's disk cache), so that workers
         # on this machine load it instead of all compiling it at once.
-        from dmf.kernels import warm_up
+        from dmf.als.kernels import warm_up
 
         warm_up(self.config.model.dtype)
         if self._should_cache():

@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 from dmf.errors import InputError, ModelError
 
 if TYPE_CHECKING:
-    from dmf.model import Model
-    from dmf.store import Store
+    from dmf.model.model import Model
+    from dmf.store.layout import Store
 
 # Bound on the float32 score tile (users x items) of one task; 64 MiB is 160 users at 100k items.
 DEFAULT_TILE_BYTES = 64 * 2**20
@@ -337,7 +337,7 @@ class UserPart:
 
 
 def _seen_for_part(part: UserPart, item_map: np.ndarray | None) -> SeenItems:
-    from dmf.store import read_block_file
+    from dmf.store.layout import read_block_file
 
     m = len(part.bias)
     if part.block is None:
@@ -371,7 +371,7 @@ def recommend_block_task(
 
     Returns the block's table, or writes it to ``out_file`` and returns ``{"rows": ...}``.
     """
-    from dmf.cluster import blas_single_thread
+    from dmf.dist.cluster import blas_single_thread
 
     seen = _seen_for_part(part, item_map)
     with blas_single_thread():
@@ -393,7 +393,7 @@ def _store_index_maps(model: Model, store: Store) -> tuple[np.ndarray | None, np
 
     ``None`` where the two index spaces are the same (the model was trained on this store).
     """
-    from dmf.model import lookup_ids
+    from dmf.model.model import lookup_ids
 
     same = (
         model.store_fingerprint
@@ -510,13 +510,13 @@ def recommend_all(
     has fewer unseen items), ordered by user as given (all users: by block), then rank; or the
     path written.
     """
-    from dmf.model import check_cold_start, lookup_ids
+    from dmf.model.model import check_cold_start, lookup_ids
 
     check_cold_start(cold_start)
     if n < 1:
         raise InputError(f"n must be at least 1, not {n}")
     if store is not None and not hasattr(store, "read_block"):
-        from dmf.store import Store
+        from dmf.store.layout import Store
 
         store = Store.open(store)
     cold_ids = None

@@ -1,7 +1,7 @@
 """The compiled per-row kernel of the block solver: gather, Gram, Cholesky, in one pass.
 
 :func:`solve_rows` solves the augmented normal equations of every row of a CSR block (see
-:mod:`dmf.solver` for the mathematics) in one call, with no Python between rows:
+:mod:`dmf.als.solver` for the mathematics) in one call, with no Python between rows:
 
 1. gather the row's fixed-side rows ``[v_j, 1]`` (float32 or float64) into a small float64 buffer,
    a chunk of ratings at a time, so the buffer stays in the L2 cache and any row length works;
@@ -23,7 +23,7 @@ worker process loads it instead of compiling it again.
 
 A row whose Cholesky factorisation fails, or with no factor penalty and fewer ratings than
 unknowns (singular; only possible with reg 0), gets ``status`` 1 and is left to
-:mod:`dmf.solver`, which solves it by pseudo-inverse.
+:mod:`dmf.als.solver`, which solves it by pseudo-inverse.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dmf.blocks import RatingBlock
+from dmf.store.blocks import RatingBlock
 
 
 @dataclass
@@ -124,7 +124,7 @@ def solve_block(
     -------
     BlockSolution with factors of shape (block.n_rows, rank).
     """
-    from dmf.kernels import solve
+    from dmf.als.kernels import solve
 
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):

@@ -174,7 +174,7 @@ def download(
         expected[md5_url] = published
     pinned = md5.lower() if md5 else (rel.md5 if base == BASE_URL else None)
     if pinned:
-        expected["--md5" if md5 else "the checksum pinned in dmf.movielens"] = pinned
+        expected["--md5" if md5 else "the checksum pinned in dmf.data.movielens"] = pinned
     if not expected:
         raise DownloadError(
             f"{md5_url} does not exist (HTTP 404) and no checksum is known for {rel.archive}: "

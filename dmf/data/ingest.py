@@ -50,10 +50,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dmf.config import Config
+from dmf.data.idmap import IdMapper, make_mapper
+from dmf.data.readers import IdTypeMismatch, InputSpec, iter_batches, resolve_inputs
 from dmf.errors import ConfigError, InputError, StoreError
-from dmf.idmap import IdMapper, make_mapper
-from dmf.readers import IdTypeMismatch, InputSpec, iter_batches, resolve_inputs
-from dmf.store import (
+from dmf.store.layout import (
     SPLITS,
     Store,
     StoreWriter,

@@ -32,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dmf.blocks import SIDES, RatingBlock
 from dmf.errors import StoreError
+from dmf.store.blocks import SIDES, RatingBlock
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

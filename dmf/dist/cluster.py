@@ -40,7 +40,7 @@ def blas_single_thread(load_solver: bool = False) -> Iterator[None]:
     from threadpoolctl import threadpool_limits
 
     if load_solver:
-        import dmf.kernels  # noqa: F401
+        import dmf.als.kernels  # noqa: F401
 
     with threadpool_limits(limits=1, user_api="blas"):
         yield

@@ -116,7 +116,7 @@ class Model:
                 pq.write_table(_factor_table(ids, f, b), tmp / f"{side}_factors.parquet")
             write_history_csv(tmp / "history.csv", self.history)
             if plot and self.history:
-                from dmf.plot import plot_history
+                from dmf.model.plot import plot_history
 
                 plot_history(self.history, tmp / "convergence.png")
             model_json = {
@@ -244,7 +244,7 @@ class Model:
         An index of -1 is an unknown user or item: its bias and factors count as zero, which is
         the cold-start fallback (mu + c_j, mu + b_i, or mu).
         """
-        from dmf.solver import predict
+        from dmf.als.solver import predict
 
         return predict(
             self.mu,
@@ -327,7 +327,7 @@ class Model:
         pyarrow.Table (user, rank, item, score): up to ``n`` rows per user, ranks from 1, in the
         order the users were given. Computed by :func:`dmf.recommend.recommend_all`.
         """
-        from dmf.recommend import recommend_all
+        from dmf.model.recommend import recommend_all
 
         return recommend_all(
             self,
@@ -340,7 +340,7 @@ class Model:
         )
 
     def _exclude_store(self, exclude: Any):
-        from dmf.store import Store
+        from dmf.store.layout import Store
 
         if exclude is None or isinstance(exclude, Store):
             return exclude
@@ -370,9 +370,9 @@ class Model:
         (factors, bias): ndarray of shape (rank,) and a float. A user with no known items gets
         zeros (the cold-start fallback).
         """
-        from dmf.blocks import RatingBlock
+        from dmf.als.solver import solve_block
         from dmf.errors import InputError
-        from dmf.solver import solve_block
+        from dmf.store.blocks import RatingBlock
 
         idx = self.index_of(items, "item")
         r = np.asarray(ratings, dtype=np.float64).reshape(-1)
@@ -414,7 +414,7 @@ class Model:
         -------
         pyarrow.Table (rank, item, score), up to ``n`` rows.
         """
-        from dmf.recommend import SeenItems, recommend_rows
+        from dmf.model.recommend import SeenItems, recommend_rows
 
         factors, bias = self.fold_in(items, ratings)
         seen = None
@@ -456,7 +456,7 @@ class Model:
         as a query they get no rows.
         """
         from dmf.errors import InputError
-        from dmf.recommend import SeenItems, recommend_rows
+        from dmf.model.recommend import SeenItems, recommend_rows
 
         if self.rank == 0:
             raise ModelError("similar_items needs item factors: this model has rank 0")

@@ -38,8 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dmf.errors import InputError, StoreError
-from dmf.model import Model, check_cold_start
-from dmf.recommend import (
+from dmf.model.model import Model, check_cold_start
+from dmf.model.recommend import (
     ItemScorer,
     SeenItems,
     csr_rows,
@@ -47,7 +47,7 @@ from dmf.recommend import (
     run_windowed,
     top_n,
 )
-from dmf.store import Store
+from dmf.store.layout import Store
 
 METRICS = ("precision", "recall", "ndcg", "map")
 
@@ -124,8 +124,8 @@ class EvalParams:
 
 def evaluate_block_task(users: EvalUsers, heldout_file: str, items: EvalItems, p: EvalParams):
     """Sums of squared and absolute errors and of ranking metrics over one user block."""
-    from dmf.cluster import blas_single_thread
-    from dmf.store import read_block_file
+    from dmf.dist.cluster import blas_single_thread
+    from dmf.store.layout import read_block_file
 
     t = pq.read_table(heldout_file, columns=["user", "item", "rating"])
     lu = t.column("user").to_numpy().astype(np.int64) - users.start
@@ -250,7 +250,7 @@ def _partition_split(store: Store, split: str, tmp: Path, batch_rows: int) -> di
 def _index_maps(model: Model, store: Store):
     """store user index -> model row, store item index -> model row (None: the same), and the
     'has train ratings' masks when the store is the model's own."""
-    from dmf.model import lookup_ids
+    from dmf.model.model import lookup_ids
 
     own = bool(model.store_fingerprint) and model.store_fingerprint == store.fingerprint
     if own and model.n_users == store.n_users and model.n_items == store.n_items:
