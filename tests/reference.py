@@ -35,14 +35,20 @@ def solve_row(r_row, fixed_f, fixed_b, mu, reg, reg_bias, weighted):
     return x[:rank], x[rank]
 
 
+def penalty(F, f_bias, n_ratings, reg, reg_bias, weighted):
+    """One side's regularisation: sum over its rows of reg |f|^2 + reg_bias f_bias^2, each row
+    weighted by its number of ratings under ALS-WR."""
+    w = np.asarray(n_ratings, dtype=np.float64) if weighted else np.ones(len(f_bias))
+    return float(reg * (w @ (F**2).sum(1)) + reg_bias * (w @ f_bias**2))
+
+
 def objective(R, mu, U, b, V, c, reg, reg_bias, weighted):
     obs = ~np.isnan(R)
     pred = mu + b[:, None] + c[None, :] + U @ V.T
     sse = np.nansum(np.where(obs, (R - pred) ** 2, 0.0))
-    nu = obs.sum(1) if weighted else np.ones(R.shape[0])
-    ni = obs.sum(0) if weighted else np.ones(R.shape[1])
-    pen = reg * (nu @ (U**2).sum(1) + ni @ (V**2).sum(1)) + reg_bias * (nu @ b**2 + ni @ c**2)
-    return float(sse + pen)
+    pen_users = penalty(U, b, obs.sum(1), reg, reg_bias, weighted)
+    pen_items = penalty(V, c, obs.sum(0), reg, reg_bias, weighted)
+    return float(sse + pen_users + pen_items)
 
 
 def als_reference(R, mu, V0, iterations, reg, reg_bias, weighted=False):

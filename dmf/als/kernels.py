@@ -1,16 +1,19 @@
 """The compiled per-row kernel of the block solver: gather, Gram, Cholesky, in one pass.
 
 :func:`solve_rows` solves the augmented normal equations of every row of a CSR block (see
-:mod:`dmf.als.solver` for the mathematics) in one call, with no Python between rows:
+:mod:`dmf.als.equations` for the mathematics, and its plain-NumPy solver of the same equations)
+in one call, with no Python between rows:
 
 1. gather the row's fixed-side rows ``[v_j, 1]`` (float32 or float64) into a small float64 buffer,
    a chunk of ratings at a time, so the buffer stays in the L2 cache and any row length works;
-2. accumulate ``A^T A`` with BLAS (``dgemm`` up to rank 95, ``dsyrk`` above: see ``GEMM_MAX_K1``)
-   and ``A^T t`` with ``dgemv``;
+2. accumulate ``A^T A`` with BLAS (the full ``dgemm`` product on 64-rating chunks up to rank 95,
+   i.e. ``GEMM_MAX_K1`` = 96 unknowns, the symmetric ``dsyrk`` on 256-rating chunks above) and
+   ``A^T t`` with ``dgemv``;
 3. add the penalties to the diagonal, factor with LAPACK ``dpotrf`` and solve with ``dpotrs``.
 
 Rows with fewer ratings L than unknowns k1 (most rows of real rating data, at higher ranks) take
-the Woodbury form instead: an L x L system ``(A P^-1 A^T + I) y = t``, then ``x = P^-1 A^T y``.
+the Woodbury form instead: an L x L system ``(A P^-1 A^T + I) y = t``, then ``x = P^-1 A^T y``
+(its L x L product is always a ``dsyrk``).
 
 Why compiled, and why these libraries: NumPy has no batched ``syrk`` or Cholesky solve, so the
 previous solver padded rows of similar length into batches, computed the full (not symmetric)
@@ -63,7 +66,7 @@ _dpotrs = _bind("lapack", "dpotrs", 8)
 @numba.njit(cache=True, nogil=True)
 def solve_rows(
     indptr, cols, vals, mu, fixed_bias, aug, lam, lam_b, short_ok, round32, x_out, sse_out, status
-):  # pragma: no cover - compiled; exercised through dmf.solver.solve_block
+):  # pragma: no cover - compiled; exercised through dmf.als.solver.solve_block
     """Solve every row of a CSR block; see the module docstring.
 
     indptr (n+1,), cols (nnz,) index rows of ``aug`` ((n_other+1, k1): rows [v_j, 1]), vals
@@ -74,7 +77,8 @@ def solve_rows(
 
     Fortran storage: the buffer ``buf`` (C order, one rating per row) is the column-major
     k1 x m matrix M = A^T with leading dimension k1; the Gram matrix ``g`` holds its lower
-    triangle in Fortran order, i.e. g[b, a] for a >= b in C indexing.
+    triangle in Fortran order, i.e. g[b, a] for a >= b in C indexing (``dgemm`` fills both
+    triangles, ``dsyrk`` only that one; only that one is read).
     """
     n = len(indptr) - 1
     k1 = aug.shape[1]

@@ -1,26 +1,16 @@
-"""The ALS mathematics: solve every row of a block exactly, given the other side.
+"""Solve every row of a block exactly, given the other side; the block's share of the objective.
 
-For a row i (a user, or an item when the roles are swapped) with train ratings r_ij on columns j,
-the other side fixed (factors V, biases c), the unknowns are x_i = [u_i; b_i] (rank + 1 numbers)
-and the part of the objective J that depends on them is
+The model, the objective and the augmented normal equations each row solves are set out in
+:mod:`dmf.als.equations`, which also holds a plain-NumPy solver written as they read.
+:func:`solve_block` runs the compiled kernel :func:`dmf.als.kernels.solve` by default, or that
+NumPy solver with ``native=False``; both accumulate in float64 whatever the storage dtype of the
+factors, and rows with no ratings get zeros. Arrays in memory only: no Dask, Parquet or config.
 
-    sum_j (r_ij - mu - c_j - [v_j; 1] . x_i)^2 + lam_i |u_i|^2 + lam_b_i b_i^2
-
-with lam_i = reg, lam_b_i = reg_bias, both multiplied by n_i (the row's rating count) under ALS-WR.
-Setting the gradient to zero gives the augmented normal equations
-
-    (A_i^T A_i + diag(lam_i, ..., lam_i, lam_b_i)) x_i = A_i^T t_i
-
-where A_i stacks the rows [v_j, 1] and t_i = r_ij - mu - c_j. Their solution is the exact
-minimiser of J over (u_i, b_i), so J never increases from one half-iteration to the next.
-
-Rows with no ratings get x_i = 0. Everything here works on arrays in memory: no Dask, Parquet or
-config. The normal equations are accumulated in float64 whatever the storage dtype of the factors.
-
-Speed: :func:`dmf.kernels.solve_rows`, compiled with numba, solves one row after another with
-no Python in between: it gathers the row's fixed-side rows in chunks, accumulates the symmetric
-Gram matrix with BLAS ``dsyrk``, and factors it with LAPACK's Cholesky; rows shorter than the
-number of unknowns take the Woodbury form, an L x L system instead. Its working set is a few
+The kernel solves one row after another with no Python in between: it gathers the row's
+fixed-side rows a chunk of ratings at a time, accumulates the Gram matrix with BLAS (the full
+``dgemm`` product on 64-rating chunks up to ``GEMM_MAX_K1`` = 96 unknowns, the symmetric
+``dsyrk`` on 256-rating chunks above), and factors it with LAPACK's Cholesky; rows shorter than
+the number of unknowns take the Woodbury form, an L x L system instead. Its working set is a few
 hundred KiB whatever the row lengths, and each row's arithmetic is the same whichever block it
 falls in, so results do not depend on the block layout.
 """
@@ -31,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dmf.als.equations import predict as predict  # re-exported: callers import it from here
+from dmf.als.equations import solve_rows_numpy
 from dmf.store.blocks import RatingBlock
 
 
@@ -101,6 +93,7 @@ def solve_block(
     weighted_reg: bool = False,
     dtype: np.dtype | str = np.float32,
     fixed_aug: np.ndarray | None = None,
+    native: bool = True,
 ) -> BlockSolution:
     """Solve the augmented normal equations of every row of ``block``.
 
@@ -119,13 +112,15 @@ def solve_block(
         computed with the rounded values, so the recorded objective is that of the stored model.
     fixed_aug
         ``augment(fixed_factors)``, if already at hand (the trainer broadcasts it).
+    native
+        Solve with the compiled kernel (the default); False solves row by row with the
+        plain-NumPy :func:`dmf.als.equations.solve_rows_numpy`, the readable reference path,
+        which is far slower and agrees to about 1e-10.
 
     Returns
     -------
     BlockSolution with factors of shape (block.n_rows, rank).
     """
-    from dmf.als.kernels import solve
-
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"factor dtype must be float32 or float64, not {dtype}")
@@ -145,6 +140,31 @@ def solve_block(
         )
     counts = block.counts
     lam, lam_b = row_penalties(counts, reg, reg_bias, weighted_reg)
+    if native:
+        x_all, row_sse = _solve_native(block, mu, fixed_bias, aug, lam, lam_b, reg, reg_bias, dtype)
+    else:
+        x_all, row_sse = solve_rows_numpy(
+            block.indptr, block.cols, block.vals, mu, fixed_factors, fixed_bias, lam, lam_b, dtype
+        )
+    sse = float(row_sse.sum())
+    factors = x_all[:, :rank].astype(dtype)
+    bias = x_all[:, rank].astype(dtype)
+    if not (np.isfinite(sse) and np.all(np.isfinite(x_all))):
+        from dmf.errors import TrainingError
+
+        raise TrainingError(
+            f"non-finite solution in {block.side} block [{block.start}, {block.stop}): "
+            "check the ratings for huge values, or raise reg"
+        )
+    penalty = penalty_term(factors, bias, counts, reg, reg_bias, weighted_reg)
+    return BlockSolution(block.start, factors, bias, sse, penalty, block.nnz)
+
+
+def _solve_native(block, mu, fixed_bias, aug, lam, lam_b, reg, reg_bias, dtype):
+    """The compiled kernel on every row, then the rows it leaves (status 1) by pseudo-inverse.
+    Returns (x (n, rank + 1) float64, squared error (n,) float64)."""
+    from dmf.als.kernels import solve
+
     x_all, row_sse, status = solve(
         block.indptr,
         block.cols,
@@ -163,18 +183,7 @@ def solve_block(
         x_all[r], row_sse[r] = _solve_singular_row(
             block, int(r), mu, fixed_bias, aug, lam[r], lam_b[r], dtype
         )
-    sse = float(row_sse.sum())
-    factors = x_all[:, :rank].astype(dtype)
-    bias = x_all[:, rank].astype(dtype)
-    if not (np.isfinite(sse) and np.all(np.isfinite(x_all))):
-        from dmf.errors import TrainingError
-
-        raise TrainingError(
-            f"non-finite solution in {block.side} block [{block.start}, {block.stop}): "
-            "check the ratings for huge values, or raise reg"
-        )
-    penalty = penalty_term(factors, bias, counts, reg, reg_bias, weighted_reg)
-    return BlockSolution(block.start, factors, bias, sse, penalty, block.nnz)
+    return x_all, row_sse
 
 
 def _solve_singular_row(block, r, mu, fixed_bias, aug, lam, lam_b, dtype):
@@ -194,35 +203,3 @@ def _solve_singular_row(block, r, mu, fixed_bias, aug, lam, lam_b, dtype):
     x = x.astype(dtype).astype(np.float64)
     resid = t - a_mat @ x
     return x, float(resid @ resid)
-
-
-def predict(
-    mu: float,
-    user_factors: np.ndarray,
-    user_bias: np.ndarray,
-    item_factors: np.ndarray,
-    item_bias: np.ndarray,
-    users: np.ndarray,
-    items: np.ndarray,
-) -> np.ndarray:
-    """r_hat = mu + b_i + c_j + u_i . v_j for dense indices, shape (n,), float64.
-
-    An index of -1 is an unknown user or item: its bias and factors count as zero, which is the
-    cold-start fallback (mu + c_j, mu + b_i, or mu).
-    """
-    users = np.asarray(users, dtype=np.int64)
-    items = np.asarray(items, dtype=np.int64)
-    out = np.full(len(users), mu, dtype=np.float64)
-    ku, ki = users >= 0, items >= 0
-    out[ku] += user_bias[users[ku]]
-    out[ki] += item_bias[items[ki]]
-    both = np.flatnonzero(ku & ki)
-    rank = user_factors.shape[1]
-    # Chunks bound the gathered (chunk, rank) factor copies.
-    step = max(1, (1 << 22) // max(1, rank))
-    for a in range(0, len(both), step):
-        sel = both[a : a + step]
-        uf = user_factors[users[sel]].astype(np.float64)
-        vf = item_factors[items[sel]].astype(np.float64)
-        out[sel] += np.einsum("ij,ij->i", uf, vf)
-    return out
