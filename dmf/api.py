@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dmf.config import Config, load_config
+from dmf.config import Config, load_config, merge_mappings
 from dmf.model.model import Model
 
 
@@ -86,7 +86,7 @@ class ALS:
                 node = node.setdefault(p, {})
             node[leaf] = value
         if isinstance(self.base, Config):
-            merged = _merge(self.base.to_dict(), raw)
+            merged = merge_mappings(self.base.to_dict(), raw)
             return load_config(raw=merged).model_copy(update={"base_dir": self.base.base_dir})
         return load_config(self.base, raw=raw)
 
@@ -120,10 +120,3 @@ class ALS:
             f"ALS(rank={m.rank}, reg={m.reg}, reg_bias={m.reg_bias}, "
             f"weighted_reg={m.weighted_reg}, iterations={self.config.train.iterations})"
         )
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out

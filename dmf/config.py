@@ -12,8 +12,6 @@ checked exactly like values from the file.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -245,12 +243,6 @@ class Config(Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"base_dir"})
 
-    def section_hash(self, *sections: str) -> str:
-        """A stable hash of the named sections, used to match checkpoints and stores to configs."""
-        d = self.to_dict()
-        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
@@ -345,7 +337,7 @@ def load_config(
         data = loaded
         base = p.resolve().parent
     if raw:
-        data = _deep_merge(data, raw)
+        data = merge_mappings(data, raw)
     data = apply_overrides(data, overrides)
     try:
         cfg = Config.model_validate({**data, "base_dir": str(base)})
@@ -354,11 +346,13 @@ def load_config(
     return cfg
 
 
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
+def merge_mappings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid over ``base``, section by section: nested mappings merge, other values in
+    ``over`` replace those in ``base``. Neither argument is changed."""
+    out = dict(base)
+    for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = merge_mappings(out[k], v)
         else:
             out[k] = v
     return out

@@ -1,8 +1,8 @@
 """Ingest throughput and peak memory: planted-ratings CSV -> finished store.
 
-For each size N, writes N planted ratings as CSV with ``dmf.synth.synth`` (columns user, item,
+For each size N, writes N planted ratings as CSV with ``dmf.data.synth.synth`` (columns user, item,
 rating, timestamp; N/100 users and N/1000 items, Zipf-like activity and popularity), then times
-``dmf.ingest.ingest`` from the CSV files to the opened, verified store, with the peak RSS of this
+``dmf.data.ingest.ingest`` from the CSV files to the opened, verified store, with the peak RSS of this
 process and all its children sampled every 0.1 s. synth writes rows sorted by user (as MovieLens
 files are); ``--shuffled`` also ingests a copy with the rows in random order (sizes up to 20M:
 the shuffle is done in memory), which makes every batch touch every user block.
@@ -150,7 +150,7 @@ def run_ingest(source: Path, work: Path, cluster: bool) -> dict:
             client.close()
             lc.close()
     m = store.manifest
-    rows = m["input"]["rows_read"]
+    rows = m.input["rows_read"]
     res = {
         "rows": rows,
         "bytes": nbytes,
@@ -160,10 +160,10 @@ def run_ingest(source: Path, work: Path, cluster: bool) -> dict:
         "rate": rows / secs,
         "peak_total": rss.total,
         "peak_driver": rss.driver,
-        "users": m["n_users"],
-        "items": m["n_items"],
-        "blocks": f"{len(m['blocks']['user']['nnz'])}/{len(m['blocks']['item']['nnz'])}",
-        "timings": m["timings"],
+        "users": m.n_users,
+        "items": m.n_items,
+        "blocks": f"{len(m.blocks['user'].nnz)}/{len(m.blocks['item'].nnz)}",
+        "timings": m.timings,
         "store_bytes": store.disk_bytes(),
     }
     shutil.rmtree(store_dir, ignore_errors=True)
@@ -208,9 +208,9 @@ def main() -> None:
     rep = Report(
         "Ingest",
         intro=(
-            "CSV (user, item, rating, timestamp; written by `dmf.synth.synth`) to a finished, "
+            "CSV (user, item, rating, timestamp; written by `dmf.data.synth.synth`) to a finished, "
             "verified store with a 10% random test split, default blocks (2M ratings target) "
-            "and `data.batch_rows` 1M. Seconds are wall time of `dmf.ingest.ingest` from "
+            "and `data.batch_rows` 1M. Seconds are wall time of `dmf.data.ingest.ingest` from "
             "reading the first byte to `Store.open` of the result; peak RSS is the largest sum "
             "over this process and its children (workers included), sampled every 0.1 s. CPU s is the "
             "user + system time of this process and the workers during the ingest; the load "

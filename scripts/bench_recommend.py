@@ -4,7 +4,7 @@ Default: 1M users x 100k items at rank 32 (random factors), top 10 per user, the
 rated in train excluded (20 per user, read from the store's by_user blocks), on a LocalCluster of
 2 worker processes x 1 thread. Measures:
 
-1. End to end: ``dmf.recommend.recommend_all`` writing one Parquet file; scores per second
+1. End to end: ``dmf.model.recommend.recommend_all`` writing one Parquet file; scores per second
    (users x items / seconds), peak RSS of each worker and of the driver (memory stays at the
    factor matrices plus one score tile per worker, whatever the number of users).
 2. The kernel on one thread in this process: scoring a tile (one float32 GEMM with the biases
@@ -42,10 +42,10 @@ from bench_common import (  # noqa: E402
 )
 
 from dmf.model.model import Model  # noqa: E402
-from dmf.model.recommend import (  # noqa: E402
+from dmf.model.recommend import recommend_all  # noqa: E402
+from dmf.model.scoring import (  # noqa: E402
     ItemScorer,
     default_tile_users,
-    recommend_all,
     top_n,
     top_n_reference,
 )

@@ -1,7 +1,7 @@
 """Scale: ingest and training from 10M to 100M+ planted ratings, on a cluster smaller than the data.
 
-For each size: ``dmf.synth.synth`` writes planted ratings as Parquet (timed apart, not part of
-the benchmark), ``dmf.ingest.ingest`` builds the store (timed: *ingest s*), then
+For each size: ``dmf.data.synth.synth`` writes planted ratings as Parquet (timed apart, not part of
+the benchmark), ``dmf.data.ingest.ingest`` builds the store (timed: *ingest s*), then
 ``dmf.train.train`` runs ``--iterations`` iterations on a LocalCluster of ``--workers`` x 1
 thread. Every size runs with the same per-worker ``memory_limit``: by default the largest
 size's store on disk and ratings as arrays (12 bytes a rating: int32 user, int32 item, float32

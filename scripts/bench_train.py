@@ -6,7 +6,7 @@ Two measurements:
    64 and 128, on a LocalCluster of 2 worker processes x 1 thread. Seconds per full iteration
    (median of the iterations after the first, which also loads the blocks) beside the floor:
    ``als_flops(...).floor / (workers * threads * gemm_rate(1))``.
-2. Solver only: every block of each side through ``dmf.solver.solve_block`` in this process,
+2. Solver only: every block of each side through ``dmf.als.solver.solve_block`` in this process,
    BLAS on one thread, best of ``--repeats`` per block, beside the one-thread floor: the CPU
    time one iteration's solves need. With ``--profile``, py-spy (native frames) samples the
    solver at rank 64 and the table says which part of the compiled kernel the time goes to.
@@ -134,6 +134,7 @@ def solver_micro(store: Store, rank: int, repeats: int) -> list[dict]:
     """Every block of each side through solve_block on one BLAS thread, against random fixed
     factors; per block the best of ``repeats``, summed over the side. Both sides together are
     the CPU-seconds one iteration's solves need, to compare with the distributed run."""
+    import dmf.als.kernels  # noqa: F401 - loads SciPy's BLAS before its threads are pinned
     from dmf.als.solver import augment, solve_block
     from dmf.dist.cluster import blas_single_thread
 
@@ -145,7 +146,7 @@ def solver_micro(store: Store, rank: int, repeats: int) -> list[dict]:
         fbias = rng.normal(0, 0.3, n_other).astype(np.float32)
         aug = augment(fixed)
         total = 0.0
-        with blas_single_thread(load_solver=True):
+        with blas_single_thread():
             for b in range(store.n_blocks(side)):
                 block = store.read_block(side, b)
                 if b == 0:  # compile, or load the compiled kernel, outside the timing
@@ -178,6 +179,7 @@ def solver_micro(store: Store, rank: int, repeats: int) -> list[dict]:
 # the BLAS and LAPACK calls inside the compiled kernel are seen) for the measured loop only.
 _PROFILE_DRIVER = """
 import os, signal, subprocess, sys, time, numpy as np
+import dmf.als.kernels
 from dmf.dist.cluster import blas_single_thread
 from dmf.als.solver import augment, solve_block
 from dmf.store.layout import Store
@@ -188,7 +190,7 @@ for side, other in (("user", "item"), ("item", "user")):
     n = store.n_rows(other)
     V = rng.normal(0, 0.3, (n, rank)).astype(np.float32); c = rng.normal(0, 0.3, n).astype(np.float32)
     work += [(store.read_block(side, b), V, c, augment(V)) for b in range(store.n_blocks(side))]
-with blas_single_thread(load_solver=True):
+with blas_single_thread():
     solve_block(work[0][0], work[0][1], work[0][2], store.mu, 0.1, 0.1, fixed_aug=work[0][3])
     spy = subprocess.Popen([pyspy, "record", "--native", "-r", "200", "-f", "raw", "-o", out,
                             "-p", str(os.getpid())], stdout=subprocess.DEVNULL,
@@ -416,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if micro_rows:
         report.add(
-            "## Solver only: every block of a side, one thread (dmf.solver.solve_block)\n\n"
+            "## Solver only: every block of a side, one thread (dmf.als.solver.solve_block)\n\n"
             "*s*: the side's blocks solved one after another (best of the repeats per block); "
             "the two sides together are the CPU-seconds an iteration's solves need."
         )

@@ -133,7 +133,7 @@ def dmf_ingest(split_dir: Path, store_path: Path, n_blocks: int | None):
                 "blocks": {"n_blocks": n_blocks},
             }
         )
-        return ingest(cfg, progress=False), "dmf.ingest.ingest"
+        return ingest(cfg, progress=False), "dmf.data.ingest.ingest"
     from dmf.store.layout import store_from_arrays
 
     t = pq.read_table(split_dir / "train.parquet")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -12,11 +10,6 @@ import dmf
 from dmf.als.solver import solve_block
 from dmf.errors import ConfigError
 from dmf.model.evaluate import evaluate
-
-needs_trainer = pytest.mark.skipif(
-    importlib.util.find_spec("dmf.train.loop") is None,
-    reason="dmf/train.py (the distributed trainer) is not in this tree yet",
-)
 
 
 def test_als_builds_a_checked_config(tmp_path):
@@ -49,7 +42,6 @@ def test_als_builds_a_checked_config(tmp_path):
     assert again.model.rank == 2 and again.split.test == 0.3
 
 
-@needs_trainer
 def test_fit_predict_recommend_save_load(small_store, client, tmp_path):
     als = dmf.ALS(
         rank=3,

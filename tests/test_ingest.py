@@ -131,9 +131,9 @@ def test_every_rating_once_blocks_sorted_and_balanced(tmp_path, rows, csv_file):
     assert everything == sorted((u, i, float(r)) for u, i, r, _ in rows)
     assert not set(got["test"]) & set(got["by_user"])
     m = store.manifest
-    assert m["n_train"] + m["n_validation"] + m["n_test"] == len(rows)
-    assert 0.1 < m["n_test"] / len(rows) < 0.3
-    assert m["mu"] == pytest.approx(np.mean([r for _, _, r in got["by_user"]]), rel=1e-6)
+    assert m.n_train + m.n_validation + m.n_test == len(rows)
+    assert 0.1 < m.n_test / len(rows) < 0.3
+    assert m.mu == pytest.approx(np.mean([r for _, _, r in got["by_user"]]), rel=1e-6)
     # id maps: counts are the train counts; index order is the raw ids' order.
     for side, k in (("user", 0), ("item", 1)):
         ids = store.ids(side).to_pylist()
@@ -147,7 +147,7 @@ def test_every_rating_once_blocks_sorted_and_balanced(tmp_path, rows, csv_file):
         assert len(nnz) == 4
         assert np.abs(nnz - store.n_train / 4).max() <= store.counts(side).max()
     for key in ("n_users", "n_items", "fingerprint", "dropped", "input", "timings", "split"):
-        assert key in m
+        assert getattr(m, key) is not None
 
 
 def test_target_ratings_sets_block_count(tmp_path, csv_file, rows):
@@ -258,10 +258,20 @@ def test_temporal_split_holds_out_the_latest(tmp_path):
     t_val = [ts[(u, i)] for u, i, _ in got["validation"]]
     t_test = [ts[(u, i)] for u, i, _ in got["test"]]
     assert t_train < min(t_val) and max(t_val) < min(t_test)
-    actual = store.manifest["split"]["actual"]
+    actual = store.manifest.split.actual
     assert actual["test"] == pytest.approx(0.2, abs=0.01)
     assert actual["validation"] == pytest.approx(0.1, abs=0.01)
     assert "timestamp" in store.read_split("test").column_names
+
+
+@pytest.mark.parametrize("method", ["random", "user", "temporal"])
+def test_a_negative_split_seed_is_a_seed_like_any_other(tmp_path, method):
+    # split.seed is any integer; hashes take it modulo 2**64 (it once overflowed in pass 1).
+    f = write_csv(tmp_path / "r.csv", make_rows(nnz=600, seed=6))
+    split = {"method": method, "test": 0.2, "seed": -7}
+    a = store_triples(run_store(tmp_path, "a", str(f), split=split))
+    assert len(a["by_user"]) + len(a["test"]) == 600 and a["test"]
+    assert store_triples(run_store(tmp_path, "b", str(f), split=split)) == a
 
 
 def test_temporal_without_timestamp_names_the_key(tmp_path, rows):
@@ -293,7 +303,7 @@ def test_duplicate_policies(tmp_path, policy):
         assert got == {(1, 10): 1.0, (2, 10): 4.0, (3, 11): 5.0}
     else:
         assert got == {(1, 10): 2.0, (2, 10): 3.0, (3, 11): 5.0}
-    assert store.manifest["dropped"]["duplicates_merged"] == 2
+    assert store.manifest.dropped.duplicates_merged == 2
 
 
 def test_invalid_and_out_of_range_policies_are_counted(tmp_path, capsys):
@@ -308,8 +318,8 @@ def test_invalid_and_out_of_range_policies_are_counted(tmp_path, capsys):
     )
     got = dict(((u, i), r) for u, i, r in store_triples(store)["by_user"])
     assert got == {(1, 1): 4.0, (2, 1): 5.0, (2, 2): 0.5}
-    assert store.manifest["dropped"]["invalid_ratings"] == 2
-    assert store.manifest["clipped"] == 2
+    assert store.manifest.dropped.invalid_ratings == 2
+    assert store.manifest.clipped == 2
 
 
 # -- inputs: presets, compression, Parquet, globs and lists -------------------------------------
@@ -407,7 +417,7 @@ def test_compression_parquet_globs_and_lists_give_the_same_store(tmp_path, rows)
             expect = got
             assert len(got["by_user"]) + len(got["test"]) == len(rows)
         assert got == expect, src
-    assert sorted(s.manifest["input"]["compression"]) == ["none"]
+    assert sorted(s.manifest.input["compression"]) == ["none"]
 
 
 # -- the command line --------------------------------------------------------------------------
@@ -426,10 +436,10 @@ def test_cli_ingest_and_info(tmp_path, csv_file, capsys):
     assert main(["info", str(store_dir)]) == 0
     out = capsys.readouterr().out
     m = Store.open(store_dir).manifest
-    assert f"train        {m['n_train']:,} ratings" in out
-    assert m["fingerprint"] in out and "dropped" in out and "disk" in out
+    assert f"train        {m.n_train:,} ratings" in out
+    assert m.fingerprint in out and "dropped" in out and "disk" in out
     assert main(["info", str(store_dir), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["n_test"] == m["n_test"]
+    assert json.loads(capsys.readouterr().out)["n_test"] == m.n_test
     # A second ingest into the same directory is refused without overwrite.
     assert main(["ingest", str(cfg), "--no-cluster", "-q"]) == 2
     assert "store.overwrite" in capsys.readouterr().err

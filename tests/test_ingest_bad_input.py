@@ -50,7 +50,7 @@ def test_non_finite_or_null_rating(tmp_path, bad):
     assert "data.invalid_ratings: drop" in msg
     no_store_left(tmp_path)
     store = run(tmp_path, f, invalid_ratings="drop")
-    assert store.n_train == 4 and store.manifest["dropped"]["invalid_ratings"] == 1
+    assert store.n_train == 4 and store.manifest.dropped.invalid_ratings == 1
 
 
 def test_rating_out_of_range(tmp_path):
@@ -58,7 +58,7 @@ def test_rating_out_of_range(tmp_path):
     with pytest.raises(InputError, match=r"line 6, column 'rating'.*outside data.rating_range"):
         run(tmp_path, f, rating_range=[0.5, 5])
     store = run(tmp_path, f, rating_range=[0.5, 5], out_of_range="drop")
-    assert store.n_train == 4 and store.manifest["dropped"]["out_of_range"] == 1
+    assert store.n_train == 4 and store.manifest.dropped.out_of_range == 1
 
 
 def test_rating_that_is_not_a_number(tmp_path):

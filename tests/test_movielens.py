@@ -1,4 +1,4 @@
-"""dmf.movielens.download against a real HTTP server on loopback serving archives built here."""
+"""dmf.data.movielens.download against a real HTTP server on loopback serving archives built here."""
 
 from __future__ import annotations
 

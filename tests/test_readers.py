@@ -17,7 +17,8 @@ from dmf.data.readers import _DelimiterTranslator, iter_batches, resolve_inputs
 
 
 def spec_for(source, **data):
-    return resolve_inputs(load_config(raw={"data": {"source": str(source), **data}}))
+    cfg = load_config(raw={"data": {"source": str(source), **data}})
+    return resolve_inputs(cfg.data, cfg.resolve)
 
 
 def collect(spec):

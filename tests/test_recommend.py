@@ -11,8 +11,10 @@ from conftest import random_ratings
 from test_model import random_model
 
 from dmf.cli import main
+from dmf.dist.tasks import run_windowed
 from dmf.errors import InputError
-from dmf.model.recommend import recommend_all, run_windowed, top_n
+from dmf.model.recommend import recommend_all
+from dmf.model.scoring import top_n
 from dmf.store.layout import store_from_arrays
 
 N_USERS, N_ITEMS = 45, 25

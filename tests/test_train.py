@@ -14,7 +14,8 @@ from dmf.config import load_config
 from dmf.errors import TrainingError
 from dmf.model.model import Model
 from dmf.store.layout import Store, store_from_arrays
-from dmf.train.loop import initial_factors, train
+from dmf.train.loop import train
+from dmf.train.state import initial_state
 
 
 def _config(tmp_path, **model):
@@ -39,7 +40,7 @@ def _reference(store: Store, data, cfg, iterations):
     u, i, r = data
     R = dense_matrix(store.n_users, store.n_items, u, i, r.astype(np.float64))
     m = cfg.model
-    V0 = initial_factors(store, cfg)["item_factors"]
+    V0 = initial_state(store, cfg.model).items.factors
     return als_reference(R, store.mu, V0, iterations, m.reg, m.effective_reg_bias, m.weighted_reg)
 
 

@@ -3,6 +3,9 @@
 Each area registers its sub-commands from its own module (``dmf/cli/<area>.py``, a ``register``
 function); every command is a thin layer over the Python API. Errors of our own
 (:class:`dmf.errors.DmfError`) are printed as one message without a traceback, exit status 2.
+
+The top layer: it may import every other. Sub-command modules import what they run inside the
+command's function, so that ``dmf --help`` does not load Dask, NumPy or the solver.
 """
 
 from __future__ import annotations

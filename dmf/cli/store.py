@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from dmf.cli.common import add_cluster_args, add_config_arg, cluster_kwargs, config_from_args
 
@@ -61,8 +59,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     store = Store.open(args.store)
     if args.json:
-        json.dump(store.manifest, sys.stdout, indent=1)
-        print()
+        print(store.manifest.model_dump_json(indent=1, exclude_none=True))
     else:
         print(format_info(store))
     return 0
@@ -81,39 +78,36 @@ def format_info(store) -> str:
     m = store.manifest
     lines = [
         f"store        {store.path}",
-        f"users        {m['n_users']:,}",
-        f"items        {m['n_items']:,}",
-        f"train        {m['n_train']:,} ratings, mu = {m['mu']:.4f}",
+        f"users        {m.n_users:,}",
+        f"items        {m.n_items:,}",
+        f"train        {m.n_train:,} ratings, mu = {m.mu:.4f}",
     ]
-    sp = m.get("split", {})
-    method = sp.get("method", "?")
-    desc = f"split        {method}"
-    if method not in ("none", "given"):
-        desc += f" (validation {sp.get('validation', 0)}, test {sp.get('test', 0)}, seed {sp.get('seed')})"
+    sp = m.split
+    desc = f"split        {sp.method}"
+    if sp.method not in ("none", "given"):
+        desc += f" (validation {sp.validation}, test {sp.test}, seed {sp.seed})"
     lines.append(desc)
     for name in ("validation", "test"):
-        lines.append(f"{name:<12} {m.get(f'n_{name}', 0):,} ratings")
+        lines.append(f"{name:<12} {m.n_split(name):,} ratings")
     for side in ("user", "item"):
-        nnz = m["blocks"][side]["nnz"]
+        nnz = m.blocks[side].nnz
         if nnz:
             lines.append(
                 f"{side} blocks  {len(nnz)} (nnz min {min(nnz):,}, max {max(nnz):,}, "
                 f"mean {sum(nnz) / len(nnz):,.0f})"
             )
-    dropped = m.get("dropped")
-    if dropped is not None:
-        parts = [f"{k.replace('_', ' ')} {v:,}" for k, v in dropped.items()]
-        if m.get("clipped"):
-            parts.append(f"clipped {m['clipped']:,}")
+    if m.dropped is not None:
+        parts = [f"{k.replace('_', ' ')} {v:,}" for k, v in m.dropped.model_dump().items()]
+        if m.clipped:
+            parts.append(f"clipped {m.clipped:,}")
         lines.append("dropped      " + ", ".join(parts))
-    inp = m.get("input")
-    if isinstance(inp, dict):
-        files = inp.get("files", [])
+    if m.input is not None:
+        files = m.input.get("files", [])
         first = files[0] if files else "?"
         more = f" (+{len(files) - 1} more)" if len(files) > 1 else ""
-        lines.append(f"input        {first}{more}, {inp.get('rows_read', 0):,} rows")
-    lines.append(f"disk         {_size(store.disk_bytes())} in {len(m['files'])} files")
-    lines.append(f"fingerprint  {m['fingerprint']}")
-    if "timings" in m:
-        lines.append(f"ingest time  {m['timings'].get('total', 0):.1f} s")
+        lines.append(f"input        {first}{more}, {m.input.get('rows_read', 0):,} rows")
+    lines.append(f"disk         {_size(store.disk_bytes())} in {len(m.files)} files")
+    lines.append(f"fingerprint  {m.fingerprint}")
+    if m.timings is not None:
+        lines.append(f"ingest time  {m.timings.get('total', 0):.1f} s")
     return "\n".join(lines)

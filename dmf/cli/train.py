@@ -7,6 +7,7 @@ import json
 import sys
 
 from dmf.cli.common import add_cluster_args, add_config_arg, cluster_kwargs, config_from_args
+from dmf.cli.tables import write_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             client=client,
         )
     out = cfg.resolve(cfg.output.model) / "evaluation.json"
-    out.write_text(json.dumps(metrics, indent=1))
+    write_json(out, metrics)
     print(format_table(metrics))
     print(f"dmf run: metrics written to {out}", file=sys.stderr)
     return 0
@@ -133,13 +134,13 @@ def store_is_current(store, cfg) -> bool:
 
     A store whose raw inputs are no longer there is taken as it is: that is how a store is
     used after the raw files were cleaned up."""
-    from dmf.data.ingest import fingerprint, resolve_inputs
+    from dmf.data.ingest import data_to_ingest, fingerprint, resolve_inputs
     from dmf.errors import DmfError
 
     if cfg.data.source is None and not cfg.synth.enabled:
         return True
     try:
-        spec = resolve_inputs(cfg)
+        spec = resolve_inputs(data_to_ingest(cfg), cfg.resolve)
     except DmfError:
         if cfg.synth.enabled:
             return False  # synth output missing: make it, then ingest

@@ -1,6 +1,7 @@
 """Using a trained model: ``dmf evaluate``, ``dmf recommend``, ``dmf predict``, ``dmf similar``.
 
-Thin layers over the Python API (:mod:`dmf.model.evaluate`, :mod:`dmf.model.recommend`, :class:`dmf.Model`).
+Thin layers over the Python API (:mod:`dmf.model.evaluate`, :mod:`dmf.model.recommend`,
+:class:`dmf.Model`); reading and writing tables is :mod:`dmf.cli.tables`.
 ``evaluate`` and recommending for every user run on a Dask cluster (``--address``,
 ``--scheduler-file``, or an embedded LocalCluster); the others run in this process.
 """
@@ -8,22 +9,23 @@ Thin layers over the Python API (:mod:`dmf.model.evaluate`, :mod:`dmf.model.reco
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dmf.cli.common import add_cluster_args, cluster_kwargs
+from dmf.cli.tables import (
+    iter_columns,
+    parse_ids,
+    read_columns,
+    write_json,
+    write_stream,
+    write_table,
+)
 from dmf.errors import InputError, ModelError
-
-PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
 def register(sub) -> None:
@@ -113,7 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result["store"] = str(store.path)
     print(format_table(result))
     if args.json:
-        _write_atomic(Path(args.json), json.dumps(result, indent=1).encode())
+        write_json(args.json, result)
     return 0
 
 
@@ -131,7 +133,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         recs = model.recommend_for_ratings(
             t.column("item"), t.column("rating").to_numpy(), n=args.n
         )
-        _write_table(recs, args.out)
+        write_table(recs, args.out)
         return 0
     users = parse_ids(args.users, "user") if args.users else None
     if users is None and not args.out:
@@ -155,7 +157,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if isinstance(result, Path):
         print(f"dmf recommend: wrote {result}", file=sys.stderr)
     else:
-        _write_table(result, args.out)
+        write_table(result, args.out)
     return 0
 
 
@@ -187,7 +189,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 }
             )
 
-    _write_stream(scored(), args.out)
+    write_stream(scored(), args.out)
     what = "dropped" if args.cold_start == "drop" else "predicted from biases"
     print(
         f"dmf predict: {total} pairs, {cold} cold-start ({cold_u} unknown users, "
@@ -203,154 +205,13 @@ def cmd_similar(args: argparse.Namespace) -> int:
     model = load(args.model)
     if args.n < 1:
         raise InputError(f"-n must be at least 1, not {args.n}")
-    _write_table(model.similar_items(parse_ids(args.items, "item"), n=args.n), args.out)
+    write_table(model.similar_items(parse_ids(args.items, "item"), n=args.n), args.out)
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers: ids, tables in and out, cluster
+# Helpers: the store and the cluster of a model
 # ---------------------------------------------------------------------------------------------
-def parse_ids(text: str, what: str) -> pa.Array:
-    """Raw ids from ``a,b,c`` or from a file: Parquet/CSV with a ``user``/``item`` column (else
-    its first column), or plain text with one id per line (an optional header line)."""
-    p = Path(text)
-    if p.is_file():
-        if p.suffix in PARQUET_SUFFIXES or p.suffix == ".csv":
-            t = read_table_file(p)
-            col = what if what in t.column_names else t.column_names[0]
-            return t.column(col).combine_chunks()
-        lines = [s.strip() for s in p.read_text().splitlines()]
-        lines = [s for s in lines if s]
-        if lines and lines[0] == what:
-            lines = lines[1:]
-        return pa.array(lines, type=pa.string())
-    ids = [s.strip() for s in text.split(",") if s.strip()]
-    if not ids:
-        raise InputError(f"--{what}s {text!r}: no ids (give a,b,c or a file)")
-    return pa.array(ids, type=pa.string())
-
-
-def read_table_file(path: str | Path, column_types: dict[str, pa.DataType] | None = None):
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path} does not exist")
-    try:
-        if path.suffix in PARQUET_SUFFIXES:
-            return pq.read_table(path)
-        import pyarrow.csv as pcsv
-
-        return pcsv.read_csv(path, **_csv_options(path, column_types))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
-
-
-def _csv_options(path: Path, column_types) -> dict[str, Any]:
-    import pyarrow.csv as pcsv
-
-    delim = "\t" if path.suffix in (".tsv", ".tab") else ","
-    return {
-        "parse_options": pcsv.ParseOptions(delimiter=delim),
-        "convert_options": pcsv.ConvertOptions(column_types=column_types or {}),
-    }
-
-
-def _check_columns(path, names: list[str], columns: list[str]) -> None:
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise InputError(
-            f"{path}: no column {missing[0]!r} (columns are {names}); "
-            f"the file needs a header with {', '.join(columns)}"
-        )
-
-
-def read_columns(path: str | Path, columns: list[str], types: dict[str, pa.DataType]) -> pa.Table:
-    t = read_table_file(path, types)
-    _check_columns(path, t.column_names, columns)
-    return t.select(columns)
-
-
-def iter_columns(
-    path: str | Path, columns: list[str], types: dict[str, pa.DataType], batch_rows: int = 1 << 20
-) -> Iterator[pa.Table]:
-    """Stream ``columns`` of a CSV or Parquet file in batches (bounded memory)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path} does not exist")
-    try:
-        if path.suffix in PARQUET_SUFFIXES:
-            pf = pq.ParquetFile(path)
-            _check_columns(path, pf.schema_arrow.names, columns)
-            for b in pf.iter_batches(batch_size=batch_rows, columns=columns):
-                yield pa.Table.from_batches([b])
-            return
-        import pyarrow.csv as pcsv
-
-        opts = _csv_options(path, types)
-        reader = pcsv.open_csv(
-            path,
-            read_options=pcsv.ReadOptions(block_size=1 << 24),
-            **opts,
-        )
-        _check_columns(path, reader.schema.names, columns)
-        for b in reader:
-            yield pa.Table.from_batches([b]).select(columns)
-    except pa.ArrowInvalid as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _write_table(table: pa.Table, out: str | None) -> None:
-    _write_stream(iter([table]), out, table.schema)
-
-
-def _write_stream(tables: Iterator[pa.Table], out: str | None, schema=None) -> None:
-    """Write tables as CSV to stdout, or to ``out`` (Parquet or CSV by suffix) atomically."""
-    import pyarrow.csv as pcsv
-
-    if out is None:
-        first = True
-        for t in tables:
-            pcsv.write_csv(t, sys.stdout.buffer, pcsv.WriteOptions(include_header=first))
-            first = False
-        sys.stdout.flush()
-        return
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    writer = None
-    try:
-        for t in tables:
-            if writer is None:
-                if path.suffix in PARQUET_SUFFIXES:
-                    writer = pq.ParquetWriter(tmp, t.schema, compression="zstd")
-                else:
-                    writer = pcsv.CSVWriter(tmp, t.schema)
-            writer.write_table(t)
-        if writer is None:
-            if schema is None:
-                raise InputError("no rows to write")
-            writer = (
-                pq.ParquetWriter(tmp, schema)
-                if path.suffix in PARQUET_SUFFIXES
-                else pcsv.CSVWriter(tmp, schema)
-            )
-        writer.close()
-        writer = None
-        os.replace(tmp, path)
-    finally:
-        if writer is not None:
-            writer.close()
-        if tmp.exists():
-            tmp.unlink()
-    print(f"dmf: wrote {path}", file=sys.stderr)
-
-
 def _store_arg(store: str | None, model, command: str):
     from dmf.store.layout import Store
 

@@ -20,7 +20,9 @@ The pipeline (memory is bounded by one batch or one block, plus the id maps)::
 Passes 2-5 run one task per chunk, bucket or block: on the Dask cluster when a client is given
 (tasks read and write spill files in a directory next to the store, which every worker must
 see), else on a local thread pool. Every decision depends only on dense indices, ratings and
-timestamps, so the result is the same whatever the batch size or the number of workers.
+timestamps, so the result is the same whatever the batch size or the number of workers. Each
+task returns a small typed record (:class:`BucketSplit`, :class:`BlockWritten`), and the driver
+checks the totals between passes (no row lost with a spill file).
 
 The store is built by :class:`dmf.store.StoreWriter` in a temporary sibling directory (the spill
 lives inside it) and renamed into place when the manifest is written: a killed ingest leaves no
@@ -29,6 +31,7 @@ store that looks complete, and an old store stays intact until the new one is wh
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -38,10 +41,8 @@ import queue
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +50,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dmf.config import Config
+from dmf import __version__
+from dmf.config import BlocksConfig, Config, DataConfig, SplitConfig
+from dmf.data.hashing import U64, bits, mix64, mix64_int, pair_hash, pair_hash64, unit_float
 from dmf.data.idmap import IdMapper, make_mapper
-from dmf.data.readers import IdTypeMismatch, InputSpec, iter_batches, resolve_inputs
+from dmf.data.readers import Batch, IdTypeMismatch, InputSpec, iter_batches, resolve_inputs
+from dmf.dist.tasks import progress_disabled, run_tasks
 from dmf.errors import ConfigError, InputError, StoreError
+from dmf.store import storage
 from dmf.store.layout import (
     SPLITS,
+    BlockLayout,
+    DroppedRows,
+    FileEntry,
+    SplitRecord,
     Store,
+    StoreManifest,
     StoreWriter,
     balanced_bounds,
     block_relpath,
@@ -66,40 +76,6 @@ log = logging.getLogger("dmf")
 
 # Rows kept in the bounded sample of timestamps that sets the temporal split's cutoffs.
 TEMPORAL_SAMPLE = 1 << 20
-_U64 = np.uint64
-
-
-# -- hashing: splitmix64, vectorised ------------------------------------------------------------
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser of a uint64 array (wrapping arithmetic)."""
-    x = x.astype(_U64, copy=True)
-    x ^= x >> _U64(30)
-    x *= _U64(0xBF58476D1CE4E5B9)
-    x ^= x >> _U64(27)
-    x *= _U64(0x94D049BB133111EB)
-    x ^= x >> _U64(31)
-    return x
-
-
-def _pair_hash64(users: np.ndarray, items: np.ndarray, seed: int) -> np.ndarray:
-    s = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=_U64))[0]
-    return _mix64((users.astype(_U64) << _U64(32)) ^ items.astype(_U64) ^ s)
-
-
-def pair_hash(users: np.ndarray, items: np.ndarray, seed: int) -> np.ndarray:
-    """A uniform float in [0, 1) for each (user index, item index, seed), shape (n,).
-
-    Depends on nothing else, so a rating's split is the same whatever the batch size or the
-    number of workers.
-    """
-    h = _pair_hash64(users, items, seed)
-    return (h >> _U64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def _bits(n: int) -> int:
-    return max(1, int(n - 1).bit_length()) if n > 1 else 1
 
 
 def stable_order(key: np.ndarray, kmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +86,7 @@ def stable_order(key: np.ndarray, kmax: int) -> tuple[np.ndarray, np.ndarray]:
     input order because the row number is the low bits.
     """
     n = len(key)
-    ib, kb = _bits(n), _bits(kmax)
+    ib, kb = bits(n), bits(kmax)
     if kb + ib <= 63:
         packed = (key.astype(np.int64) << np.int64(ib)) | np.arange(n, dtype=np.int64)
         packed.sort()
@@ -182,244 +158,7 @@ def block_table(bounds: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(nb, dtype=dt), np.diff(bounds))
 
 
-# -- tasks of passes 2-4 (run on workers or threads; names show on the Dask dashboard) ----------
-
-
-def ingest_bucket_chunk(chunk: str, c: int, spill: str, has_t: bool, maps: tuple) -> int:
-    """Pass 2: remap one pass-1 chunk to dense indices and split it by user block."""
-    user_index, item_index, user_block, _item_block, nb_user, _nb_item = maps
-    uc, ic, r, t = _read_spills([Path(chunk)], has_t)
-    u = user_index[uc]
-    i = item_index[ic]
-    _spill_by_block(
-        user_block[u], nb_user, str(Path(spill) / "p2" / "u{:06d}"), f"c{c:06d}.bin", u, i, r, t
-    )
-    # The chunk is deleted by the driver once the whole pass is done: Dask may run a task
-    # twice (a worker died before its result arrived), and a rerun must find its input.
-    return len(u)
-
-
-@dataclass
-class _SplitPlan:
-    method: str
-    validation: float
-    test: float
-    seed: int
-    cut_validation: int = 0  # temporal: validation if t >= cut_validation (and not test)
-    cut_test: int = 0  # temporal: test if t >= cut_test
-
-
-def _split_masks(
-    plan: _SplitPlan, u: np.ndarray, i: np.ndarray, t, start: int, stop: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(validation, test) boolean masks over rows sorted by (user, item) without duplicates."""
-    n = len(u)
-    if plan.method == "none" or n == 0 or (plan.validation == 0 and plan.test == 0):
-        z = np.zeros(n, dtype=bool)
-        return z, z
-    if plan.method == "temporal":
-        test = t >= plan.cut_test
-        return (t >= plan.cut_validation) & ~test, test
-    h = _pair_hash64(u, i, plan.seed)
-    if plan.method == "random":
-        x = (h >> _U64(11)).astype(np.float64) * (1.0 / (1 << 53))
-        test = x < plan.test
-        return (x < plan.test + plan.validation) & ~test, test
-    # method "user": each user's ratings ranked by hash; the first k_test are test, the next
-    # k_validation validation; at least one rating stays in train.
-    # Order each user's ratings by the top 16 bits of the hash, ties by item (the rows are
-    # sorted by (user, item) and the sort is stable): the same order whatever the bucket.
-    hk = (h >> _U64(48)).astype(np.int64)
-    key = ((u.astype(np.int64) - start) << np.int64(16)) | hk
-    order, _ = stable_order(key, (stop - start) << 16)
-    us = u[order]
-    first = np.searchsorted(us, us, side="left")
-    rank = np.arange(n) - first
-    n_u = np.bincount(u - start, minlength=stop - start)[us - start]
-    k_t = np.minimum(np.floor(plan.test * n_u + 0.5), n_u - 1)
-    k_v = np.clip(np.minimum(np.floor(plan.validation * n_u + 0.5), n_u - 1 - k_t), 0, None)
-    test = np.empty(n, dtype=bool)
-    val = np.empty(n, dtype=bool)
-    test[order] = rank < k_t
-    val[order] = (rank >= k_t) & (rank < k_t + k_v)
-    return val, test
-
-
-def ingest_split_bucket(
-    b: int,
-    start: int,
-    stop: int,
-    spill: str,
-    has_t: bool,
-    n_items: int,
-    duplicates: str,
-    plan: _SplitPlan,
-) -> dict[str, Any]:
-    """Pass 3: sort one bucket of users by (user, item), merge duplicates, split off held-out
-    rows, and spill the train rows; return exact train counts."""
-    d = Path(spill) / "p2" / f"u{b:06d}"
-    paths = sorted(d.glob("c*.bin")) if d.is_dir() else []
-    u, i, r, t = _read_spills(paths, has_t)
-    n_in = len(u)
-    key = (u.astype(np.int64) - start) * max(n_items, 1) + i
-    order, ks = stable_order(key, (stop - start) * max(n_items, 1))
-    del key
-    dup = ks[1:] == ks[:-1]
-    merged = 0
-    if dup.any():
-        if duplicates == "error":
-            k = int(np.flatnonzero(dup)[0])
-            return {
-                "b": b,
-                "duplicate": (int(u[order[k]]), int(i[order[k]])),
-                "n_duplicates": int(dup.sum()),
-            }
-        starts = np.flatnonzero(np.r_[True, ~dup])
-        sizes = np.diff(np.r_[starts, len(ks)])
-        if duplicates == "last":
-            if t is not None:
-                # The latest timestamp wins, then the latest in input order (the sort is stable).
-                ts = t[order]
-                tmax = np.repeat(np.maximum.reduceat(ts, starts), sizes)
-                pos = np.where(ts == tmax, np.arange(len(ts)), -1)
-                keep = order[np.maximum.reduceat(pos, starts)]
-            else:
-                keep = order[starts + sizes - 1]
-            u, i, r = u[keep], i[keep], r[keep]
-            t = t[keep] if t is not None else None
-        else:  # mean
-            rs = np.add.reduceat(r[order].astype(np.float64), starts) / sizes
-            first = order[starts]
-            u, i, r = u[first], i[first], rs.astype(np.float32)
-            t = np.maximum.reduceat(t[order], starts) if t is not None else None
-        merged = n_in - len(u)
-    else:
-        u, i, r = u[order], i[order], r[order]
-        t = t[order] if t is not None else None
-    del ks, order
-
-    val, test = _split_masks(plan, u, i, t, start, stop)
-    held = {"validation": val, "test": test}
-    for name, m in held.items():
-        if m.any():
-            hd = Path(spill) / "held" / name
-            hd.mkdir(parents=True, exist_ok=True)
-            _write_spill(hd / f"u{b:06d}.bin", u[m], i[m], r[m], None if t is None else t[m])
-    train = ~(val | test)
-    u, i, r = u[train], i[train], r[train]
-    _write_spill(Path(spill) / "p3" / f"u{b:06d}.bin", u, i, r)
-    # Train counts per item, sparse: a dense bincount costs n_items per bucket.
-    if n_items <= 8 * max(len(i), 1):
-        ic = np.bincount(i, minlength=n_items)
-        items = np.flatnonzero(ic)
-        item_counts = ic[items]
-    else:
-        items, item_counts = np.unique(i, return_counts=True)
-    # Item counts go through a file, not the task's result: on a cluster, hundreds of results
-    # of n_items entries each would all pass through the scheduler's connection to the client.
-    counts_file = Path(spill) / "p3" / f"counts-{b:06d}.bin"
-    with open(counts_file, "wb") as f:
-        items.astype(np.int32).tofile(f)
-        item_counts.astype(np.int32).tofile(f)
-    return {
-        "b": b,
-        "user_counts": np.bincount(u - start, minlength=stop - start),
-        "item_counts_file": str(counts_file),
-        "sum": float(r.astype(np.float64).sum()),
-        "n_validation": int(val.sum()),
-        "n_test": int(test.sum()),
-        "merged": merged,
-        "n_in": n_in,
-    }
-
-
-def ingest_user_block(
-    b: int, start: int, stop: int, buckets: list[int], spill: str, out: str, maps: tuple
-) -> dict[str, Any]:
-    """Pass 4: gather one user block's train rows from its split buckets (each sorted by
-    (user, item), in user order), write by_user, and route the rows to item-block spill."""
-    paths = [Path(spill) / "p3" / f"u{f:06d}.bin" for f in buckets]
-    u, i, r, _ = _read_spills(paths, False)
-    # Buckets at the edges may hold users of the neighbouring blocks.
-    inside = (u >= start) & (u < stop)
-    if not inside.all():
-        u, i, r = u[inside], i[inside], r[inside]
-    rel = block_relpath("user", b)
-    entry = write_block_file(Path(out) / rel, "user", u, i, r)
-    _, _, _, item_block, _, nb_item = maps
-    _spill_by_block(
-        item_block[i], nb_item, str(Path(spill) / "p4" / "i{:06d}"), f"u{b:06d}.bin", u, i, r
-    )
-    return {"b": b, "rel": rel, "entry": entry, "nnz": len(u)}
-
-
-def ingest_item_block(k: int, start: int, stop: int, spill: str, out: str) -> dict[str, Any]:
-    """Pass 5: sort one item block's train ratings by (item, user) and write by_item."""
-    d = Path(spill) / "p4" / f"i{k:06d}"
-    paths = sorted(d.glob("u*.bin")) if d.is_dir() else []
-    u, i, r, _ = _read_spills(paths, False)
-    # Pieces come in user-block order, each sorted by user: a stable sort by item alone
-    # leaves every item's ratings sorted by user.
-    order, _ = stable_order(i.astype(np.int64) - start, stop - start)
-    rel = block_relpath("item", k)
-    entry = write_block_file(Path(out) / rel, "item", i[order], u[order], r[order])
-    return {"k": k, "rel": rel, "entry": entry, "nnz": len(u)}
-
-
-# -- running tasks ------------------------------------------------------------------------------
-
-
-def _run_tasks(
-    client,
-    fn: Callable,
-    args: list[tuple],
-    label: str,
-    progress: bool | None,
-    kwargs: dict | None = None,
-    on_result: Callable[[Any], Any] | None = None,
-) -> list:
-    """Run ``fn(*a, **kwargs)`` for every ``a``: one Dask task each, or on a thread pool.
-
-    Results come back in the order of ``args``; ``on_result``, if given, is applied to each
-    result as it arrives (on this thread) and its return value is kept instead, so large parts
-    of results can be folded into a total without being held all at once.
-    """
-    from tqdm import tqdm
-
-    kwargs = kwargs or {}
-    keep = on_result or (lambda x: x)
-    results: list = [None] * len(args)
-    bar = tqdm(total=len(args), desc=label, unit="task", disable=_disable(progress), leave=False)
-    try:
-        if client is None:
-            with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as ex:
-                futs = {ex.submit(fn, *a, **kwargs): j for j, a in enumerate(args)}
-                for f in as_completed(list(futs)):
-                    results[futs.pop(f)] = keep(f.result())
-                    bar.update()
-        else:
-            from distributed import as_completed as dask_completed
-
-            token = uuid.uuid4().hex[:8]
-            name = fn.__name__.replace("_", "-")
-            index = {}
-            pending = []
-            for j, a in enumerate(args):
-                f = client.submit(fn, *a, **kwargs, key=f"{name}-{j}-{token}", pure=False)
-                index[f.key] = j
-                pending.append(f)
-            for f in dask_completed(pending):
-                results[index[f.key]] = keep(f.result())
-                f.release()
-                bar.update()
-    finally:
-        bar.close()
-    return results
-
-
-def _disable(progress: bool | None) -> bool | None:
-    # tqdm: disable=None shows the bar only on a terminal.
-    return None if progress is None else not progress
+# -- pass 1 ---------------------------------------------------------------------------------------
 
 
 def _prefetch(it: Iterable, depth: int = 2) -> Iterator:
@@ -458,144 +197,330 @@ def _prefetch(it: Iterable, depth: int = 2) -> Iterator:
         th.join()
 
 
-# -- pass 1 ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Pass1:
-    users: IdMapper
-    items: IdMapper
-    chunks: list[str]
-    rows_read: int = 0
-    rows_kept: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    sample_t: np.ndarray | None = None
-
-
 def _fmt(v: float) -> str:
     if np.isnan(v):
         return "null/NaN"
     return repr(float(v))
 
 
-def _pass1(spec: InputSpec, config: Config, spill: Path, progress: bool | None) -> _Pass1:
-    from tqdm import tqdm
+class _RatingPolicies:
+    """``data.invalid_ratings``, ``data.rating_range`` and ``data.out_of_range``, applied batch
+    by batch; counts the rows they drop or clip."""
 
-    d = config.data
-    temporal = config.split.method == "temporal" and (config.split.test or config.split.validation)
-    (spill / "p1").mkdir(parents=True, exist_ok=True)
-    res: _Pass1 | None = None
-    dropped = {"invalid_rating": 0, "out_of_range": 0, "clipped": 0}
-    sample_h = np.zeros(0, _U64)
-    sample_t = np.zeros(0, np.int64)
-    thresh = np.iinfo(np.uint64).max
-    tseed = _mix64(np.array([config.split.seed ^ 0x5DEECE66D], dtype=_U64))[0]
-    buf: list[tuple] = []
-    buf_rows = 0
+    def __init__(self, data: DataConfig):
+        self.data = data
+        self.invalid = 0
+        self.out_of_range = 0
+        self.clipped = 0
 
-    def flush() -> None:
-        nonlocal buf, buf_rows
-        if not buf:
+    def apply(self, bt: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """(which rows of ``bt`` to keep, their ratings, clipped if so asked), shapes (n,)."""
+        r = bt.rating
+        keep = np.ones(len(bt), dtype=bool)
+        bad = ~np.isfinite(r)
+        if bad.any():
+            if self.data.invalid_ratings == "error":
+                k = int(np.flatnonzero(bad)[0])
+                raise InputError(
+                    f"{bt.where(k, 'rating')}: rating {_fmt(r[k])} is not a finite number; "
+                    "set data.invalid_ratings: drop to skip such rows"
+                )
+            self.invalid += int(bad.sum())
+            keep &= ~bad
+        if self.data.rating_range is not None:
+            keep, r = self._apply_range(bt, keep, r)
+        return keep, r
+
+    def _apply_range(
+        self, bt: Batch, keep: np.ndarray, r: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.data.rating_range
+        out = keep & ((r < lo) | (r > hi))
+        if not out.any():
+            return keep, r
+        if self.data.out_of_range == "error":
+            k = int(np.flatnonzero(out)[0])
+            raise InputError(
+                f"{bt.where(k, 'rating')}: rating {_fmt(r[k])} is outside "
+                f"data.rating_range [{lo}, {hi}]; set data.out_of_range: drop or "
+                "clip, or widen the range"
+            )
+        if self.data.out_of_range == "drop":
+            self.out_of_range += int(out.sum())
+            return keep & ~out, r
+        self.clipped += int(out.sum())
+        return keep, np.clip(r, lo, hi)
+
+    def dropped(self) -> str:
+        """'N by data.invalid_ratings, M by data.out_of_range' (the non-zero ones)."""
+        counts = (("invalid_ratings", self.invalid), ("out_of_range", self.out_of_range))
+        return ", ".join(f"{v} by data.{k}" for k, v in counts if v)
+
+
+class _TemporalSample:
+    """A bounded sample of the kept rows' timestamps, which sets a temporal split's cutoffs.
+
+    Row n of the input (0-based) is hashed (splitmix64 of n and the split seed); the sample keeps
+    the rows of the ``size`` smallest hashes or a few more, so it is the same whatever the
+    batching.
+    """
+
+    def __init__(self, seed: int, size: int):
+        self.key = mix64_int(seed ^ 0x5DEECE66D)
+        self.size = size
+        self.h = np.zeros(0, U64)
+        self.t = np.zeros(0, np.int64)
+        self.thresh = np.iinfo(np.uint64).max
+
+    def add(self, first_row: int, keep: np.ndarray, t: np.ndarray) -> None:
+        """Offer the rows ``keep`` of a batch starting at input row ``first_row``."""
+        h = mix64(np.arange(first_row, first_row + len(keep), dtype=U64) ^ self.key)
+        sel = keep & (h < self.thresh)
+        self.h = np.concatenate([self.h, h[sel]])
+        self.t = np.concatenate([self.t, t[sel]])
+        if len(self.h) > 2 * self.size:
+            # Keep the rows of the smallest hashes: the same sample whatever the batching.
+            self.thresh = np.partition(self.h, self.size)[self.size]
+            m = self.h < self.thresh
+            self.h, self.t = self.h[m], self.t[m]
+
+
+class _ChunkSpill:
+    """Pass 1's output: rows gathered into chunks of at least ``rows`` rows (the last may have
+    fewer), each spilled to a file ``cNNNNNN.bin`` in ``directory``."""
+
+    def __init__(self, directory: Path, rows: int):
+        self.directory = directory
+        self.rows = rows
+        self.paths: list[str] = []
+        self.buf: list[tuple] = []
+        self.buffered = 0
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def add(self, uc: np.ndarray, ic: np.ndarray, r: np.ndarray, t: np.ndarray | None) -> None:
+        self.buf.append((uc, ic, r, t))
+        self.buffered += len(uc)
+        if self.buffered >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf:
             return
-        assert res is not None
-        path = spill / "p1" / f"c{len(res.chunks):06d}.bin"
-        cat = [np.concatenate(c) if c[0] is not None else None for c in zip(*buf, strict=True)]
+        path = self.directory / f"c{len(self.paths):06d}.bin"
+        cat = [np.concatenate(c) if c[0] is not None else None for c in zip(*self.buf, strict=True)]
         _write_spill(path, *cat)
-        res.chunks.append(str(path))
-        buf, buf_rows = [], 0
+        self.paths.append(str(path))
+        self.buf, self.buffered = [], 0
 
-    bar = tqdm(desc="ingest: reading", unit=" rows", unit_scale=True, disable=_disable(progress))
+
+@dataclass
+class _Pass1:
+    """What pass 1 read: the provisional id codes, the chunks, the counts."""
+
+    users: IdMapper
+    items: IdMapper
+    chunks: list[str]
+    policies: _RatingPolicies
+    rows_read: int = 0
+    rows_kept: int = 0
+    sample_t: np.ndarray | None = None
+    """Temporal split: the sampled timestamps (:class:`_TemporalSample`)."""
+
+    def encode(self, bt: Batch, keep: np.ndarray, r: np.ndarray) -> tuple:
+        """(user codes, item codes, ratings, timestamps or None) of the rows ``keep``."""
+        t = bt.timestamp
+        if not keep.all():
+            mask = pa.array(keep)
+            users, items = bt.user.filter(mask), bt.item.filter(mask)
+            r = r[keep]
+            t = t[keep] if t is not None else None
+        else:
+            users, items = bt.user, bt.item
+        try:
+            uc = self.users.encode(users)
+            ic = self.items.encode(items)
+        except ValueError as exc:  # an id the map cannot hold (a NUL byte in a string id)
+            raise InputError(
+                f"{bt.file}: {bt.kind}s from {bt.first}: user column "
+                f"{bt.colnames.get('user', 'user')!r} or item column "
+                f"{bt.colnames.get('item', 'item')!r}: {exc}"
+            ) from exc
+        self.rows_kept += len(uc)
+        return uc, ic, r, t
+
+
+def _pass1(spec: InputSpec, config: Config, spill: Path, progress: bool | None) -> _Pass1:
+    """Pass 1: read every batch, apply the rating policies, give ids provisional codes, and spill
+    the rows in chunks."""
+    from tqdm import tqdm  # here, not at the top: keeps the CLI light
+
+    sp = config.split
+    temporal = sp.method == "temporal" and (sp.test or sp.validation)
+    sample = _TemporalSample(sp.seed, TEMPORAL_SAMPLE) if temporal else None
+    policies = _RatingPolicies(config.data)
+    chunks = _ChunkSpill(spill / "p1", spec.batch_rows)
+    res: _Pass1 | None = None
+    bar = tqdm(
+        desc="ingest: reading", unit=" rows", unit_scale=True, disable=progress_disabled(progress)
+    )
     try:
         for bt in _prefetch(iter_batches(spec)):
-            if res is None:
+            if res is None:  # the first batch settles the id types
                 res = _Pass1(
-                    make_mapper(spec.id_types["user"]), make_mapper(spec.id_types["item"]), []
+                    make_mapper(spec.id_types["user"]),
+                    make_mapper(spec.id_types["item"]),
+                    chunks.paths,
+                    policies,
                 )
-            n = len(bt)
-            r = bt.rating
-            keep = np.ones(n, dtype=bool)
-            bad = ~np.isfinite(r)
-            if bad.any():
-                if d.invalid_ratings == "error":
-                    k = int(np.flatnonzero(bad)[0])
-                    raise InputError(
-                        f"{bt.where(k, 'rating')}: rating {_fmt(r[k])} is not a finite number; "
-                        "set data.invalid_ratings: drop to skip such rows"
-                    )
-                dropped["invalid_rating"] += int(bad.sum())
-                keep &= ~bad
-            if d.rating_range is not None:
-                lo, hi = d.rating_range
-                out = keep & ((r < lo) | (r > hi))
-                if out.any():
-                    if d.out_of_range == "error":
-                        k = int(np.flatnonzero(out)[0])
-                        raise InputError(
-                            f"{bt.where(k, 'rating')}: rating {_fmt(r[k])} is outside "
-                            f"data.rating_range [{lo}, {hi}]; set data.out_of_range: drop or "
-                            "clip, or widen the range"
-                        )
-                    if d.out_of_range == "drop":
-                        dropped["out_of_range"] += int(out.sum())
-                        keep &= ~out
-                    else:
-                        dropped["clipped"] += int(out.sum())
-                        r = np.clip(r, lo, hi)
-            t = bt.timestamp
-            if temporal:
-                h = _mix64(np.arange(res.rows_read, res.rows_read + n, dtype=_U64) ^ tseed)
-                sel = keep & (h < thresh)
-                sample_h = np.concatenate([sample_h, h[sel]])
-                sample_t = np.concatenate([sample_t, t[sel]])
-                if len(sample_h) > 2 * TEMPORAL_SAMPLE:
-                    # Keep the rows of the smallest hashes: the same sample whatever the batching.
-                    thresh = np.partition(sample_h, TEMPORAL_SAMPLE)[TEMPORAL_SAMPLE]
-                    m = sample_h < thresh
-                    sample_h, sample_t = sample_h[m], sample_t[m]
-            res.rows_read += n
-            if not keep.all():
-                mask = pa.array(keep)
-                users, items = bt.user.filter(mask), bt.item.filter(mask)
-                r = r[keep]
-                t = t[keep] if t is not None else None
-            else:
-                users, items = bt.user, bt.item
-            try:
-                uc = res.users.encode(users)
-                ic = res.items.encode(items)
-            except ValueError as exc:  # an id the map cannot hold (a NUL byte in a string id)
-                raise InputError(
-                    f"{bt.file}: {bt.kind}s from {bt.first}: user column "
-                    f"{bt.colnames.get('user', 'user')!r} or item column "
-                    f"{bt.colnames.get('item', 'item')!r}: {exc}"
-                ) from exc
-            res.rows_kept += len(uc)
-            buf.append((uc, ic, r.astype(np.float32), t))
-            buf_rows += len(uc)
-            if buf_rows >= spec.batch_rows:
-                flush()
-            bar.update(n)
-        if res is not None:
-            flush()
+            keep, r = policies.apply(bt)
+            if sample is not None:
+                sample.add(res.rows_read, keep, bt.timestamp)
+            res.rows_read += len(bt)
+            uc, ic, r, t = res.encode(bt, keep, r)
+            chunks.add(uc, ic, r.astype(np.float32), t)
+            bar.update(len(bt))
+        chunks.flush()
     finally:
         bar.close()
+    _check_rows_left(res, spec)
+    if sample is not None:
+        res.sample_t = sample.t
+    return res
+
+
+def _check_rows_left(res: _Pass1 | None, spec: InputSpec) -> None:
+    """After pass 1: the input had rows, and the policies left some."""
     if res is None or res.rows_read == 0:
         files = ", ".join(str(f.path) for f in spec.files)
         raise InputError(f"no ratings in {files}: the input is empty or has only a header")
-    res.dropped = dropped
     if res.rows_kept == 0:
-        why = ", ".join(
-            f"{v} by data.{'invalid_ratings' if k == 'invalid_rating' else k}"
-            for k, v in dropped.items()
-            if v and k != "clipped"
-        )
         raise InputError(
-            f"all {res.rows_read} input rows were dropped ({why}): nothing is left to ingest; "
-            "check data.rating_range and the rating column (data.columns.rating)"
+            f"all {res.rows_read} input rows were dropped ({res.policies.dropped()}): nothing is "
+            "left to ingest; check data.rating_range and the rating column (data.columns.rating)"
         )
-    if temporal:
-        res.sample_t = sample_t
-    return res
+
+
+def _read_input(spec: InputSpec, config: Config, spill: Path, progress: bool | None) -> _Pass1:
+    """Pass 1, re-run with string ids if integer-looking ids turn out not to be integers."""
+    for _attempt in range(3):
+        try:
+            return _pass1(spec, config, spill, progress)
+        except IdTypeMismatch as exc:
+            log.info("dmf ingest: %s ids are not all integers; reading them as strings", exc.side)
+            shutil.rmtree(spill, ignore_errors=True)
+            spec.id_types[exc.side] = "string"
+    # Each attempt switches one side to strings, so the third one always settles the types.
+    raise InputError("cannot settle the id types of the input")  # pragma: no cover
+
+
+# -- what the tasks of passes 2-5 are given and return --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Remap:
+    """Pass 2's tables, sent to every worker once."""
+
+    user_index: np.ndarray
+    """Dense index of every pass-1 user code, int32."""
+    item_index: np.ndarray
+    """Dense index of every pass-1 item code, int32."""
+    bucket_of_user: np.ndarray
+    """Fine bucket of every dense user index (:func:`block_table`)."""
+    n_buckets: int
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Pass 4's table, sent to every worker once: where each item's ratings go."""
+
+    block_of_item: np.ndarray
+    """Item block of every dense item index (:func:`block_table`)."""
+    n_blocks: int
+
+
+@dataclass(frozen=True)
+class DuplicateFound:
+    """Pass 3 under ``data.duplicates: error``: a bucket holds a (user, item) pair more than
+    once. Nothing of the bucket was spilled."""
+
+    bucket: int
+    user: int
+    """Dense index of the user of the bucket's first repeated pair."""
+    item: int
+    n_duplicates: int
+    """Repeated (user, item) rows in the bucket."""
+
+
+@dataclass(frozen=True)
+class BucketSplit:
+    """Pass 3's result for one fine bucket of users: train counts and held-out counts."""
+
+    bucket: int
+    n_in: int
+    """Rows read from pass 2's spill files."""
+    merged: int
+    """Rows removed by merging duplicates (``data.duplicates``)."""
+    user_counts: np.ndarray
+    """Train ratings of each user of the bucket, shape (stop - start,)."""
+    item_counts_file: str
+    """Train ratings per item, as int32 items then int32 counts: a file, not the result, so
+    that hundreds of results of n_items entries each do not all pass through the scheduler.
+    The driver folds it in as the result arrives, and deletes it."""
+    rating_sum: float
+    """Sum of the train ratings, in float64."""
+    n_validation: int
+    n_test: int
+
+
+@dataclass(frozen=True)
+class BlockWritten:
+    """Passes 4 and 5: one block file of the store, written by a task."""
+
+    side: str
+    block: int
+    rel: str
+    """Path of the file in the store."""
+    entry: FileEntry
+    nnz: int
+
+
+# -- pass 2: remap and bucket (tasks of passes 2-5 run on workers or threads) ---------------------
+
+
+def ingest_bucket_chunk(chunk: str, c: int, spill: str, has_t: bool, remap: Remap) -> int:
+    """Pass 2: remap one pass-1 chunk to dense indices and split it by fine user bucket;
+    returns the number of rows."""
+    uc, ic, r, t = _read_spills([Path(chunk)], has_t)
+    u = remap.user_index[uc]
+    i = remap.item_index[ic]
+    _spill_by_block(
+        remap.bucket_of_user[u],
+        remap.n_buckets,
+        str(Path(spill) / "p2" / "u{:06d}"),
+        f"c{c:06d}.bin",
+        u,
+        i,
+        r,
+        t,
+    )
+    # The chunk is deleted by the driver once the whole pass is done: Dask may run a task
+    # twice (a worker died before its result arrived), and a rerun must find its input.
+    return len(u)
+
+
+# -- pass 3: duplicates and the split -------------------------------------------------------------
+
+
+@dataclass
+class _SplitPlan:
+    """How pass 3 splits: ``split``'s settings, and a temporal split's cutoffs."""
+
+    method: str
+    validation: float
+    test: float
+    seed: int
+    cut_validation: int = 0  # temporal: validation if t >= cut_validation (and not test)
+    cut_test: int = 0  # temporal: test if t >= cut_test
 
 
 def _temporal_plan(plan: _SplitPlan, sample: np.ndarray) -> _SplitPlan:
@@ -615,7 +540,387 @@ def _temporal_plan(plan: _SplitPlan, sample: np.ndarray) -> _SplitPlan:
     return plan
 
 
-# -- the public function ------------------------------------------------------------------------
+def _split_plan(sp: SplitConfig, sample_t: np.ndarray | None) -> _SplitPlan:
+    """The split of pass 3; a temporal split's cutoffs come from pass 1's timestamp sample."""
+    plan = _SplitPlan(sp.method, sp.validation, sp.test, sp.seed)
+    return plan if sample_t is None else _temporal_plan(plan, sample_t)
+
+
+def _split_masks(
+    plan: _SplitPlan, u: np.ndarray, i: np.ndarray, t, start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(validation, test) boolean masks over rows sorted by (user, item) without duplicates."""
+    n = len(u)
+    if plan.method == "none" or n == 0 or (plan.validation == 0 and plan.test == 0):
+        z = np.zeros(n, dtype=bool)
+        return z, z
+    if plan.method == "temporal":
+        test = t >= plan.cut_test
+        return (t >= plan.cut_validation) & ~test, test
+    h = pair_hash64(u, i, plan.seed)
+    if plan.method == "random":
+        x = unit_float(h)
+        test = x < plan.test
+        return (x < plan.test + plan.validation) & ~test, test
+    # method "user": each user's ratings ranked by hash; the first k_test are test, the next
+    # k_validation validation; at least one rating stays in train.
+    # Order each user's ratings by the top 16 bits of the hash, ties by item (the rows are
+    # sorted by (user, item) and the sort is stable): the same order whatever the bucket.
+    hk = (h >> U64(48)).astype(np.int64)
+    key = ((u.astype(np.int64) - start) << np.int64(16)) | hk
+    order, _ = stable_order(key, (stop - start) << 16)
+    us = u[order]
+    first = np.searchsorted(us, us, side="left")
+    rank = np.arange(n) - first
+    n_u = np.bincount(u - start, minlength=stop - start)[us - start]
+    k_t = np.minimum(np.floor(plan.test * n_u + 0.5), n_u - 1)
+    k_v = np.clip(np.minimum(np.floor(plan.validation * n_u + 0.5), n_u - 1 - k_t), 0, None)
+    test = np.empty(n, dtype=bool)
+    val = np.empty(n, dtype=bool)
+    test[order] = rank < k_t
+    val[order] = (rank >= k_t) & (rank < k_t + k_v)
+    return val, test
+
+
+def _merge_duplicates(u, i, r, t, order: np.ndarray, dup: np.ndarray, policy: str):
+    """One row per (user, item) under ``policy`` ('last' or 'mean'), in (user, item) order.
+
+    ``order`` sorts the rows by (user, item), stably; ``dup[k]`` says sorted row k + 1 repeats
+    sorted row k.
+    """
+    starts = np.flatnonzero(np.r_[True, ~dup])
+    sizes = np.diff(np.r_[starts, len(order)])
+    if policy == "last":
+        if t is not None:
+            # The latest timestamp wins, then the latest in input order (the sort is stable).
+            ts = t[order]
+            tmax = np.repeat(np.maximum.reduceat(ts, starts), sizes)
+            pos = np.where(ts == tmax, np.arange(len(ts)), -1)
+            keep = order[np.maximum.reduceat(pos, starts)]
+        else:
+            keep = order[starts + sizes - 1]
+        return u[keep], i[keep], r[keep], (t[keep] if t is not None else None)
+    # mean
+    rs = np.add.reduceat(r[order].astype(np.float64), starts) / sizes
+    first = order[starts]
+    t = np.maximum.reduceat(t[order], starts) if t is not None else None
+    return u[first], i[first], rs.astype(np.float32), t
+
+
+def _counts_of(i: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct items of ``i`` and their counts; sparse, as a dense bincount costs n_items
+    per bucket."""
+    if n_items <= 8 * max(len(i), 1):
+        ic = np.bincount(i, minlength=n_items)
+        items = np.flatnonzero(ic)
+        return items, ic[items]
+    return np.unique(i, return_counts=True)
+
+
+def ingest_split_bucket(
+    b: int,
+    start: int,
+    stop: int,
+    spill: str,
+    has_t: bool,
+    n_items: int,
+    duplicates: str,
+    plan: _SplitPlan,
+) -> BucketSplit | DuplicateFound:
+    """Pass 3: sort one bucket of users by (user, item), merge duplicates, split off held-out
+    rows, and spill the train rows; return exact train counts."""
+    d = Path(spill) / "p2" / f"u{b:06d}"
+    paths = sorted(d.glob("c*.bin")) if d.is_dir() else []
+    u, i, r, t = _read_spills(paths, has_t)
+    n_in = len(u)
+    key = (u.astype(np.int64) - start) * max(n_items, 1) + i
+    order, ks = stable_order(key, (stop - start) * max(n_items, 1))
+    del key
+    dup = ks[1:] == ks[:-1]
+    del ks
+    if not dup.any():
+        u, i, r = u[order], i[order], r[order]
+        t = t[order] if t is not None else None
+    elif duplicates == "error":
+        k = int(np.flatnonzero(dup)[0])
+        return DuplicateFound(b, int(u[order[k]]), int(i[order[k]]), int(dup.sum()))
+    else:
+        u, i, r, t = _merge_duplicates(u, i, r, t, order, dup, duplicates)
+    del order
+    merged = n_in - len(u)
+
+    val, test = _split_masks(plan, u, i, t, start, stop)
+    for name, m in (("validation", val), ("test", test)):
+        if m.any():
+            hd = Path(spill) / "held" / name
+            hd.mkdir(parents=True, exist_ok=True)
+            _write_spill(hd / f"u{b:06d}.bin", u[m], i[m], r[m], None if t is None else t[m])
+    train = ~(val | test)
+    u, i, r = u[train], i[train], r[train]
+    _write_spill(Path(spill) / "p3" / f"u{b:06d}.bin", u, i, r)
+    items, item_counts = _counts_of(i, n_items)
+    counts_file = Path(spill) / "p3" / f"counts-{b:06d}.bin"
+    with open(counts_file, "wb") as f:
+        items.astype(np.int32).tofile(f)
+        item_counts.astype(np.int32).tofile(f)
+    return BucketSplit(
+        bucket=b,
+        n_in=n_in,
+        merged=merged,
+        user_counts=np.bincount(u - start, minlength=stop - start),
+        item_counts_file=str(counts_file),
+        rating_sum=float(r.astype(np.float64).sum()),
+        n_validation=int(val.sum()),
+        n_test=int(test.sum()),
+    )
+
+
+# -- passes 4 and 5: the block files --------------------------------------------------------------
+
+
+def ingest_user_block(
+    b: int, start: int, stop: int, buckets: list[int], spill: str, out: str, routing: Routing
+) -> BlockWritten:
+    """Pass 4: gather one user block's train rows from its split buckets (each sorted by
+    (user, item), in user order), write by_user, and route the rows to item-block spill."""
+    paths = [Path(spill) / "p3" / f"u{f:06d}.bin" for f in buckets]
+    u, i, r, _ = _read_spills(paths, False)
+    # Buckets at the edges may hold users of the neighbouring blocks.
+    inside = (u >= start) & (u < stop)
+    if not inside.all():
+        u, i, r = u[inside], i[inside], r[inside]
+    rel = block_relpath("user", b)
+    entry = write_block_file(Path(out) / rel, "user", u, i, r)
+    _spill_by_block(
+        routing.block_of_item[i],
+        routing.n_blocks,
+        str(Path(spill) / "p4" / "i{:06d}"),
+        f"u{b:06d}.bin",
+        u,
+        i,
+        r,
+    )
+    return BlockWritten("user", b, rel, entry, len(u))
+
+
+def ingest_item_block(k: int, start: int, stop: int, spill: str, out: str) -> BlockWritten:
+    """Pass 5: sort one item block's train ratings by (item, user) and write by_item."""
+    d = Path(spill) / "p4" / f"i{k:06d}"
+    paths = sorted(d.glob("u*.bin")) if d.is_dir() else []
+    u, i, r, _ = _read_spills(paths, False)
+    # Pieces come in user-block order, each sorted by user: a stable sort by item alone
+    # leaves every item's ratings sorted by user.
+    order, _ = stable_order(i.astype(np.int64) - start, stop - start)
+    rel = block_relpath("item", k)
+    entry = write_block_file(Path(out) / rel, "item", i[order], u[order], r[order])
+    return BlockWritten("item", k, rel, entry, len(u))
+
+
+# -- the passes, as the driver runs them ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Where and how the passes of one ingest run."""
+
+    client: Any
+    """A ``distributed.Client``, or None for a local thread pool."""
+    progress: bool | None
+    spill: Path
+    """The spill directory, inside the store's staging directory (workers must see it)."""
+    out: Path
+    """The store's staging directory: workers write block files there."""
+    has_t: bool
+
+    def tasks(
+        self,
+        fn: Callable,
+        args: list[tuple],
+        label: str,
+        kwargs: dict | None = None,
+        on_result: Callable | None = None,
+    ) -> list:
+        return run_tasks(self.client, fn, args, label, self.progress, kwargs, on_result)
+
+    def broadcast(self, data: Any) -> Any:
+        """``data`` sent to every worker once (the task gets a future of it), or ``data`` itself
+        without a cluster."""
+        if self.client is None:
+            return data
+        [future] = self.client.scatter([data], broadcast=True)
+        return future
+
+
+@dataclass(frozen=True)
+class _IdMap:
+    """One side's id map, ranked after pass 1 (:meth:`IdMapper.finish`)."""
+
+    index: np.ndarray
+    """Dense index of every pass-1 code, int32 (-1: unused)."""
+    ids: pa.Array
+    """Raw ids in dense-index order."""
+    rows: np.ndarray
+    """Input rows of every dense index (before duplicates are merged and the split)."""
+
+
+@dataclass(frozen=True)
+class _SplitTotals:
+    """Pass 3 summed over all fine buckets."""
+
+    user_counts: np.ndarray
+    """Train ratings per user, int64."""
+    item_counts: np.ndarray
+    """Train ratings per item, int64."""
+    n_in: int
+    merged: int
+    rating_sum: float
+
+    @property
+    def n_train(self) -> int:
+        return int(self.user_counts.sum())
+
+
+def _fine_bounds(user_rows: np.ndarray, blocks: BlocksConfig) -> np.ndarray:
+    """Boundaries of the fine buckets of users pass 3 works on, about a quarter of a block's
+    ratings each; block boundaries are then drawn over the exact train counts it returns."""
+    total_rows = int(user_rows.sum())
+    share = blocks.target_ratings if blocks.n_blocks is None else -(-total_rows // blocks.n_blocks)
+    return balanced_bounds(user_rows, max(1, share // 4))
+
+
+def _bucket_pass(run: _Run, chunks: list[str], users: _IdMap, items: _IdMap, fine) -> int:
+    """Pass 2: remap every chunk to dense indices and bucket it by fine user bucket; returns
+    the number of rows bucketed."""
+    remap = run.broadcast(Remap(users.index, items.index, block_table(fine), len(fine) - 1))
+    n_bucketed = run.tasks(
+        ingest_bucket_chunk,
+        [(c, j, str(run.spill), run.has_t) for j, c in enumerate(chunks)],
+        "ingest: bucketing",
+        {"remap": remap},
+    )
+    # Inputs of a pass are deleted only once every task of the pass is done (see
+    # ingest_bucket_chunk): peak spill space is two passes' worth.
+    for c in chunks:
+        os.remove(c)
+    return sum(n_bucketed)
+
+
+def _split_pass(
+    run: _Run, fine: np.ndarray, users: _IdMap, items: _IdMap, duplicates: str, plan: _SplitPlan
+) -> _SplitTotals:
+    """Pass 3: per fine bucket, sort, merge duplicates and split; sum the train counts."""
+    n_items = len(items.ids)
+    item_counts = np.zeros(n_items, dtype=np.int64)
+
+    def fold_items(res: BucketSplit | DuplicateFound) -> BucketSplit | DuplicateFound:
+        if isinstance(res, BucketSplit):
+            raw = np.fromfile(res.item_counts_file, dtype=np.int32)
+            m = len(raw) // 2
+            item_counts[raw[:m]] += raw[m:]
+            os.remove(res.item_counts_file)
+        return res
+
+    (run.spill / "p3").mkdir()
+    args = [
+        (f, int(fine[f]), int(fine[f + 1]), str(run.spill), run.has_t, n_items, duplicates, plan)
+        for f in range(len(fine) - 1)
+    ]
+    results = run.tasks(ingest_split_bucket, args, "ingest: split", on_result=fold_items)
+    shutil.rmtree(run.spill / "p2", ignore_errors=True)
+    _check_no_duplicates(results, users, items)
+    return _SplitTotals(
+        user_counts=np.concatenate([r.user_counts for r in results]).astype(np.int64),
+        item_counts=item_counts,
+        n_in=sum(r.n_in for r in results),
+        merged=int(sum(r.merged for r in results)),
+        rating_sum=sum(r.rating_sum for r in results),
+    )
+
+
+def _user_block_pass(
+    run: _Run, user_bounds: np.ndarray, fine: np.ndarray, item_bounds: np.ndarray
+) -> list[BlockWritten]:
+    """Pass 4: per user block, gather its buckets, write by_user, route rows to item blocks."""
+    routing = run.broadcast(Routing(block_table(item_bounds), len(item_bounds) - 1))
+    args = []
+    for b in range(len(user_bounds) - 1):
+        lo, hi = int(user_bounds[b]), int(user_bounds[b + 1])
+        first = int(np.searchsorted(fine, lo, side="right")) - 1
+        last = int(np.searchsorted(fine, hi, side="left"))
+        args.append((b, lo, hi, list(range(first, last)), str(run.spill), str(run.out)))
+    return run.tasks(ingest_user_block, args, "ingest: user blocks", {"routing": routing})
+
+
+def _item_block_pass(run: _Run, item_bounds: np.ndarray) -> list[BlockWritten]:
+    """Pass 5: per item block, sort by (item, user) and write by_item."""
+    args = [
+        (k, int(item_bounds[k]), int(item_bounds[k + 1]), str(run.spill), str(run.out))
+        for k in range(len(item_bounds) - 1)
+    ]
+    return run.tasks(ingest_item_block, args, "ingest: item blocks")
+
+
+# -- checks between passes ------------------------------------------------------------------------
+
+
+def _check_no_duplicates(
+    results: list[BucketSplit | DuplicateFound], users: _IdMap, items: _IdMap
+) -> None:
+    """After pass 3 under ``data.duplicates: error``: no (user, item) pair came twice."""
+    dup = [r for r in results if isinstance(r, DuplicateFound)]
+    if dup:
+        u, i = dup[0].user, dup[0].item
+        total = sum(r.n_duplicates for r in dup)
+        raise InputError(
+            f"duplicate ratings: user {users.ids[u].as_py()!r} rated item "
+            f"{items.ids[i].as_py()!r} more than once ({total} repeated (user, item) rows in "
+            f"all); data.duplicates is 'error': set it to 'last' (keep the latest by "
+            f"timestamp, then input order) or 'mean'"
+        )
+
+
+def _check_split(split: _SplitTotals, n_bucketed: int, spill: Path, sp: SplitConfig) -> None:
+    """After pass 3: every bucketed row was read, and some train ratings are left."""
+    if split.n_in != n_bucketed:
+        raise StoreError(
+            f"ingest: the split pass read {split.n_in} rows of the {n_bucketed} bucketed; "
+            f"spill files in {spill} went missing"
+        )
+    if split.n_train == 0:
+        raise InputError(
+            f"the split left no train ratings (split.method {sp.method}, split.test "
+            f"{sp.test}, split.validation {sp.validation}): lower them; with a temporal "
+            "split, many equal timestamps at the cutoff all go to the held-out side"
+        )
+
+
+def _check_blocks(
+    by_user: list[BlockWritten], by_item: list[BlockWritten], n_train: int, spill: Path
+) -> None:
+    """After pass 5: both sides hold every train rating."""
+    n_user, n_item = sum(r.nnz for r in by_user), sum(r.nnz for r in by_item)
+    if not (n_user == n_item == n_train):
+        raise StoreError(
+            f"ingest: by_user holds {n_user} ratings and by_item {n_item}, expected {n_train}; "
+            f"spill files in {spill} went missing"
+        )
+
+
+# -- the public functions -------------------------------------------------------------------------
+
+
+def data_to_ingest(config: Config) -> DataConfig:
+    """The ``data`` section ingest reads: ``config.data``; or, when it has no source and synth is
+    enabled (``dmf run``), the ratings synth writes (``synth.path``/ratings, with their timestamp
+    column)."""
+    data = config.data
+    if data.source is not None or not config.synth.enabled:
+        return data
+    columns = data.columns
+    if columns.timestamp is None:
+        columns = columns.model_copy(update={"timestamp": "timestamp"})
+    source = str(config.resolve(config.synth.path) / "ratings")
+    return data.model_copy(update={"source": source, "columns": columns})
 
 
 def fingerprint(config: Config, spec: InputSpec) -> str:
@@ -640,9 +945,10 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
     Parameters
     ----------
     config
-        The job's config; uses the sections data, split, blocks and store.
+        The job's config; uses the sections data, split, blocks and store (and synth, whose
+        output is the input when ``data.source`` is not set: :func:`data_to_ingest`).
     client
-        A ``distributed.Client``: passes 2-4 run as one task per chunk or block on its cluster,
+        A ``distributed.Client``: passes 2-5 run as one task per chunk or block on its cluster,
         whose workers must see the store's parent directory. ``None``: a local thread pool.
     progress
         Progress bars: True, False, or None (only on a terminal).
@@ -662,15 +968,62 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    spec = resolve_inputs(config)
-    sp = config.split
-    if sp.method == "temporal" and not spec.has_timestamp:
+    spec = resolve_inputs(data_to_ingest(config), config.resolve)
+    if config.split.method == "temporal" and not spec.has_timestamp:
         raise ConfigError(
             "split.method temporal needs timestamps: set data.columns.timestamp to the "
             "timestamp column's name or position"
         )
     out = config.resolve(config.store.path)
-    stale = sorted(out.parent.glob(f".{out.name}.tmp-*")) if out.parent.is_dir() else []
+    _warn_of_leftovers(out)
+    with StoreWriter(out, overwrite=config.store.overwrite) as w:
+        run = _Run(client, progress, w.tmp / "_spill", w.tmp, spec.has_timestamp)
+        with _timed(timings, "read"):
+            p1 = _read_input(spec, config, run.spill, progress)
+            users, items = _IdMap(*p1.users.finish()), _IdMap(*p1.items.finish())
+            fine = _fine_bounds(users.rows, config.blocks)
+            plan = _split_plan(config.split, p1.sample_t)
+        with _timed(timings, "bucket"):
+            n_bucketed = _bucket_pass(run, p1.chunks, users, items, fine)
+        with _timed(timings, "split"):
+            split = _split_pass(run, fine, users, items, config.data.duplicates, plan)
+            _check_split(split, n_bucketed, run.spill, config.split)
+            bl = config.blocks
+            user_bounds = balanced_bounds(split.user_counts, bl.target_ratings, bl.n_blocks)
+            item_bounds = balanced_bounds(split.item_counts, bl.target_ratings, bl.n_blocks)
+        with _timed(timings, "user_blocks"):
+            by_user = _user_block_pass(run, user_bounds, fine, item_bounds)
+        with _timed(timings, "item_blocks"):
+            by_item = _item_block_pass(run, item_bounds)
+        with _timed(timings, "finish"):
+            for res in by_user + by_item:
+                w.add_file(res.rel, res.entry)
+            _check_blocks(by_user, by_item, split.n_train, run.spill)
+            w.write_id_map("user", users.ids, split.user_counts)
+            w.write_id_map("item", items.ids, split.item_counts)
+            held = {name: _write_held(w, run.spill, name, run.has_t) for name in SPLITS}
+        shutil.rmtree(run.spill, ignore_errors=True)
+        timings["total"] = time.perf_counter() - t_start
+        blocks = {
+            "user": BlockLayout(bounds=user_bounds.tolist(), nnz=[r.nnz for r in by_user]),
+            "item": BlockLayout(bounds=item_bounds.tolist(), nnz=[r.nnz for r in by_item]),
+        }
+        manifest = _manifest(config, spec, p1, plan, split, held, blocks, timings)
+        store = w.commit(manifest)
+    _report(store.manifest, out)
+    return Store.open(out)
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Record the wall time of the block in ``timings[phase]``, in seconds."""
+    t0 = time.perf_counter()
+    yield
+    timings[phase] = time.perf_counter() - t0
+
+
+def _warn_of_leftovers(out: Path) -> None:
+    stale = storage.leftovers(out)
     if stale:
         # Left by an ingest that was killed (or is still running elsewhere): they may hold
         # gigabytes of spill files.
@@ -679,203 +1032,6 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
             "%s; delete them to free their space if no other ingest is running",
             ", ".join(str(p) for p in stale),
         )
-    with StoreWriter(out, overwrite=config.store.overwrite) as w:
-        spill = w.tmp / "_spill"
-        # Pass 1, re-run with string ids if integer-looking ids turn out not to be integers.
-        t0 = time.perf_counter()
-        for _attempt in range(3):
-            try:
-                p1 = _pass1(spec, config, spill, progress)
-                break
-            except IdTypeMismatch as exc:
-                log.info(
-                    "dmf ingest: %s ids are not all integers; reading them as strings", exc.side
-                )
-                shutil.rmtree(spill, ignore_errors=True)
-                spec.id_types[exc.side] = "string"
-        else:  # pragma: no cover - at most two sides can switch
-            raise InputError("cannot settle the id types of the input")
-        user_index, user_ids, user_rows = p1.users.finish()
-        item_index, item_ids, item_rows = p1.items.finish()
-        n_users, n_items = len(user_ids), len(item_ids)
-        bl = config.blocks
-        total_rows = int(user_rows.sum())
-        # Pass 3 works on fine buckets of users (about a quarter of a block's ratings); block
-        # boundaries are then drawn over the exact train counts it returns.
-        share = bl.target_ratings if bl.n_blocks is None else -(-total_rows // bl.n_blocks)
-        fine_bounds = balanced_bounds(user_rows, max(1, share // 4))
-        plan = _SplitPlan(sp.method, sp.validation, sp.test, sp.seed)
-        if p1.sample_t is not None:
-            plan = _temporal_plan(plan, p1.sample_t)
-        timings["read"] = time.perf_counter() - t0
-        has_t = spec.has_timestamp
-        n_fine = len(fine_bounds) - 1
-
-        # Pass 2: remap and bucket by fine user bucket.
-        t0 = time.perf_counter()
-        maps: Any = (user_index, item_index, block_table(fine_bounds), None, n_fine, 0)
-        if client is not None:
-            [maps] = client.scatter([maps], broadcast=True)
-        n_bucketed = _run_tasks(
-            client,
-            ingest_bucket_chunk,
-            [(c, j, str(spill), has_t) for j, c in enumerate(p1.chunks)],
-            "ingest: bucketing",
-            progress,
-            {"maps": maps},
-        )
-        # Inputs of a pass are deleted only once every task of the pass is done (see
-        # ingest_bucket_chunk): peak spill space is two passes' worth.
-        for c in p1.chunks:
-            os.remove(c)
-        timings["bucket"] = time.perf_counter() - t0
-
-        # Pass 3: per fine bucket: sort, merge duplicates, split.
-        t0 = time.perf_counter()
-        (spill / "p3").mkdir()
-        args3 = [
-            (
-                f,
-                int(fine_bounds[f]),
-                int(fine_bounds[f + 1]),
-                str(spill),
-                has_t,
-                n_items,
-                config.data.duplicates,
-                plan,
-            )
-            for f in range(n_fine)
-        ]
-        item_counts = np.zeros(n_items, dtype=np.int64)
-
-        def fold_items(r: dict) -> dict:
-            if "item_counts_file" in r:
-                raw = np.fromfile(r["item_counts_file"], dtype=np.int32)
-                m = len(raw) // 2
-                item_counts[raw[:m]] += raw[m:]
-                os.remove(r["item_counts_file"])
-            return r
-
-        sres = _run_tasks(
-            client, ingest_split_bucket, args3, "ingest: split", progress, on_result=fold_items
-        )
-        shutil.rmtree(spill / "p2", ignore_errors=True)
-        dup = [r for r in sres if "duplicate" in r]
-        if dup:
-            u, i = dup[0]["duplicate"]
-            total = sum(r["n_duplicates"] for r in dup)
-            raise InputError(
-                f"duplicate ratings: user {user_ids[u].as_py()!r} rated item "
-                f"{item_ids[i].as_py()!r} more than once ({total} repeated (user, item) rows in "
-                f"all); data.duplicates is 'error': set it to 'last' (keep the latest by "
-                f"timestamp, then input order) or 'mean'"
-            )
-        if sum(r["n_in"] for r in sres) != sum(n_bucketed):
-            raise StoreError(
-                f"ingest: the split pass read {sum(r['n_in'] for r in sres)} rows of the "
-                f"{sum(n_bucketed)} bucketed; spill files in {spill} went missing"
-            )
-        user_counts = np.concatenate([r["user_counts"] for r in sres]).astype(np.int64)
-        n_train = int(user_counts.sum())
-        if n_train == 0:
-            raise InputError(
-                f"the split left no train ratings (split.method {sp.method}, split.test "
-                f"{sp.test}, split.validation {sp.validation}): lower them; with a temporal "
-                "split, many equal timestamps at the cutoff all go to the held-out side"
-            )
-        user_bounds = balanced_bounds(user_counts, bl.target_ratings, bl.n_blocks)
-        item_bounds = balanced_bounds(item_counts, bl.target_ratings, bl.n_blocks)
-        timings["split"] = time.perf_counter() - t0
-
-        # Pass 4: per user block: gather its buckets, write by_user, route to item blocks.
-        t0 = time.perf_counter()
-        maps = (None, None, None, block_table(item_bounds), 0, len(item_bounds) - 1)
-        if client is not None:
-            [maps] = client.scatter([maps], broadcast=True)
-        args4 = []
-        for b in range(len(user_bounds) - 1):
-            lo, hi = int(user_bounds[b]), int(user_bounds[b + 1])
-            first = int(np.searchsorted(fine_bounds, lo, side="right")) - 1
-            last = int(np.searchsorted(fine_bounds, hi, side="left"))
-            args4.append((b, lo, hi, list(range(first, last)), str(spill), str(w.tmp)))
-        ures = _run_tasks(
-            client, ingest_user_block, args4, "ingest: user blocks", progress, {"maps": maps}
-        )
-        del maps
-        timings["user_blocks"] = time.perf_counter() - t0
-
-        # Pass 5: per item block.
-        t0 = time.perf_counter()
-        args5 = [
-            (k, int(item_bounds[k]), int(item_bounds[k + 1]), str(spill), str(w.tmp))
-            for k in range(len(item_bounds) - 1)
-        ]
-        ires = _run_tasks(client, ingest_item_block, args5, "ingest: item blocks", progress)
-        timings["item_blocks"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        for res in ures + ires:
-            w.add_file(res["rel"], res["entry"])
-        if not (sum(r["nnz"] for r in ures) == sum(r["nnz"] for r in ires) == n_train):
-            raise StoreError(
-                f"ingest: by_user holds {sum(r['nnz'] for r in ures)} ratings and by_item "
-                f"{sum(r['nnz'] for r in ires)}, expected {n_train}; spill files in {spill} "
-                "went missing"
-            )
-        w.write_id_map("user", user_ids, user_counts)
-        w.write_id_map("item", item_ids, item_counts)
-        held = {name: _write_held(w, spill, name, has_t) for name in SPLITS}
-        timings["finish"] = time.perf_counter() - t0
-        shutil.rmtree(spill, ignore_errors=True)
-
-        n_total = n_train + held["validation"] + held["test"]
-        merged = int(sum(r["merged"] for r in sres))
-        dropped = {
-            "invalid_ratings": p1.dropped["invalid_rating"],
-            "out_of_range": p1.dropped["out_of_range"],
-            "duplicates_merged": merged,
-        }
-        split_info: dict[str, Any] = {
-            **sp.model_dump(mode="json"),
-            "actual": {
-                "validation": held["validation"] / n_total if n_total else 0.0,
-                "test": held["test"] / n_total if n_total else 0.0,
-            },
-        }
-        if sp.method == "temporal" and p1.sample_t is not None:
-            split_info["cutoffs"] = {"validation": plan.cut_validation, "test": plan.cut_test}
-        timings["total"] = time.perf_counter() - t_start
-        from dmf import __version__
-
-        manifest = {
-            "n_users": n_users,
-            "n_items": n_items,
-            "n_train": n_train,
-            "n_validation": held["validation"],
-            "n_test": held["test"],
-            "mu": float(sum(r["sum"] for r in sres) / n_train) if n_train else 0.0,
-            "blocks": {
-                "user": {"bounds": user_bounds.tolist(), "nnz": [r["nnz"] for r in ures]},
-                "item": {"bounds": item_bounds.tolist(), "nnz": [r["nnz"] for r in ires]},
-            },
-            "split": split_info,
-            "fingerprint": fingerprint(config, spec),
-            "dropped": dropped,
-            "clipped": p1.dropped["clipped"],
-            "input": {
-                **spec.describe(),
-                "bytes": sum(f.path.stat().st_size for f in spec.files),
-                "rows_read": p1.rows_read,
-                "rows_kept": p1.rows_kept,
-            },
-            "config": {k: config.to_dict()[k] for k in ("data", "split", "blocks")},
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "dmf_version": __version__,
-        }
-        w.commit(manifest)
-    _report(manifest, out)
-    return Store.open(out)
 
 
 def _write_held(w: StoreWriter, spill: Path, name: str, has_t: bool) -> int:
@@ -889,47 +1045,109 @@ def _write_held(w: StoreWriter, spill: Path, name: str, has_t: bool) -> int:
         fields.append(("timestamp", pa.int64()))
     schema = pa.schema(fields)
     rel = f"{name}/part-0.parquet"
-    (w.tmp / name).mkdir(exist_ok=True)
+    path = w.staging.file(rel)
     n = 0
-    with pq.ParquetWriter(w.tmp / rel, schema, compression="zstd") as pw:
+    with pq.ParquetWriter(path, schema, compression="zstd") as pw:
         for p in paths:
             u, i, r, t = _read_spills([p], has_t)
             cols = [pa.array(u), pa.array(i), pa.array(r)] + ([pa.array(t)] if has_t else [])
             pw.write_table(pa.Table.from_arrays(cols, schema=schema))
             n += len(u)
-    w.add_file(rel, {"bytes": (w.tmp / rel).stat().st_size, "rows": n})
+    w.add_file(rel, FileEntry(bytes=path.stat().st_size, rows=n))
     return n
 
 
-def _report(m: dict, out: Path) -> None:
+def _manifest(
+    config: Config,
+    spec: InputSpec,
+    p1: _Pass1,
+    plan: _SplitPlan,
+    split: _SplitTotals,
+    held: dict[str, int],
+    blocks: dict[str, BlockLayout],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The store's manifest (validated by :meth:`StoreWriter.commit`)."""
+    sp = config.split
+    n_train = split.n_train
+    n_total = n_train + held["validation"] + held["test"]
+    temporal = sp.method == "temporal" and p1.sample_t is not None
+    return {
+        "n_users": len(split.user_counts),
+        "n_items": len(split.item_counts),
+        "n_train": n_train,
+        "n_validation": held["validation"],
+        "n_test": held["test"],
+        "mu": float(split.rating_sum / n_train) if n_train else 0.0,
+        "blocks": blocks,
+        "split": SplitRecord(
+            **sp.model_dump(mode="json"),
+            actual={
+                "validation": held["validation"] / n_total if n_total else 0.0,
+                "test": held["test"] / n_total if n_total else 0.0,
+            },
+            cutoffs={"validation": plan.cut_validation, "test": plan.cut_test}
+            if temporal
+            else None,
+        ),
+        "fingerprint": fingerprint(config, spec),
+        "dropped": DroppedRows(
+            invalid_ratings=p1.policies.invalid,
+            out_of_range=p1.policies.out_of_range,
+            duplicates_merged=split.merged,
+        ),
+        "clipped": p1.policies.clipped,
+        "input": {
+            **spec.describe(),
+            "bytes": sum(f.path.stat().st_size for f in spec.files),
+            "rows_read": p1.rows_read,
+            "rows_kept": p1.rows_kept,
+        },
+        "config": {k: config.to_dict()[k] for k in ("data", "split", "blocks")},
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dmf_version": __version__,
+    }
+
+
+def _report(m: StoreManifest, out: Path) -> None:
     """One summary line, and the dropped/merged counts, on the log (stderr)."""
-    t = m["timings"]["total"]
-    rows = m["input"]["rows_read"]
+    t = m.timings["total"]
+    rows = m.input["rows_read"]
     log.info(
         "dmf ingest: %s rows -> %s: %d users, %d items, %d train / %d validation / %d test, "
         "%d+%d blocks, %.1fs (%.0f rows/s)",
         rows,
         out,
-        m["n_users"],
-        m["n_items"],
-        m["n_train"],
-        m["n_validation"],
-        m["n_test"],
-        len(m["blocks"]["user"]["nnz"]),
-        len(m["blocks"]["item"]["nnz"]),
+        m.n_users,
+        m.n_items,
+        m.n_train,
+        m.n_validation,
+        m.n_test,
+        len(m.blocks["user"].nnz),
+        len(m.blocks["item"].nnz),
         t,
         rows / t if t else 0.0,
     )
-    d = m["dropped"]
-    if any(d.values()) or m.get("clipped"):
+    d = m.dropped
+    if d.invalid_ratings or d.out_of_range or d.duplicates_merged or m.clipped:
         log.info(
             "dmf ingest: dropped %d invalid ratings, %d out of range; clipped %d; merged %d "
             "duplicate rows",
-            d["invalid_ratings"],
-            d["out_of_range"],
-            m.get("clipped", 0),
-            d["duplicates_merged"],
+            d.invalid_ratings,
+            d.out_of_range,
+            m.clipped,
+            d.duplicates_merged,
         )
 
 
-__all__ = ["ingest", "fingerprint", "pair_hash", "resolve_inputs"]
+__all__ = [
+    "BlockWritten",
+    "BucketSplit",
+    "DuplicateFound",
+    "data_to_ingest",
+    "fingerprint",
+    "ingest",
+    "pair_hash",
+    "resolve_inputs",
+]

@@ -4,8 +4,9 @@
 movielens-1m`` with ``data.source: data/ml-1m`` ingests. The archive's MD5 is checked against the
 ``.md5`` file GroupLens publishes next to each zip and, for the official archives, against the
 checksum pinned below; a mismatch is a :class:`dmf.errors.DownloadError` that names the file and
-both checksums and leaves nothing behind. Unpacking goes through a temporary directory renamed into
-place, so a directory ``ml-*`` under ``dest`` is always complete.
+both checksums and leaves nothing behind. The release is downloaded and unpacked into a staging
+directory renamed into place (:class:`dmf.store.storage.Staging`), so a directory ``ml-*`` under
+``dest`` is always complete.
 
 Standard library only (urllib, zipfile, hashlib); tqdm shows progress on a terminal.
 """
@@ -15,18 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 import time
 import urllib.error
 import urllib.request
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from dmf import __version__
+from dmf.dist.tasks import progress_disabled
 from dmf.errors import DownloadError
+from dmf.store.storage import Staging
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,6 @@ def _release(variant: str) -> Release:
 
 
 def _open(url: str, timeout: float):
-    from dmf import __version__
-
     req = urllib.request.Request(url, headers={"User-Agent": f"dmf/{__version__}"})
     try:
         return urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - http(s) URLs we build
@@ -151,8 +150,6 @@ def download(
         Unknown variant, HTTP or network error, no checksum to verify against, checksum mismatch,
         or an archive without the expected layout. Nothing is left in ``dest`` then.
     """
-    from tqdm import tqdm
-
     rel = _release(variant)
     dest = Path(dest)
     target = dest / rel.folder
@@ -189,78 +186,80 @@ def download(
     want = next(iter(expected.values()))
     source = " and ".join(expected)
 
-    dest.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    part = dest / f".{rel.archive}.part-{tag}"
-    staging = dest / f".{rel.folder}.unpack-{tag}"
-    try:
-        digest = hashlib.md5(usedforsecurity=False)
-        with _open(url, timeout) as resp, open(part, "wb") as fh:
-            length = resp.headers.get("Content-Length")
-            bar = tqdm(
-                total=int(length) if length and length.isdigit() else None,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=rel.archive,
-                disable=None if progress is None else not progress,
-            )
-            with bar:
-                while True:
-                    try:
-                        block = resp.read(_BLOCK)
-                    except OSError as exc:
-                        raise DownloadError(f"{url}: download interrupted: {exc}") from exc
-                    if not block:
-                        break
-                    fh.write(block)
-                    digest.update(block)
-                    bar.update(len(block))
-        got = digest.hexdigest()
+    # The release is staged next to ``target`` (the archive inside it, deleted before the
+    # commit) and renamed into place whole: a failed or killed download leaves ``target`` as it
+    # was, and only a hidden ``.NAME.tmp-*`` directory (dmf.store.storage.leftovers) if killed.
+    with Staging(target) as st:
+        archive = st.file(f".{rel.archive}.part")
+        got = _fetch(url, archive, rel.archive, timeout, progress)
         if got != want:
             raise DownloadError(
                 f"{url}: checksum mismatch: the downloaded {rel.archive} has MD5 {got}, expected "
                 f"{want} (from {source}); the download is corrupt or the file was changed. "
                 "Nothing was unpacked; try again or use another --base-url"
             )
-        _unpack(part, staging, rel, url)
+        _unpack(archive, st.path, rel, url)
+        archive.unlink()
         meta = {"variant": rel.variant, "url": url, "md5": got, "verified_against": source}
         meta["downloaded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        (staging / rel.folder / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        _move_into_place(staging / rel.folder, target)
-    finally:
-        part.unlink(missing_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        st.file(MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        st.commit()
     log.debug("MovieLens %s unpacked into %s (MD5 %s verified)", rel.variant, target, want)
     return target
 
 
-def _unpack(archive: Path, staging: Path, rel: Release, url: str) -> None:
-    """Extract ``archive`` into ``staging`` after checking every member stays in ``rel.folder``."""
+def _fetch(url: str, path: Path, name: str, timeout: float, progress: bool | None) -> str:
+    """Download ``url`` into the file ``path``; returns its MD5 (hex)."""
+    from tqdm import tqdm  # here, not at the top: keeps the CLI light
+
+    digest = hashlib.md5(usedforsecurity=False)
+    with _open(url, timeout) as resp, open(path, "wb") as fh:
+        length = resp.headers.get("Content-Length")
+        bar = tqdm(
+            total=int(length) if length and length.isdigit() else None,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=name,
+            disable=progress_disabled(progress),
+        )
+        with bar:
+            while True:
+                try:
+                    block = resp.read(_BLOCK)
+                except OSError as exc:
+                    raise DownloadError(f"{url}: download interrupted: {exc}") from exc
+                if not block:
+                    break
+                fh.write(block)
+                digest.update(block)
+                bar.update(len(block))
+    return digest.hexdigest()
+
+
+def _unpack(archive: Path, into: Path, rel: Release, url: str) -> None:
+    """Extract ``archive``'s directory ``rel.folder`` as the directory ``into``, after checking
+    that every member is under ``rel.folder``."""
     try:
         with zipfile.ZipFile(archive) as zf:
-            for name in zf.namelist():
-                p = PurePosixPath(name)
+            members = []
+            for info in zf.infolist():
+                p = PurePosixPath(info.filename)
                 if p.is_absolute() or ".." in p.parts or p.parts[0] != rel.folder:
                     raise DownloadError(
-                        f"{url}: unexpected member {name!r} in {rel.archive}: every file should "
-                        f"be under {rel.folder}/"
+                        f"{url}: unexpected member {info.filename!r} in {rel.archive}: every file "
+                        f"should be under {rel.folder}/"
                     )
-            zf.extractall(staging)
+                if len(p.parts) > 1:
+                    # ml-1m/ratings.dat is extracted as ratings.dat: ``into`` is the ml-1m
+                    # directory (zipfile reads a member by its original name).
+                    inner = PurePosixPath(*p.parts[1:]).as_posix()
+                    info.filename = inner + "/" if info.is_dir() else inner
+                    members.append(info)
+            zf.extractall(into, members)
     except zipfile.BadZipFile as exc:
         raise DownloadError(f"{url}: {rel.archive} is not a valid zip archive: {exc}") from exc
-    if not (staging / rel.folder / rel.ratings).is_file():
+    if not (into / rel.ratings).is_file():
         raise DownloadError(
             f"{url}: {rel.archive} has no {rel.folder}/{rel.ratings}; is this the right archive?"
         )
-
-
-def _move_into_place(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an old ``target`` is replaced only once ``new`` is whole."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-    os.rename(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

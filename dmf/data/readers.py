@@ -1,8 +1,9 @@
 """Reading raw ratings in streaming batches: CSV/TSV (any delimiter, gzip/zstd) and Parquet.
 
-:func:`resolve_inputs` turns ``config.data`` into an :class:`InputSpec` (the files, their format
-and compression, which columns hold user, item, rating and timestamp). :func:`iter_batches` then
-yields :class:`Batch` objects of about ``data.batch_rows`` rows each, never the whole input:
+:func:`resolve_inputs` turns the ``data`` config section into an :class:`InputSpec` (the files,
+their format and compression, which columns hold user, item, rating and timestamp).
+:func:`iter_batches` then yields :class:`Batch` objects of about ``data.batch_rows`` rows each,
+never the whole input:
 
 - CSV goes through :func:`pyarrow.csv.open_csv` with a block size estimated from the first lines.
   Multi-character delimiters (MovieLens 1M/10M's ``::``) are translated to one byte by a streaming
@@ -22,7 +23,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,10 +33,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from dmf.config import Config
+from dmf.config import DataConfig
 from dmf.errors import InputError
 
-FIELDS = ("user", "item", "rating", "timestamp")
 ID_FIELDS = ("user", "item")
 
 # The byte a multi-character delimiter is translated to (ASCII "unit separator": never in text).
@@ -105,7 +105,7 @@ class InputFile:
 
 @dataclass
 class InputSpec:
-    """What to read and how (from ``config.data``, with a preset applied)."""
+    """What to read and how (from the ``data`` config section, with a preset applied)."""
 
     files: list[InputFile]
     delimiter: str | None
@@ -235,63 +235,70 @@ def _preset_file(source: Path, preset: str) -> Path:
     )
 
 
-def resolve_inputs(config: Config) -> InputSpec:
-    """The files and reading options described by ``config.data`` (paths via ``config.resolve``)."""
-    d = config.data
-    source = d.source
-    columns: dict[str, str | int] = {
-        k: v for k, v in d.columns.model_dump().items() if v is not None
-    }
-    if source is None and config.synth.enabled:
-        # `dmf run` with synth enabled and no data.source: ingest what synth wrote.
-        source = str(config.resolve(config.synth.path) / "ratings")
-        columns.setdefault("timestamp", "timestamp")
-    if source is None:
+def _source_files(s: str, p: Path, preset: str | None) -> list[Path]:
+    """The rating files of ``s``, one entry of data.source (``p``: its path on disk)."""
+    if preset is not None and not _has_magic(s):
+        return [_preset_file(p, preset)]
+    if _has_magic(s):
+        found = [Path(x) for x in sorted(glob.glob(str(p), recursive=True))]
+        found = [x for x in found if x.is_file()]
+        if not found:
+            raise InputError(f"data.source {s!r}: the pattern {p} matches no files")
+        return found
+    if p.is_dir():
+        found = _dir_files(p)
+        if not found:
+            raise InputError(
+                f"data.source {s!r}: directory {p} has no rating files "
+                f"(*.csv, *.tsv, *.dat, *.parquet, optionally .gz/.zst)"
+            )
+        return found
+    if p.is_file():
+        return [p]
+    raise InputError(f"data.source {s!r}: {p} does not exist")
+
+
+def resolve_inputs(data: DataConfig, resolve: Callable[[str], Path]) -> InputSpec:
+    """The files and reading options described by the ``data`` config section.
+
+    Parameters
+    ----------
+    data
+        The ``data`` section. Its ``source`` must be set: a default source (such as the output
+        of ``synth`` for ``dmf run``) is the caller's decision.
+    resolve
+        Turns a path written in the config into a path on disk, e.g.
+        :meth:`dmf.config.Config.resolve` (relative to the config file's directory).
+
+    Raises
+    ------
+    InputError
+        No source, or a source that names no rating files.
+    """
+    if data.source is None:
         raise InputError("data.source is not set: give a file, directory or glob of ratings")
-    sources = [source] if isinstance(source, str) else list(source)
+    sources = [data.source] if isinstance(data.source, str) else list(data.source)
     if not sources:
         raise InputError("data.source is an empty list: give at least one file")
-    paths: list[Path] = []
-    for s in sources:
-        p = config.resolve(s)
-        if d.preset is not None and not _has_magic(s):
-            paths.append(_preset_file(p, d.preset))
-        elif _has_magic(s):
-            found = [Path(x) for x in sorted(glob.glob(str(p), recursive=True))]
-            found = [x for x in found if x.is_file()]
-            if not found:
-                raise InputError(f"data.source {s!r}: the pattern {p} matches no files")
-            paths.extend(found)
-        elif p.is_dir():
-            found = _dir_files(p)
-            if not found:
-                raise InputError(
-                    f"data.source {s!r}: directory {p} has no rating files "
-                    f"(*.csv, *.tsv, *.dat, *.parquet, optionally .gz/.zst)"
-                )
-            paths.extend(found)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise InputError(f"data.source {s!r}: {p} does not exist")
-
-    fmt = d.format
-    delimiter = d.delimiter
-    header: bool | str = d.header
-    if d.preset is not None:
-        ps = PRESETS[d.preset]
+    paths = [p for s in sources for p in _source_files(s, resolve(s), data.preset)]
+    columns: dict[str, str | int] = {
+        k: v for k, v in data.columns.model_dump().items() if v is not None
+    }
+    fmt, delimiter, header = data.format, data.delimiter, data.header
+    if data.preset is not None:
+        ps = PRESETS[data.preset]
         fmt, delimiter, header = "csv", ps["delimiter"], ps["header"]
         columns = dict(ps["columns"])
     if fmt == "tsv" and delimiter is None:
         delimiter = "\t"
-    files = [InputFile(p, _format_of(p, fmt), _compression_of(p, d.compression)) for p in paths]
+    files = [InputFile(p, _format_of(p, fmt), _compression_of(p, data.compression)) for p in paths]
     return InputSpec(
         files=files,
         delimiter=delimiter,
         header=header,
         columns=columns,
-        batch_rows=d.batch_rows,
-        preset=d.preset,
+        batch_rows=data.batch_rows,
+        preset=data.preset,
     )
 
 
@@ -439,68 +446,68 @@ def _sniff_delimiter(first: bytes) -> str:
     return ","
 
 
-def _sniff_csv(f: InputFile, spec: InputSpec) -> tuple[_CsvLayout, dict[str, str]]:
-    lines, _ = _sniff_lines(f)
-    if not lines:
-        raise InputError(f"{f.path}: the file is empty (no ratings)")
-    delimiter = spec.delimiter or _sniff_delimiter(lines[0])
-    first = _split_line(lines[0], delimiter)
+def _has_header(f: InputFile, spec: InputSpec, first: list[str]) -> bool:
+    """Whether the file starts with a header line (``first``: its first line's fields)."""
     named = any(isinstance(v, str) for v in spec.columns.values())
     header = spec.header
     if header == "auto":
         if named:
-            header = True
-        else:
-            pos = spec.columns["rating"]
-            header = not (isinstance(pos, int) and pos < len(first) and _is_float(first[pos]))
+            return True
+        # Columns by position: a header unless the rating column of line 1 is a number.
+        pos = spec.columns["rating"]
+        return not (isinstance(pos, int) and pos < len(first) and _is_float(first[pos]))
     if named and not header:
         bad = [k for k, v in spec.columns.items() if isinstance(v, str)]
         raise InputError(
             f"{f.path}: data.columns.{bad[0]} is the name {spec.columns[bad[0]]!r}, but "
             "data.header is false: give 0-based column positions for a file without a header"
         )
-    ncols = len(first)
-    delim_hint = (
-        f" Only one column was found: is the delimiter right (data.delimiter, now {delimiter!r})?"
-        if ncols == 1
-        else ""
-    )
-    if header:
-        names = first
-        display = list(first)
-    else:
-        names = [f"f{k}" for k in range(ncols)]
-        display = [f"#{k}" for k in range(ncols)]
+    return bool(header)
+
+
+def _select_columns(
+    f: InputFile, spec: InputSpec, first: list[str], names: list[str], display: list[str], hint: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Arrow's column name of every configured field, and its name for messages.
+
+    ``first``: the fields of line 1; ``names`` and ``display``: the column names Arrow and
+    messages use; ``hint``: a sentence on the delimiter, added to errors.
+    """
     select: dict[str, str] = {}
     disp: dict[str, str] = {}
     for fld, col in spec.columns.items():
         if isinstance(col, int):
-            if col >= ncols:
+            if col >= len(names):
                 raise InputError(
                     f"{f.path}: data.columns.{fld} is position {col}, but line 1 has only "
-                    f"{ncols} column(s): {display}.{delim_hint}"
+                    f"{len(names)} column(s): {display}.{hint}"
                 )
             select[fld] = names[col]
             disp[fld] = display[col]
-        else:
-            if col not in names:
-                no_header = (
-                    " The first line looks like data, not a header: give data.columns as 0-based "
-                    "positions (and data.header: false)."
-                    if len(first) > 1 and all(_is_float(x) for x in first if x)
-                    else ""
-                )
-                raise InputError(
-                    f"{f.path}: column {col!r} (data.columns.{fld}) not found in the header; "
-                    f"columns found: {', '.join(repr(n) for n in names)}.{delim_hint}{no_header}"
-                )
-            select[fld] = col
-            disp[fld] = col
+            continue
+        if col not in names:
+            no_header = (
+                " The first line looks like data, not a header: give data.columns as 0-based "
+                "positions (and data.header: false)."
+                if len(first) > 1 and all(_is_float(x) for x in first if x)
+                else ""
+            )
+            raise InputError(
+                f"{f.path}: column {col!r} (data.columns.{fld}) not found in the header; "
+                f"columns found: {', '.join(repr(n) for n in names)}.{hint}{no_header}"
+            )
+        select[fld] = col
+        disp[fld] = col
     if len(set(select.values())) < len(select):
         raise InputError(f"{f.path}: data.columns maps two fields to the same column: {disp}")
-    # Types from the sample: ids that are all integers are read as int64, else as strings.
-    body = lines[1:] if header else lines
-    rows = [_split_line(ln, delimiter) for ln in body]
+    return select, disp
+
+
+def _sampled_types(
+    rows: list[list[str]], names: list[str], select: dict[str, str]
+) -> dict[str, pa.DataType]:
+    """Arrow types of the fields from a sample of rows: ids that are all integers are read as
+    int64, else as strings; timestamps as int64, float64 or dates."""
     types: dict[str, pa.DataType] = {"rating": pa.float64()}
     for fld in ID_FIELDS + ("timestamp",):
         if fld not in select:
@@ -513,10 +520,37 @@ def _sniff_csv(f: InputFile, spec: InputSpec) -> tuple[_CsvLayout, dict[str, str
             types[fld] = pa.float64()
         else:
             types[fld] = pa.string() if fld != "timestamp" else pa.timestamp("s")
+    return types
+
+
+def _sniff_csv(f: InputFile, spec: InputSpec) -> tuple[_CsvLayout, dict[str, str]]:
+    """How to read the CSV file ``f``, from its first lines; and each field's column name for
+    messages."""
+    lines, _ = _sniff_lines(f)
+    if not lines:
+        raise InputError(f"{f.path}: the file is empty (no ratings)")
+    delimiter = spec.delimiter or _sniff_delimiter(lines[0])
+    first = _split_line(lines[0], delimiter)
+    header = _has_header(f, spec, first)
+    ncols = len(first)
+    hint = (
+        f" Only one column was found: is the delimiter right (data.delimiter, now {delimiter!r})?"
+        if ncols == 1
+        else ""
+    )
+    if header:
+        names = first
+        display = list(first)
+    else:
+        names = [f"f{k}" for k in range(ncols)]
+        display = [f"#{k}" for k in range(ncols)]
+    select, disp = _select_columns(f, spec, first, names, display, hint)
+    body = lines[1:] if header else lines
+    types = _sampled_types([_split_line(ln, delimiter) for ln in body], names, select)
     sizes = [len(ln) + 1 for ln in lines]
     return _CsvLayout(
         delimiter=delimiter,
-        header=bool(header),
+        header=header,
         names=names,
         display=display,
         select=select,
@@ -704,55 +738,80 @@ def _unify_ids(spec: InputSpec, b: Batch) -> None:
             raise IdTypeMismatch(fld)
 
 
-def _iter_csv(f: InputFile, spec: InputSpec) -> Iterator[Batch]:
-    layout, disp = _sniff_csv(f, spec)
+def _read_types(layout: _CsvLayout, spec: InputSpec) -> dict[str, pa.DataType]:
+    """The types to read ``layout``'s fields as: the sampled ones, with ids held to the type
+    the first file settled on (``spec.id_types``)."""
     types = dict(layout.types)
     for fld in ID_FIELDS:
-        # After the first file, read ids as the type chosen there.
         if spec.id_types.get(fld) == "string":
             types[fld] = pa.string()
         elif spec.id_types.get(fld) == "int" and types[fld] == pa.string():
             raise IdTypeMismatch(fld)
-    # Parse blocks of at most 4 MiB: Arrow parses small blocks faster (cache), and ingest gathers
-    # them into chunks of batch_rows rows anyway.
-    block = int(max(min(spec.batch_rows * layout.avg_line, 1 << 22), 8 * layout.max_line, 1024))
-    names_sel = {v: k for k, v in layout.select.items()}
-    convert = pa_csv.ConvertOptions(
-        include_columns=list(layout.select.values()),
-        column_types={layout.select[k]: t for k, t in types.items() if k in layout.select},
-        strings_can_be_null=False,
-        quoted_strings_can_be_null=False,
-    )
+    return types
+
+
+def _csv_options(
+    layout: _CsvLayout, types: dict[str, pa.DataType], block: int
+) -> tuple[pa_csv.ReadOptions, pa_csv.ParseOptions, pa_csv.ConvertOptions]:
+    """Arrow's read, parse and convert options for a file of ``layout``."""
     read = pa_csv.ReadOptions(
         block_size=block,
         autogenerate_column_names=not layout.header,
         use_threads=True,
     )
     parse = pa_csv.ParseOptions(delimiter=_effective_delimiter(layout.delimiter))
+    convert = pa_csv.ConvertOptions(
+        include_columns=list(layout.select.values()),
+        column_types={layout.select[k]: t for k, t in types.items() if k in layout.select},
+        strings_can_be_null=False,
+        quoted_strings_can_be_null=False,
+    )
+    return read, parse, convert
 
-    def fail(exc: Exception) -> InputError | IdTypeMismatch:
-        found = _diagnose_csv(f, layout, disp, types)
-        if found is None:
-            msg = str(exc)
-            if "straddling" in msg:
-                return InputError(
-                    f"{f.path}: a line is longer than the read block ({block} bytes); raise "
-                    f"data.batch_rows ({spec.batch_rows}) ({msg})"
-                )
+
+def _csv_error(
+    exc: pa.ArrowInvalid,
+    f: InputFile,
+    layout: _CsvLayout,
+    disp: dict[str, str],
+    types: dict[str, pa.DataType],
+    block: int,
+    batch_rows: int,
+) -> InputError | IdTypeMismatch:
+    """What to raise for Arrow's parse error ``exc``: the offending line, found by a rescan; or
+    :class:`IdTypeMismatch` when ids read as integers turn out to hold a string."""
+    found = _diagnose_csv(f, layout, disp, types)
+    if found is None:
+        msg = str(exc)
+        if "straddling" in msg:
             return InputError(
-                f"{f.path}: cannot parse as CSV (data.delimiter {layout.delimiter!r}): {msg}"
+                f"{f.path}: a line is longer than the read block ({block} bytes); raise "
+                f"data.batch_rows ({batch_rows}) ({msg})"
             )
-        msg, fld, value = found
-        if (
-            fld in ID_FIELDS
-            and types.get(fld) == pa.int64()
-            and value is not None
-            and not _is_float(value)
-            and not any(0xDC80 <= ord(c) <= 0xDCFF for c in value)
-        ):
-            return IdTypeMismatch(fld)
-        return InputError(msg)
+        return InputError(
+            f"{f.path}: cannot parse as CSV (data.delimiter {layout.delimiter!r}): {msg}"
+        )
+    msg, fld, value = found
+    if (
+        fld in ID_FIELDS
+        and types.get(fld) == pa.int64()
+        and value is not None
+        and not _is_float(value)
+        and not any(0xDC80 <= ord(c) <= 0xDCFF for c in value)
+    ):
+        return IdTypeMismatch(fld)
+    return InputError(msg)
 
+
+def _iter_csv(f: InputFile, spec: InputSpec) -> Iterator[Batch]:
+    layout, disp = _sniff_csv(f, spec)
+    types = _read_types(layout, spec)
+    # Parse blocks of at most 4 MiB: Arrow parses small blocks faster (cache), and ingest gathers
+    # them into chunks of batch_rows rows anyway.
+    block = int(max(min(spec.batch_rows * layout.avg_line, 1 << 22), 8 * layout.max_line, 1024))
+    read, parse, convert = _csv_options(layout, types, block)
+    field_of = {v: k for k, v in layout.select.items()}
+    colnames = {k: disp[k] for k in layout.select}
     stream = open_text_stream(f, layout.delimiter)
     try:
         try:
@@ -760,19 +819,18 @@ def _iter_csv(f: InputFile, spec: InputSpec) -> Iterator[Batch]:
                 stream, read_options=read, parse_options=parse, convert_options=convert
             )
         except pa.ArrowInvalid as exc:
-            raise fail(exc) from None
+            raise _csv_error(exc, f, layout, disp, types, block, spec.batch_rows) from None
         line = 2 if layout.header else 1
-        colnames = {k: disp[k] for k in layout.select}
         while True:
             try:
                 rb = reader.read_next_batch()
             except StopIteration:
                 break
             except pa.ArrowInvalid as exc:
-                raise fail(exc) from None
+                raise _csv_error(exc, f, layout, disp, types, block, spec.batch_rows) from None
             if rb.num_rows == 0:
                 continue
-            cols = {names_sel[n]: rb.column(n) for n in rb.schema.names}
+            cols = {field_of[n]: rb.column(n) for n in rb.schema.names}
             b = _make_batch(str(f.path), "line", line, cols, colnames)
             _unify_ids(spec, b)
             yield b
@@ -824,10 +882,6 @@ def iter_batches(spec: InputSpec) -> Iterator[Batch]:
             yield from _iter_parquet(f, spec)
         else:
             yield from _iter_csv(f, spec)
-
-
-def input_bytes(spec: InputSpec) -> int:
-    return sum(f.path.stat().st_size for f in spec.files)
 
 
 __all__ = [

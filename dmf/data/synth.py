@@ -19,10 +19,11 @@ The ratings follow the model dmf fits, so tests and benchmarks can check recover
   the same distribution through Gumbel top-k keys.
 
 Every random number after the global set-up (counts, factors, permutations, all from ``seed``) is
-a counter-based hash of (seed, stream, user, draw or item), not the state of a generator, so each
-user's items, ratings and timestamps depend on nothing but the seed and that user: the output is
-identical whatever the chunk size, and chunks are independent. Memory is the factor matrices and
-per-user counts plus one chunk of ratings; the chunk size bounds it, not ``n_ratings``.
+a counter-based hash of (seed, stream, user, draw or item) (splitmix64, :mod:`dmf.data.hashing`),
+not the state of a generator, so each user's items, ratings and timestamps depend on nothing but
+the seed and that user: the output is identical whatever the chunk size, and chunks are
+independent. Memory is the factor matrices and per-user counts plus one chunk of ratings; the
+chunk size bounds it, not ``n_ratings``.
 
 Output directory::
 
@@ -38,12 +39,11 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,12 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from dmf import __version__
 from dmf.config import SynthConfig
+from dmf.data.hashing import MASK64, bits, splitmix64
+from dmf.dist.tasks import progress_disabled
 from dmf.errors import ConfigError, DmfError
+from dmf.store.storage import Staging
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +91,6 @@ GUMBEL_ELEMENTS = 1 << 20  # users x items per Gumbel sub-batch (8 MiB of float6
 DOT_ROWS = 1 << 18  # rows per sub-batch of the factor dot products
 
 _STREAM_ITEMS, _STREAM_GUMBEL, _STREAM_NOISE, _STREAM_TIME = 1, 2, 3, 4
-_MASK64 = (1 << 64) - 1
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
 
 
 class OutputExistsError(DmfError, FileExistsError):
@@ -102,24 +102,8 @@ class OutputExistsError(DmfError, FileExistsError):
 
 def _stream_key(seed: int, stream: int) -> np.uint64:
     """A 64-bit key per (seed, stream), well mixed even for neighbouring seeds."""
-    state = np.random.SeedSequence([seed & _MASK64, stream]).generate_state(1, dtype=np.uint64)
+    state = np.random.SeedSequence([seed & MASK64, stream]).generate_state(1, dtype=np.uint64)
     return np.uint64(state[0])
-
-
-def _hash(counter: np.ndarray, key: np.uint64) -> np.ndarray:
-    """SplitMix64 output function of ``counter * golden + key``: uint64 array -> uint64 array.
-
-    Distinct counters give distinct, statistically independent-looking outputs; this is how
-    SplitMix64 itself turns a counter into a random stream.
-    """
-    z = counter * _GOLDEN
-    z += key
-    z ^= z >> np.uint64(30)
-    z *= _M1
-    z ^= z >> np.uint64(27)
-    z *= _M2
-    z ^= z >> np.uint64(31)
-    return z
 
 
 def _uniform(h: np.ndarray) -> np.ndarray:
@@ -205,7 +189,7 @@ class _Plan:
     def __init__(self, cfg: SynthConfig):
         self.cfg = cfg
         n_u, n_i, k = cfg.n_users, cfg.n_items, cfg.rank
-        ss = np.random.SeedSequence(cfg.seed & _MASK64)
+        ss = np.random.SeedSequence(cfg.seed & MASK64)
         rng_truth, rng_users, rng_items, rng_counts = (
             np.random.default_rng(s) for s in ss.spawn(4)
         )
@@ -261,11 +245,6 @@ def _user_counts(p: np.ndarray, n: int, cap: int, rng: np.random.Generator) -> n
 # -- sampling each user's distinct items ---------------------------------------------------------
 
 
-def _bits(n: int) -> int:
-    """Bits needed to hold values 0..n-1."""
-    return max(int(n - 1).bit_length(), 1)
-
-
 def _sample_sparse(
     plan: _Plan, users: np.ndarray, ks: np.ndarray
 ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
@@ -287,7 +266,7 @@ def _sample_sparse(
     to_gumbel: list[np.ndarray] = []
     m = np.ceil(ks * 1.1).astype(np.int64) + 2
     act_u, act_k = users, ks
-    ib = _bits(n_items)
+    ib = bits(n_items)
     for rnd in range(MAX_ROUNDS):
         if len(act_u) == 0:
             break
@@ -298,11 +277,11 @@ def _sample_sparse(
         pos = np.repeat(np.arange(n_act, dtype=np.int64), m)
         starts_rep = np.repeat(starts, m)
         j = np.arange(total, dtype=np.int64) - starts_rep
-        u01 = _uniform(_hash(_pair_counter(np.repeat(act_u, m), j), key))
+        u01 = _uniform(splitmix64(_pair_counter(np.repeat(act_u, m), j), key))
         item = np.take(plan.item_of_rank, plan.items.ranks(u01))
         del u01
         # One sort groups equal (user, item) pairs, earliest draw first.
-        db, ub = _bits(int(m.max())), _bits(n_act)
+        db, ub = bits(int(m.max())), bits(n_act)
         if ub + ib + db <= 63:
             comp = (pos << (ib + db)) | (item << db) | j
             comp.sort()
@@ -365,7 +344,7 @@ def _sample_gumbel(plan: _Plan, users: np.ndarray, ks: np.ndarray) -> tuple[np.n
         if (kk == n_items).all():
             sel = np.ones((len(uu), n_items), dtype=bool)
         else:
-            h = _hash(_pair_counter(uu[:, None], cols[None, :]), key)
+            h = splitmix64(_pair_counter(uu[:, None], cols[None, :]), key)
             keys = plan.item_log_w[None, :] - np.log(-np.log(_uniform(h)))
             del h
             kmax = int(kk.max())
@@ -400,14 +379,36 @@ def _chunk_pairs(plan: _Plan, ua: int, ub: int) -> tuple[np.ndarray, np.ndarray]
         return np.empty(0, np.int64), np.empty(0, np.int64)
     u = np.concatenate(u_parts)
     i = np.concatenate(i_parts)
-    ib = _bits(plan.cfg.n_items)
+    ib = bits(plan.cfg.n_items)
     comp = ((u - ua) << ib) | i
     comp.sort()
     return (comp >> ib) + ua, comp & ((1 << ib) - 1)
 
 
-def _chunk_table(plan: _Plan, ua: int, ub: int) -> tuple[pa.Table, dict[str, Any]]:
-    """Ratings of users ``ua..ub-1`` as an Arrow table, and running statistics.
+@dataclass
+class _Stats:
+    """Statistics of written ratings: of one chunk, or summed over the chunks so far."""
+
+    item_counts: np.ndarray
+    """Ratings per item, shape (n_items,), int64."""
+    n: int = 0
+    rating_sum: float = 0.0
+    sq_err: float = 0.0
+    """Sum of squared differences from the noise-free ratings (float64)."""
+    lowest: float = math.inf
+    highest: float = -math.inf
+
+    def add(self, other: _Stats) -> None:
+        self.item_counts += other.item_counts
+        self.n += other.n
+        self.rating_sum += other.rating_sum
+        self.sq_err += other.sq_err
+        self.lowest = min(self.lowest, other.lowest)
+        self.highest = max(self.highest, other.highest)
+
+
+def _chunk_table(plan: _Plan, ua: int, ub: int) -> tuple[pa.Table, _Stats]:
+    """Ratings of users ``ua..ub-1`` as an Arrow table, and their statistics.
 
     Worked in sub-batches of DOT_ROWS so the gathered factor rows stay cache-sized; float32
     throughout (the truth is float32, and the noise dwarfs float32 rounding).
@@ -428,7 +429,7 @@ def _chunk_table(plan: _Plan, ua: int, ub: int) -> tuple[pa.Table, dict[str, Any
                 "ij,ij->i", np.take(plan.U, us, axis=0), np.take(plan.V, is_, axis=0)
             )
         counter = _pair_counter(us, is_)
-        r = _normal(_hash(counter, plan.keys[_STREAM_NOISE]))
+        r = _normal(splitmix64(counter, plan.keys[_STREAM_NOISE]))
         r *= np.float32(cfg.noise)
         r += clean
         if cfg.clip is not None:
@@ -443,19 +444,19 @@ def _chunk_table(plan: _Plan, ua: int, ub: int) -> tuple[pa.Table, dict[str, Any
         r32[s : s + DOT_ROWS] = r
         sq_err += float(np.square(r - clean, dtype=np.float64).sum())
         # Uniform timestamp in [T0, T1): high 32 hash bits times the span, top 32 bits of that.
-        h = _hash(counter, plan.keys[_STREAM_TIME]) >> np.uint64(32)
+        h = splitmix64(counter, plan.keys[_STREAM_TIME]) >> np.uint64(32)
         h *= np.uint64(T1 - T0)
         h >>= np.uint64(32)
         ts[s : s + DOT_ROWS] = h.view(np.int64)
     ts += T0
-    stats = {
-        "n": n,
-        "sum": float(r32.sum(dtype=np.float64)),
-        "sq_err": sq_err,
-        "min": float(r32.min()) if n else math.inf,
-        "max": float(r32.max()) if n else -math.inf,
-        "item_counts": np.bincount(i, minlength=cfg.n_items),
-    }
+    stats = _Stats(
+        item_counts=np.bincount(i, minlength=cfg.n_items),
+        n=n,
+        rating_sum=float(r32.sum(dtype=np.float64)),
+        sq_err=sq_err,
+        lowest=float(r32.min()) if n else math.inf,
+        highest=float(r32.max()) if n else -math.inf,
+    )
     table = pa.Table.from_arrays(
         [pa.array(u), pa.array(i), pa.array(r32), pa.array(ts)], schema=RATINGS_SCHEMA
     )
@@ -480,7 +481,48 @@ def _chunk_bounds(cum: np.ndarray, ua: int, ub: int, chunk: int) -> np.ndarray:
     return np.unique(np.concatenate([[ua], np.clip(cuts, ua + 1, ub), [ub]]))
 
 
-# -- writing -------------------------------------------------------------------------------------
+def _pairs(bounds: np.ndarray) -> Iterator[tuple[int, int]]:
+    return zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+
+
+def _threads(threads: int | None) -> int:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError("threads must be positive")
+        return threads
+    return max(
+        1,
+        min(
+            4,
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1),
+        ),
+    )
+
+
+# -- generating and writing ----------------------------------------------------------------------
+
+
+def _generate(
+    plan: _Plan, chunks: list[tuple[int, int, int]], threads: int
+) -> Iterator[tuple[int, pa.Table, _Stats]]:
+    """Chunk tables in order, made by ``threads`` threads (NumPy releases the GIL in the heavy
+    steps), with at most ``threads + 1`` chunks in memory."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="dmf-synth") as pool:
+        ahead: deque[tuple[int, Future]] = deque()
+        todo = iter(chunks)
+        for f, ua, ub in todo:
+            ahead.append((f, pool.submit(_chunk_table, plan, ua, ub)))
+            if len(ahead) > threads:
+                break
+        while ahead:
+            f, fut = ahead.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                ahead.append((nxt[0], pool.submit(_chunk_table, plan, nxt[1], nxt[2])))
+            table, st = fut.result()
+            yield f, table, st
 
 
 class _Writer:
@@ -515,6 +557,102 @@ class _Writer:
         if self.w is not None:
             self.w.close()
             self.w = None
+
+
+class _RatingFiles:
+    """The rating files ``paths``, filled in order by a :class:`_Writer` on one background
+    thread. A file that gets no chunk is still written (empty)."""
+
+    def __init__(self, pool: ThreadPoolExecutor, writer: _Writer, paths: list[Path]):
+        self.pool, self.writer, self.paths = pool, writer, paths
+        self.pending: deque[Future] = deque()
+        self.opened = -1
+
+    def _submit(self, fn: Callable, *args: Any) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        # Bounded queue: at most one chunk being written while the next ones are made.
+        while len(self.pending) > 2:
+            self.pending.popleft().result()
+
+    def _open_up_to(self, f: int) -> None:
+        while self.opened < f:
+            if self.opened >= 0:
+                self._submit(self.writer.close)
+            self.opened += 1
+            self._submit(self.writer.open, self.paths[self.opened])
+
+    def write(self, f: int, table: pa.Table) -> None:
+        """Append ``table`` to file ``f`` (files are written in order)."""
+        self._open_up_to(f)
+        if len(table):
+            self._submit(self.writer.write, table)
+
+    def finish(self) -> None:
+        """Write the remaining files and wait for every write."""
+        self._open_up_to(len(self.paths) - 1)
+        self._submit(self.writer.close)
+        while self.pending:
+            self.pending.popleft().result()
+
+
+def _write_ratings(plan: _Plan, paths: list[Path], chunk_ratings: int, threads: int, bar) -> _Stats:
+    """Generate every rating and write it to ``paths`` (one file per user range of about equal
+    rating counts); returns the statistics over all of them."""
+    cfg = plan.cfg
+    fbounds = _file_bounds(plan.cum, cfg.files)
+    chunks = [
+        (f, ua, ub)
+        for f in range(cfg.files)
+        for ua, ub in _pairs(_chunk_bounds(plan.cum, fbounds[f], fbounds[f + 1], chunk_ratings))
+    ]
+    totals = _Stats(item_counts=np.zeros(cfg.n_items, dtype=np.int64))
+    with ThreadPoolExecutor(1, thread_name_prefix="dmf-synth-write") as pool:
+        files = _RatingFiles(pool, _Writer(cfg.format, cfg.round_to is not None), paths)
+        for f, table, stats in _generate(plan, chunks, threads):
+            files.write(f, table)
+            totals.add(stats)
+            bar.update(len(table))
+        files.finish()
+    if totals.n != cfg.n_ratings:  # an internal invariant; never expected to fire
+        raise RuntimeError(f"synth wrote {totals.n} ratings, expected {cfg.n_ratings}")
+    return totals
+
+
+def _summary(plan: _Plan, totals: _Stats, names: list[str], seconds: float) -> dict[str, Any]:
+    """What ``synth.json`` says: the settings, the counts and the rating statistics."""
+    cfg = plan.cfg
+    n = cfg.n_ratings
+    item_counts = totals.item_counts
+    return {
+        "dmf_version": __version__,
+        "config": cfg.model_dump(mode="json"),
+        "n_users": cfg.n_users,
+        "n_items": cfg.n_items,
+        "n_ratings": n,
+        "users_with_ratings": int((plan.counts > 0).sum()),
+        "items_with_ratings": int((item_counts > 0).sum()),
+        "max_user_ratings": int(plan.counts.max()),
+        "median_user_ratings": float(np.median(plan.counts)),
+        "max_item_ratings": int(item_counts.max()),
+        "median_item_ratings": float(np.median(item_counts)),
+        "rating_mean": totals.rating_sum / n,
+        "rating_min": totals.lowest,
+        "rating_max": totals.highest,
+        "noise_rmse": math.sqrt(totals.sq_err / n),
+        "timestamp_range": [T0, T1 - 1],
+        "format": cfg.format,
+        "columns": {
+            "user": "int64",
+            "item": "int64",
+            "rating": "float32",
+            "timestamp": "int64",
+        },
+        "ratings": "ratings",
+        "files": names,
+        "truth": "truth.npz",
+        "seconds": round(seconds, 3),
+        "ratings_per_second": round(n / seconds, 1) if seconds > 0 else None,
+    }
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -560,7 +698,8 @@ def synth(
     cfg
         The ``synth`` config section (sizes, rank, noise, skews, clip/round, seed, files, format).
     out
-        Output directory; built in a temporary sibling and renamed into place when complete.
+        Output directory; built in a temporary sibling and renamed into place when complete
+        (:class:`dmf.store.storage.Staging`).
     overwrite
         Replace a non-empty ``out``; without it, a non-empty ``out`` is refused before any work.
     progress
@@ -579,75 +718,31 @@ def synth(
         of the written ratings against the noise-free truth: what a perfect model scores), files,
         seconds and ratings per second.
     """
-    from tqdm import tqdm
-
-    from dmf import __version__
+    from tqdm import tqdm  # here, not at the top: keeps `import dmf` and the CLI light
 
     out = Path(out)
     _validate(cfg)
     _check_out(out, overwrite)
     if chunk_ratings < 1:
         raise ValueError("chunk_ratings must be positive")
+    n_threads = _threads(threads)
     t_start = time.perf_counter()
     plan = _Plan(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     ext = "parquet" if cfg.format == "parquet" else "csv"
-    fbounds = _file_bounds(plan.cum, cfg.files)
     names = [f"ratings/part-{f:05d}.{ext}" for f in range(cfg.files)]
-    totals = {"n": 0, "sum": 0.0, "sq_err": 0.0, "min": math.inf, "max": -math.inf}
-    item_counts = np.zeros(cfg.n_items, dtype=np.int64)
-    try:
-        (tmp / "ratings").mkdir(parents=True)
-        writer = _Writer(cfg.format, cfg.round_to is not None)
+    with Staging(out) as st:
         bar = tqdm(
             total=cfg.n_ratings,
             unit=" ratings",
             unit_scale=True,
             desc="synth",
-            disable=None if progress is None else not progress,
+            disable=progress_disabled(progress),
         )
-        chunks = [
-            (f, ua, ub)
-            for f in range(cfg.files)
-            for ua, ub in _pairs(_chunk_bounds(plan.cum, fbounds[f], fbounds[f + 1], chunk_ratings))
-        ]
-        with ThreadPoolExecutor(1, thread_name_prefix="dmf-synth-write") as pool, bar:
-            pending: deque[Future] = deque()
-
-            def submit(fn: Callable, *args: Any) -> None:
-                pending.append(pool.submit(fn, *args))
-                # Bounded queue: at most one chunk being written while the next ones are made.
-                while len(pending) > 2:
-                    pending.popleft().result()
-
-            opened = -1
-            for f, table, st in _generate(plan, chunks, _threads(threads)):
-                while opened < f:  # files in order, including any that get no chunk
-                    if opened >= 0:
-                        submit(writer.close)
-                    opened += 1
-                    submit(writer.open, tmp / names[opened])
-                item_counts += st.pop("item_counts")
-                for k in ("n", "sum", "sq_err"):
-                    totals[k] += st[k]
-                totals["min"] = min(totals["min"], st["min"])
-                totals["max"] = max(totals["max"], st["max"])
-                if len(table):
-                    submit(writer.write, table)
-                bar.update(len(table))
-            while opened < cfg.files - 1:
-                if opened >= 0:
-                    submit(writer.close)
-                opened += 1
-                submit(writer.open, tmp / names[opened])
-            submit(writer.close)
-            while pending:
-                pending.popleft().result()
-        if totals["n"] != cfg.n_ratings:  # an internal invariant; never expected to fire
-            raise RuntimeError(f"synth wrote {totals['n']} ratings, expected {cfg.n_ratings}")
+        with bar:
+            paths = [st.file(name) for name in names]
+            totals = _write_ratings(plan, paths, chunk_ratings, n_threads, bar)
         np.savez(
-            tmp / "truth.npz",
+            st.file("truth.npz"),
             U=plan.U,
             V=plan.V,
             b=plan.b,
@@ -656,42 +751,11 @@ def synth(
             noise=np.float64(cfg.noise),
         )
         seconds = time.perf_counter() - t_start
-        n = cfg.n_ratings
-        summary: dict[str, Any] = {
-            "dmf_version": __version__,
-            "config": cfg.model_dump(mode="json"),
-            "n_users": cfg.n_users,
-            "n_items": cfg.n_items,
-            "n_ratings": n,
-            "users_with_ratings": int((plan.counts > 0).sum()),
-            "items_with_ratings": int((item_counts > 0).sum()),
-            "max_user_ratings": int(plan.counts.max()),
-            "median_user_ratings": float(np.median(plan.counts)),
-            "max_item_ratings": int(item_counts.max()),
-            "median_item_ratings": float(np.median(item_counts)),
-            "rating_mean": totals["sum"] / n,
-            "rating_min": totals["min"],
-            "rating_max": totals["max"],
-            "noise_rmse": math.sqrt(totals["sq_err"] / n),
-            "timestamp_range": [T0, T1 - 1],
-            "format": cfg.format,
-            "columns": {
-                "user": "int64",
-                "item": "int64",
-                "rating": "float32",
-                "timestamp": "int64",
-            },
-            "ratings": "ratings",
-            "files": names,
-            "truth": "truth.npz",
-            "seconds": round(seconds, 3),
-            "ratings_per_second": round(n / seconds, 1) if seconds > 0 else None,
-        }
-        (tmp / "synth.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _replace_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        summary = _summary(plan, totals, names, seconds)
+        st.file("synth.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _check_out(out, overwrite)  # again: something may have appeared while we worked
+        st.commit()
+    n = cfg.n_ratings
     log.debug(
         "synth: %d ratings (%d users x %d items) written to %s in %.1f s (%.2fM ratings/s)",
         n,
@@ -702,56 +766,3 @@ def synth(
         n / seconds / 1e6 if seconds > 0 else float("nan"),
     )
     return summary
-
-
-def _threads(threads: int | None) -> int:
-    if threads is not None:
-        if threads < 1:
-            raise ValueError("threads must be positive")
-        return threads
-    return max(
-        1,
-        min(
-            4,
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else (os.cpu_count() or 1),
-        ),
-    )
-
-
-def _generate(
-    plan: _Plan, chunks: list[tuple[int, int, int]], threads: int
-) -> Iterator[tuple[int, pa.Table, dict[str, Any]]]:
-    """Chunk tables in order, made by ``threads`` threads (NumPy releases the GIL in the heavy
-    steps), with at most ``threads + 1`` chunks in memory."""
-    with ThreadPoolExecutor(threads, thread_name_prefix="dmf-synth") as pool:
-        ahead: deque[tuple[int, Future]] = deque()
-        todo = iter(chunks)
-        for f, ua, ub in todo:
-            ahead.append((f, pool.submit(_chunk_table, plan, ua, ub)))
-            if len(ahead) > threads:
-                break
-        while ahead:
-            f, fut = ahead.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                ahead.append((nxt[0], pool.submit(_chunk_table, plan, nxt[1], nxt[2])))
-            table, st = fut.result()
-            yield f, table, st
-
-
-def _pairs(bounds: np.ndarray) -> Iterator[tuple[int, int]]:
-    return zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
-
-
-def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename ``tmp`` to ``out``; an old ``out`` stays whole until the new one is in place."""
-    _check_out(out, overwrite)  # again: something may have appeared while we worked
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

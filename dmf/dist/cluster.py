@@ -6,6 +6,8 @@ dask-jobqueue cluster) is closed at the end; a cluster it attached to (``--addre
 
 BLAS threads: distributed starts worker processes with OMP/MKL/OPENBLAS_NUM_THREADS=1, but workers
 started by hand may not have it, so block tasks also run under :func:`blas_single_thread`.
+
+This is Dask plumbing only: nothing here knows of ALS, the store or the model.
 """
 
 from __future__ import annotations
@@ -31,19 +33,30 @@ BLAS_ENV = {
 
 
 @contextlib.contextmanager
-def blas_single_thread(load_solver: bool = False) -> Iterator[None]:
+def blas_single_thread() -> Iterator[None]:
     """One BLAS thread for the enclosed work (a Dask task already runs on its own thread).
 
-    threadpoolctl limits the BLAS libraries loaded so far: ``load_solver`` loads the block
-    solver's kernel, and with it SciPy's BLAS, first, so that the limit covers it even in the
-    first task a worker started by hand runs."""
+    threadpoolctl limits the BLAS libraries loaded so far: a task function's module loads the
+    libraries it calls (e.g. the solver's kernel, and with it SciPy's BLAS) when it is imported,
+    which is when a worker unpickles the task, before the task runs."""
     from threadpoolctl import threadpool_limits
-
-    if load_solver:
-        import dmf.als.kernels  # noqa: F401
 
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+def scheduler_workers(client) -> list[dict]:
+    """The scheduler's record of every worker (address, memory_limit, status, ...).
+
+    Newer versions of distributed list only the first few workers unless asked for all."""
+    import inspect
+
+    kwargs = (
+        {"n_workers": -1}
+        if "n_workers" in inspect.signature(client.scheduler_info).parameters
+        else {}
+    )
+    return list(client.scheduler_info(**kwargs)["workers"].values())
 
 
 def _say(msg: str, quiet: bool) -> None:

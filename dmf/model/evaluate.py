@@ -37,17 +37,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dmf.dist.cluster import blas_single_thread
+from dmf.dist.tasks import run_windowed
 from dmf.errors import InputError, StoreError
-from dmf.model.model import Model, check_cold_start
-from dmf.model.recommend import (
-    ItemScorer,
-    SeenItems,
-    csr_rows,
-    default_tile_users,
-    run_windowed,
-    top_n,
-)
-from dmf.store.layout import Store
+from dmf.model.ids import check_cold_start
+from dmf.model.model import Model
+from dmf.model.scoring import ItemScorer, SeenItems, csr_rows, default_tile_users, top_n
+from dmf.store.layout import Store, read_block_file
 
 METRICS = ("precision", "recall", "ndcg", "map")
 
@@ -124,9 +120,6 @@ class EvalParams:
 
 def evaluate_block_task(users: EvalUsers, heldout_file: str, items: EvalItems, p: EvalParams):
     """Sums of squared and absolute errors and of ranking metrics over one user block."""
-    from dmf.dist.cluster import blas_single_thread
-    from dmf.store.layout import read_block_file
-
     t = pq.read_table(heldout_file, columns=["user", "item", "rating"])
     lu = t.column("user").to_numpy().astype(np.int64) - users.start
     si = t.column("item").to_numpy().astype(np.int64)
@@ -247,19 +240,6 @@ def _partition_split(store: Store, split: str, tmp: Path, batch_rows: int) -> di
     return files
 
 
-def _index_maps(model: Model, store: Store):
-    """store user index -> model row, store item index -> model row (None: the same), and the
-    'has train ratings' masks when the store is the model's own."""
-    from dmf.model.model import lookup_ids
-
-    own = bool(model.store_fingerprint) and model.store_fingerprint == store.fingerprint
-    if own and model.n_users == store.n_users and model.n_items == store.n_items:
-        return None, None, store.counts("user") > 0, store.counts("item") > 0
-    u = lookup_ids(store.ids("user"), model.user_ids)
-    i = lookup_ids(store.ids("item"), model.item_ids)
-    return u, i, None, None
-
-
 def evaluate(
     model: Model,
     store: Store | str | Path,
@@ -315,7 +295,11 @@ def evaluate(
             f"store {store.path} has no {split} ratings: ingest with split.{split} > 0 "
             "to hold some out"
         )
-    u_map, i_map, u_has, i_has = _index_maps(model, store)
+    maps = model.store_maps(store)
+    u_map, i_map = maps.user, maps.item
+    # On the model's own store, a user or item without train ratings is a cold start too.
+    u_has = store.counts("user") > 0 if maps.same else None
+    i_has = store.counts("item") > 0 if maps.same else None
     items = EvalItems(model.item_factors, model.item_bias, model.mu, i_map, i_has)
     params = EvalParams(k, threshold, cold_start, ranking, tile_users)
     bounds = store.bounds("user")

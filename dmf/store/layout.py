@@ -12,28 +12,31 @@ Layout (see PRODUCT.md)::
       by_item/block=NNNNN/part-0.parquet   the same ratings, sorted by (item, user)
       validation/part-0.parquet, test/part-0.parquet   user, item, rating[, timestamp]
 
-:class:`StoreWriter` builds a store in a temporary sibling directory and renames it into place
-only when the manifest is written, so an interrupted write never leaves a store that looks
-complete and an old store stays intact until the new one is whole. :meth:`Store.open` checks every
-file against the manifest.
+The manifest is typed (:class:`StoreManifest`): opening a store validates it, so a damaged or
+foreign manifest is an error naming the key, not a KeyError later.
+
+:class:`StoreWriter` builds a store through :class:`dmf.store.storage.Staging` (a temporary
+sibling directory, renamed into place only when the manifest is written), so an interrupted
+write never leaves a store that looks complete and an old store stays intact until the new one is
+whole. :meth:`Store.open` checks every file against the manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dmf.errors import StoreError
 from dmf.store.blocks import SIDES, RatingBlock
+from dmf.store.storage import Staging, write_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,13 +45,83 @@ SPLITS = ("validation", "test")
 RATING_SCHEMA = pa.schema([("user", pa.int32()), ("item", pa.int32()), ("rating", pa.float32())])
 
 
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileEntry(_Record):
+    """One file of a store, as the manifest lists it."""
+
+    bytes: int
+    rows: int
+
+
+class BlockLayout(_Record):
+    """The blocks of one side: block b holds rows [bounds[b], bounds[b+1]) and nnz[b] ratings."""
+
+    bounds: list[int]
+    nnz: list[int]
+
+
+class DroppedRows(_Record):
+    """Input rows the ingest policies removed (``data.invalid_ratings``, ``data.out_of_range``,
+    ``data.duplicates``)."""
+
+    invalid_ratings: int = 0
+    out_of_range: int = 0
+    duplicates_merged: int = 0
+
+
+class SplitRecord(_Record):
+    """How the held-out ratings were chosen: the ``split`` config, and what it gave."""
+
+    method: str
+    validation: float = 0.0
+    test: float = 0.0
+    seed: int | None = None
+    actual: dict[str, float] | None = None
+    """The fractions of the input actually held out."""
+    cutoffs: dict[str, int] | None = None
+    """Temporal split: the first held-out timestamp of each split."""
+
+
+class StoreManifest(_Record):
+    """``manifest.json``: what a store holds, written last by :meth:`StoreWriter.commit`."""
+
+    schema_version: int
+    n_users: int
+    n_items: int
+    n_train: int
+    n_validation: int = 0
+    n_test: int = 0
+    mu: float
+    blocks: dict[Literal["user", "item"], BlockLayout]
+    split: SplitRecord
+    fingerprint: str
+    """What the store was made from: its ingest's inputs and settings, or its arrays."""
+    files: dict[str, FileEntry]
+    dropped: DroppedRows | None = None
+    clipped: int = 0
+    source: str | None = None
+    input: dict[str, Any] | None = None
+    """The input files and how they were read (ingest)."""
+    config: dict[str, Any] | None = None
+    """The ``data``, ``split`` and ``blocks`` config sections of the ingest."""
+    timings: dict[str, float] | None = None
+    created: str | None = None
+    dmf_version: str | None = None
+
+    def n_split(self, name: str) -> int:
+        return self.n_validation if name == "validation" else self.n_test
+
+
 def block_relpath(side: str, b: int) -> str:
     return f"by_{side}/block={b:05d}/part-0.parquet"
 
 
 def write_block_file(
     path: str | Path, side: str, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray
-) -> dict[str, int]:
+) -> FileEntry:
     """Write one block's ratings (already sorted by ``side``) to ``path``.
 
     ``rows`` are indices of ``side``; ``cols`` of the other side. Returns the file entry for the
@@ -68,7 +141,7 @@ def write_block_file(
     # No dictionary encoding: the other side's column has many distinct values, where the
     # dictionary costs ~3x the write time for no gain in size after zstd.
     pq.write_table(table, path, compression="zstd", row_group_size=1 << 20, use_dictionary=False)
-    return {"bytes": path.stat().st_size, "rows": len(table)}
+    return FileEntry(bytes=path.stat().st_size, rows=len(table))
 
 
 def read_block_file(path: str | Path, side: str, start: int, stop: int) -> RatingBlock:
@@ -90,7 +163,7 @@ def read_block_file(path: str | Path, side: str, start: int, stop: int) -> Ratin
 class Store:
     """An opened, verified store. Cheap to pickle: it holds the manifest, not the ratings."""
 
-    def __init__(self, path: str | Path, manifest: dict[str, Any]):
+    def __init__(self, path: str | Path, manifest: StoreManifest):
         self.path = Path(path)
         self.manifest = manifest
 
@@ -107,72 +180,70 @@ class Store:
                 f"{path} has no {MANIFEST}: it is not a store, or its ingest did not finish"
             )
         try:
-            manifest = json.loads(mpath.read_text())
+            raw = json.loads(mpath.read_text())
         except json.JSONDecodeError as exc:
             raise StoreError(f"{mpath} is not valid JSON: {exc}") from exc
-        if manifest.get("schema_version") != SCHEMA_VERSION:
+        version = raw.get("schema_version") if isinstance(raw, dict) else None
+        if version != SCHEMA_VERSION:
             raise StoreError(
-                f"{mpath}: schema version {manifest.get('schema_version')} is not "
-                f"{SCHEMA_VERSION}; re-run `dmf ingest` with this version of dmf"
+                f"{mpath}: schema version {version} is not {SCHEMA_VERSION}; re-run `dmf ingest` "
+                "with this version of dmf"
             )
+        try:
+            manifest = StoreManifest.model_validate(raw)
+        except ValidationError as exc:
+            where = "; ".join(
+                f"{'.'.join(str(k) for k in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
+            )
+            raise StoreError(f"{mpath} is not a valid store manifest: {where}") from None
         store = cls(path, manifest)
         if verify:
             store.verify()
         return store
 
-    def verify(self, deep: bool = False) -> None:
-        """Check that every file in the manifest exists with its recorded size (and, with
-        ``deep``, its row count from the Parquet footer)."""
-        for rel, entry in self.manifest["files"].items():
+    def verify(self) -> None:
+        """Check that every file in the manifest exists with its recorded size."""
+        for rel, entry in self.manifest.files.items():
             f = self.path / rel
             if not f.is_file():
                 raise StoreError(f"store file {f} is missing (listed in {self.path / MANIFEST})")
             size = f.stat().st_size
-            if size != entry["bytes"]:
+            if size != entry.bytes:
                 raise StoreError(
-                    f"store file {f} has {size} bytes, the manifest says {entry['bytes']}: "
+                    f"store file {f} has {size} bytes, the manifest says {entry.bytes}: "
                     "it is truncated or was changed; re-run `dmf ingest`"
                 )
-            if deep:
-                try:
-                    rows = pq.ParquetFile(f).metadata.num_rows
-                except Exception as exc:  # noqa: BLE001 - any footer error means corrupt
-                    raise StoreError(f"store file {f} is not readable Parquet: {exc}") from exc
-                if rows != entry["rows"]:
-                    raise StoreError(
-                        f"store file {f} has {rows} rows, manifest says {entry['rows']}"
-                    )
 
     # -- counts --------------------------------------------------------------------------------
     @property
     def n_users(self) -> int:
-        return int(self.manifest["n_users"])
+        return self.manifest.n_users
 
     @property
     def n_items(self) -> int:
-        return int(self.manifest["n_items"])
+        return self.manifest.n_items
 
     @property
     def n_train(self) -> int:
-        return int(self.manifest["n_train"])
+        return self.manifest.n_train
 
     @property
     def mu(self) -> float:
-        return float(self.manifest["mu"])
+        return self.manifest.mu
 
     @property
     def fingerprint(self) -> str:
-        return str(self.manifest["fingerprint"])
+        return self.manifest.fingerprint
 
     def n_rows(self, side: str) -> int:
         return self.n_users if side == "user" else self.n_items
 
     def bounds(self, side: str) -> np.ndarray:
         """Block boundaries of ``side``: block b holds rows [bounds[b], bounds[b+1])."""
-        return np.asarray(self.manifest["blocks"][side]["bounds"], dtype=np.int64)
+        return np.asarray(self.manifest.blocks[side].bounds, dtype=np.int64)
 
     def block_nnz(self, side: str) -> list[int]:
-        return list(self.manifest["blocks"][side]["nnz"])
+        return list(self.manifest.blocks[side].nnz)
 
     def n_blocks(self, side: str) -> int:
         return len(self.bounds(side)) - 1
@@ -191,7 +262,7 @@ class Store:
         return read_block_file(self.block_path(side, b), side, int(bounds[b]), int(bounds[b + 1]))
 
     def disk_bytes(self) -> int:
-        return int(sum(e["bytes"] for e in self.manifest["files"].values()))
+        return sum(e.bytes for e in self.manifest.files.values())
 
     # -- id maps and held-out splits -------------------------------------------------------------
     def id_map(self, side: str) -> pa.Table:
@@ -215,7 +286,7 @@ class Store:
         return pq.read_table(f)
 
     def n_split(self, name: str) -> int:
-        return int(self.manifest.get(f"n_{name}", 0))
+        return self.manifest.n_split(name)
 
     def __repr__(self) -> str:
         return (
@@ -225,7 +296,8 @@ class Store:
 
 
 class StoreWriter:
-    """Write a store atomically: into a temporary sibling directory, renamed on :meth:`commit`.
+    """Write a store atomically, through :class:`dmf.store.storage.Staging`: files go into a
+    temporary sibling directory (:attr:`tmp`), renamed into place on :meth:`commit`.
 
     Use as a context manager; leaving it without commit (an error) removes the temporary
     directory. A directory that already exists and is not empty is refused unless ``overwrite``.
@@ -240,31 +312,41 @@ class StoreWriter:
                 f"store directory {self.path} is not empty; set store.overwrite: true "
                 "(or --set store.overwrite=true) to replace it"
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
-        self.files: dict[str, dict[str, int]] = {}
-        self.committed = False
+        self.staging = Staging(self.path)
+        self.files: dict[str, FileEntry] = {}
+
+    @property
+    def tmp(self) -> Path:
+        """The directory the new store is written into (workers write block files there)."""
+        return self.staging.path
 
     def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if not self.committed:
+        if not self.staging.committed:
             self.abort()
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.staging.abort()
 
     def block_file(self, side: str, b: int) -> Path:
-        return self.tmp / block_relpath(side, b)
+        return self.staging.file(block_relpath(side, b))
 
-    def add_file(self, rel: str, entry: dict[str, int]) -> None:
+    def add_file(self, rel: str, entry: FileEntry) -> None:
         self.files[rel] = entry
 
-    def write_block(self, side: str, b: int, rows, cols, vals) -> dict[str, int]:
+    def write_block(self, side: str, b: int, rows, cols, vals) -> FileEntry:
         entry = write_block_file(self.block_file(side, b), side, rows, cols, vals)
         self.add_file(block_relpath(side, b), entry)
+        return entry
+
+    def write_table(self, rel: str, table: pa.Table, **parquet_options: Any) -> FileEntry:
+        """Write one Parquet file of the store and list it in the manifest."""
+        f = self.staging.file(rel)
+        pq.write_table(table, f, **parquet_options)
+        entry = FileEntry(bytes=f.stat().st_size, rows=len(table))
+        self.add_file(rel, entry)
         return entry
 
     def write_id_map(self, side: str, ids: pa.Array, counts: np.ndarray) -> None:
@@ -275,38 +357,29 @@ class StoreWriter:
                 "n_ratings": pa.array(np.asarray(counts, dtype=np.int64)),
             }
         )
-        rel = f"{side}s.parquet"
-        pq.write_table(table, self.tmp / rel)
-        self.add_file(rel, {"bytes": (self.tmp / rel).stat().st_size, "rows": len(table)})
+        self.write_table(f"{side}s.parquet", table)
 
     def write_split(self, name: str, table: pa.Table) -> None:
-        rel = f"{name}/part-0.parquet"
-        (self.tmp / name).mkdir(exist_ok=True)
-        pq.write_table(table, self.tmp / rel, compression="zstd")
-        self.add_file(rel, {"bytes": (self.tmp / rel).stat().st_size, "rows": len(table)})
+        self.write_table(f"{name}/part-0.parquet", table, compression="zstd")
 
     def commit(self, manifest: dict[str, Any]) -> Store:
-        """Write manifest.json last, then rename the temporary directory into place."""
+        """Validate the manifest, write it last, then put the store in place."""
         for side in SIDES:
             if side not in manifest.get("blocks", {}):
                 raise StoreError(f"manifest lacks blocks.{side}")
-        manifest = {
-            **manifest,
-            "schema_version": SCHEMA_VERSION,
-            "files": dict(sorted(self.files.items())),
-        }
-        mtmp = self.tmp / (MANIFEST + ".tmp")
-        mtmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(mtmp, self.tmp / MANIFEST)
-        old = None
-        if self.path.exists():
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        self.committed = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return Store(self.path, manifest)
+        try:
+            m = StoreManifest.model_validate(
+                {
+                    **manifest,
+                    "schema_version": SCHEMA_VERSION,
+                    "files": dict(sorted(self.files.items())),
+                }
+            )
+        except ValidationError as exc:  # a bug of ours, not the user's: say which key
+            raise StoreError(f"cannot write the store manifest of {self.path}: {exc}") from exc
+        write_atomic(self.tmp / MANIFEST, m.model_dump_json(indent=1, exclude_none=True))
+        self.staging.commit()
+        return Store(self.path, m)
 
 
 def balanced_bounds(counts: np.ndarray, target: int, n_blocks: int | None = None) -> np.ndarray:
@@ -379,16 +452,10 @@ def store_from_arrays(
                 w.write_block(side, b, r[lo:hi], c[lo:hi], v[lo:hi])
                 nnz.append(int(hi - lo))
             blocks[side] = {"bounds": bounds.tolist(), "nnz": nnz}
-        w.write_id_map(
-            "user",
-            user_ids if user_ids is not None else pa.array(np.arange(n_users)),
-            counts["user"],
-        )
-        w.write_id_map(
-            "item",
-            item_ids if item_ids is not None else pa.array(np.arange(n_items)),
-            counts["item"],
-        )
+        user_ids = user_ids if user_ids is not None else pa.array(np.arange(n_users))
+        item_ids = item_ids if item_ids is not None else pa.array(np.arange(n_items))
+        w.write_id_map("user", user_ids, counts["user"])
+        w.write_id_map("item", item_ids, counts["item"])
         for name, (hu, hi_, hr) in held_out.items():
             w.write_split(
                 name,
@@ -401,11 +468,13 @@ def store_from_arrays(
                     schema=RATING_SCHEMA,
                 ),
             )
-        import hashlib
-
+        # What the store is made of: the ratings and the raw ids they stand for (two stores of
+        # the same indices but other ids are different stores).
         h = hashlib.sha256()
         for a in (users, items, ratings):
             h.update(np.ascontiguousarray(a).tobytes())
+        for ids in (user_ids, item_ids):
+            h.update(_ids_digest(ids))
         manifest = {
             "n_users": n_users,
             "n_items": n_items,
@@ -418,3 +487,21 @@ def store_from_arrays(
             "source": "arrays",
         }
         return w.commit(manifest)
+
+
+def _ids_digest(ids: pa.Array) -> bytes:
+    """A digest of raw ids, their type and order included."""
+    h = hashlib.sha256(str(ids.type).encode())
+    arr = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    if pa.types.is_integer(arr.type):
+        h.update(arr.to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+        return h.digest()
+    # Strings: their lengths, then their bytes, straight from the Arrow buffers.
+    arr = arr.cast(pa.large_string())
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[
+        arr.offset : arr.offset + len(arr) + 1
+    ]
+    h.update(np.diff(offsets).tobytes())
+    if len(arr) and arr.buffers()[2] is not None:
+        h.update(memoryview(arr.buffers()[2])[int(offsets[0]) : int(offsets[-1])])
+    return h.digest()

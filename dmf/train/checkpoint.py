@@ -6,13 +6,13 @@
         user_factors.npy user_bias.npy item_factors.npy item_bias.npy   (and best_* when early
                                                                         stopping keeps a best model)
 
-A checkpoint is written into a temporary directory, ``state.json`` last, then renamed: a directory
-named ``iter-*`` is complete by construction, and its checksums catch later corruption.
+A checkpoint is committed by :class:`dmf.store.storage.Staging` (a temporary directory,
+``state.json`` written last, then renamed): a directory named ``iter-*`` is complete by
+construction, and its checksums catch later corruption.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,18 +24,11 @@ from typing import Any
 import numpy as np
 
 from dmf.errors import CheckpointError
+from dmf.store.storage import Staging, discard, sha256_file
 
 log = logging.getLogger("dmf")
 
 STATE = "state.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_checkpoint(
@@ -47,28 +40,21 @@ def write_checkpoint(
 ) -> Path:
     """Write checkpoint ``iteration`` atomically and prune all but the newest ``keep``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"iter-{iteration:05d}"
-    tmp = directory / f".tmp-{iteration:05d}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with Staging(final, tmp_name=f".tmp-{iteration:05d}-{uuid.uuid4().hex[:8]}") as st:
         sums = {}
         for name, arr in arrays.items():
-            f = tmp / f"{name}.npy"
+            f = st.file(f"{name}.npy")
             np.save(f, arr, allow_pickle=False)
-            sums[f.name] = _sha256(f)
+            sums[f.name] = sha256_file(f)
         doc = {**state, "iteration": iteration, "files": sums}
-        (tmp / STATE).write_text(json.dumps(doc, indent=1))
-        with open(tmp / STATE) as fh:
+        with st.open(STATE) as fh:
+            fh.write(json.dumps(doc, indent=1).encode())
+            fh.flush()
             os.fsync(fh.fileno())
-        if final.exists():
-            _discard(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        st.commit()
     for old in list_checkpoints(directory)[:-keep]:
-        _discard(old)
+        discard(old)
     # A run killed while writing leaves its temporary directory behind (never read, as it is not
     # named iter-*); one training writes here at a time, so any other one is such a leftover.
     for stale in directory.glob(".tmp-*"):
@@ -76,18 +62,10 @@ def write_checkpoint(
     return final
 
 
-def _discard(path: Path) -> None:
-    """Delete a checkpoint directory, first renamed out of sight: a kill in the middle of the
-    deletion must not leave a partial ``iter-*`` directory behind."""
-    trash = path.parent / f".tmp-old-{path.name}-{uuid.uuid4().hex[:8]}"
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def remove_checkpoints(directory: str | Path) -> None:
     """Discard every checkpoint in ``directory`` (a fresh run starts without them)."""
     for path in list_checkpoints(directory):
-        _discard(path)
+        discard(path)
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -113,7 +91,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndar
         f = path / fname
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"checkpoint file {f} is corrupt (checksum mismatch)")
         arrays[fname[: -len(".npy")]] = np.load(f, allow_pickle=False)
     return state, arrays
