@@ -13,11 +13,20 @@ checked exactly like values from the file.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from dmf.errors import ConfigError
 
@@ -182,18 +191,114 @@ class JobqueueConfig(Section):
     """Keyword arguments of the dask-jobqueue cluster class (cores, memory, queue, walltime...)."""
 
 
+class TLSFiles(Section):
+    """TLS certificate files (PEM) for ``cluster.security``. Relative paths are relative to the
+    config file."""
+
+    ca_file: str
+    """The CA certificate: only peers presenting a certificate it signed are accepted."""
+    cert: str
+    """The certificate dmf presents to the scheduler. For a cluster dmf starts (``local``), the
+    scheduler and the workers present it too."""
+    key: str
+    """The private key of ``cert`` (unencrypted PEM: keep it readable by you only)."""
+
+
+def _security_shape(value: Any) -> str:
+    return "files" if isinstance(value, (dict, TLSFiles)) else "mode"
+
+
+# ``security: temporary`` or ``security: {ca_file: ..., cert: ..., key: ...}``. The
+# discriminator keeps a bad value's error to the shape that was meant.
+SecuritySetting = Annotated[
+    Annotated[Literal["auto", "none", "temporary"], Tag("mode")]
+    | Annotated[TLSFiles, Tag("files")],
+    Discriminator(_security_shape),
+]
+
+
+class KubernetesConfig(Section):
+    """A Dask cluster on Kubernetes, run by the dask-kubernetes operator (``cluster.kind:
+    kubernetes``, ``pip install 'dmf[kubernetes]'``). It has ``cluster.n_workers`` worker pods
+    of ``cluster.threads_per_worker`` threads and ``cluster.memory_limit`` each, always speaks
+    TLS, and is deleted at the end of the run."""
+
+    name: str | None = None
+    """Name of the DaskCluster resource, prefix of its pods, services and Secret (lower-case
+    letters, digits and '-'). Default: ``dmf-`` and a random suffix, so runs never collide."""
+    namespace: str | None = None
+    """Kubernetes namespace. Default: the current kubeconfig context's."""
+    image: str = "dmf:latest"
+    """Image of the scheduler and worker pods, built from ``docker/Dockerfile``. It must hold
+    the same dmf, Dask and Python versions as the machine running dmf."""
+    resources: dict[str, dict[str, str]] | None = None
+    """Container resources of every pod, e.g. ``{requests: {cpu: "4", memory: 16Gi}, limits:
+    {memory: 16Gi}}``. Dask sizes ``memory_limit: auto`` from the container's limit."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """More environment variables of the pods. They are stored in plain text in the DaskCluster
+    resource: put credentials in ``pass_env`` instead."""
+    pass_env: list[str] = Field(
+        default_factory=lambda: [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT_URL",
+        ]
+    )
+    """Environment variables copied from dmf's environment to the pods, those that are set
+    (object storage credentials, say). They travel in the run's Kubernetes Secret, not in the
+    cluster spec."""
+    scheduler_service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    """How dmf reaches the scheduler: ``ClusterIP`` (through a port-forward when dmf runs
+    outside the Kubernetes cluster), ``NodePort`` or ``LoadBalancer``."""
+    timeout: float = Field(default=600, gt=0)
+    """Seconds to wait for the scheduler pod and its service to be up."""
+
+
 class ClusterConfig(Section):
-    kind: Literal["local", "address", "scheduler_file", "jobqueue"] = "local"
+    kind: Literal["local", "address", "scheduler_file", "jobqueue", "kubernetes"] = "local"
+    """``local``: start an embedded LocalCluster; ``address`` / ``scheduler_file``: attach to a
+    running scheduler; ``jobqueue``: start workers as batch jobs (dask-jobqueue);
+    ``kubernetes``: start a cluster on Kubernetes (dask-kubernetes operator)."""
     n_workers: int = Field(default=2, ge=1)
+    """Workers of a cluster dmf starts (``local``: processes; ``kubernetes``: pods)."""
     threads_per_worker: int = Field(default=1, ge=1)
+    """Dask threads per worker; each runs one block task with one BLAS thread."""
     memory_limit: str | int = "auto"
     """Per worker, e.g. "4GiB"; ``auto`` shares the machine's memory between workers."""
     processes: bool = True
-    dashboard_address: str | None = ":8787"
+    """``local``: workers are processes (``false``: threads of the dmf process)."""
+    dashboard_address: str | None = "127.0.0.1:8787"
+    """Where the embedded cluster's dashboard listens, ``HOST:PORT``. A port alone (``:8787``)
+    listens on loopback, like the scheduler; ``0.0.0.0:8787`` opens it to the network; port 0
+    takes a free port; ``null`` turns the dashboard off. A port in use is replaced by a free
+    one (Dask warns). The printed link is always the one that works."""
     address: str | None = None
+    """``kind: address``: the running scheduler, ``tcp://HOST:PORT`` or ``tls://HOST:PORT``
+    (``--address`` overrides it)."""
     scheduler_file: str | None = None
+    """``kind: scheduler_file``: the file a running scheduler wrote (``--scheduler-file``
+    overrides it)."""
     local_directory: str | None = None
+    """``local``: where workers keep their scratch files (default: Dask's temporary directory)."""
+    security: SecuritySetting = "auto"
+    """TLS between dmf, the scheduler and the workers (``distributed.Security``):
+
+    - ``auto``: ``temporary`` for a cluster dmf starts (``local`` with worker processes,
+      ``jobqueue``, ``kubernetes``), ``none`` for a cluster it attaches to or a LocalCluster of
+      threads (which has no sockets);
+    - ``none``: Dask's own configuration decides (plain TCP unless ``distributed.comm.tls`` is
+      set there);
+    - ``temporary``: a self-signed certificate set made for this run, held in memory; only for
+      a cluster dmf starts;
+    - ``{ca_file, cert, key}``: PEM files, for a cluster dmf attaches to (``tls://``
+      addresses) or one it starts."""
     jobqueue: JobqueueConfig = Field(default_factory=JobqueueConfig)
+    """``kind: jobqueue``: the batch system and its options."""
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    """``kind: kubernetes``: image, namespace, resources and environment of the pods."""
 
     @model_validator(mode="after")
     def _kind_needs(self) -> ClusterConfig:
@@ -201,6 +306,13 @@ class ClusterConfig(Section):
             raise ValueError("cluster.kind 'address' needs cluster.address")
         if self.kind == "scheduler_file" and not self.scheduler_file:
             raise ValueError("cluster.kind 'scheduler_file' needs cluster.scheduler_file")
+        if self.kind in ("address", "scheduler_file") and self.security == "temporary":
+            raise ValueError(
+                "cluster.security 'temporary' makes certificates for a cluster dmf starts; "
+                "to attach to a TLS cluster give its files: {ca_file, cert, key}"
+            )
+        if self.kind == "kubernetes" and self.security == "none":
+            raise ValueError("cluster.kind 'kubernetes' always uses TLS: cluster.security none")
         return self
 
 
@@ -212,6 +324,18 @@ class EvaluateConfig(Section):
     cold_start: Literal["fallback", "drop"] = "fallback"
     """Unknown users or items: predict from the known biases (``fallback``) or skip (``drop``)."""
     ranking: bool = True
+
+
+class StorageConfig(Section):
+    """How dmf reaches object storage and other remote filesystems (through fsspec)."""
+
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Storage options passed unchanged to the filesystem of every URL (``s3://``, ``gs://``,
+    ``abfs://``, ``hdfs://``), as dask's ``storage_options``: e.g. ``{endpoint_url: ...,
+    key: ..., secret: ...}`` for S3. Without them, credentials and endpoints come from the
+    standard environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``,
+    ``AWS_REGION``; ``GOOGLE_APPLICATION_CREDENTIALS``; ...). They travel with each task to the
+    workers, which need no local configuration."""
 
 
 class OutputConfig(Section):
@@ -231,14 +355,19 @@ class Config(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     base_dir: str = Field(default=".", exclude=True)
     """Directory relative paths are resolved against (the config file's directory)."""
 
-    def resolve(self, path: str | Path) -> Path:
-        """Resolve a path from the config against the config file's directory."""
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else Path(os.path.normpath(Path(self.base_dir) / p))
+    def resolve(self, path: str | Path) -> str:
+        """A path from the config made absolute against the config file's directory, as a
+        string; a URL (``s3://...``) is returned unchanged."""
+        s = os.fspath(path)
+        if is_url(s):
+            return s
+        p = Path(s).expanduser()
+        return os.path.normpath(p if p.is_absolute() else Path(self.base_dir) / p)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"base_dir"})
@@ -271,12 +400,22 @@ PATH_KEYS = {
     "output.model",
     "cluster.scheduler_file",
     "cluster.local_directory",
+    "cluster.security.ca_file",
+    "cluster.security.cert",
+    "cluster.security.key",
 }
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` names its filesystem by protocol (``s3://bucket/key``, ``file:///x``)."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
 
 
 def _from_cwd(value: Any) -> Any:
     if isinstance(value, list):
         return [_from_cwd(v) for v in value]
+    if isinstance(value, str) and is_url(value):
+        return value
     if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
         return str(Path.cwd() / value)
     return value

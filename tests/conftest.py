@@ -74,3 +74,55 @@ def small_store(tmp_path) -> Store:
         n_blocks=3,
         held_out={"test": (u[test], i[test], r[test])},
     )
+
+
+# -- a real S3 server on loopback ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's standalone S3 server, on loopback: a real HTTP S3 endpoint (not an in-process
+    mock). Its endpoint and test credentials are put in this process's environment, the
+    standard way (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), so fsspec's S3 filesystem finds
+    them, and so do LocalCluster worker processes started afterwards. Yields the endpoint URL."""
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "dmf-test",
+        "AWS_SECRET_ACCESS_KEY": "dmf-test-secret",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env["AWS_ENDPOINT_URL"]
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3, request):
+    """A fresh, empty bucket on the test S3 server, as ``s3://NAME``."""
+    import re
+    import uuid
+
+    import fsspec
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("s3")
+    fs.mkdir(bucket)
+    fs.invalidate_cache()
+    return f"s3://{bucket}"

@@ -64,8 +64,8 @@ def store_triples(store: Store):
     out = {}
     for side in ("user", "item"):
         rows = []
-        for b, _path, _start, _stop in store.block_args(side):
-            t = store.read_block(side, b)
+        for ref in store.block_refs(side):
+            t = store.read_block(side, ref.block)
             for rr, (lo, hi) in enumerate(zip(t.indptr[:-1], t.indptr[1:], strict=True)):
                 row = t.start + rr
                 for c, v in zip(t.cols[lo:hi], t.vals[lo:hi], strict=True):
@@ -89,8 +89,9 @@ def check_block_files(store: Store) -> None:
         assert np.all(np.diff(bounds) > 0)
         key, other = (side, "item" if side == "user" else "user")
         total = 0
-        for b, path, start, stop in store.block_args(side):
-            t = pq.read_table(path)
+        for ref in store.block_refs(side):
+            b, start, stop = ref.block, ref.start, ref.stop
+            t = pq.read_table(Path(ref.location))
             k = t.column(key).to_numpy().astype(np.int64)
             o = t.column(other).to_numpy().astype(np.int64)
             assert t.schema.field("user").type == pa.int32()
@@ -203,10 +204,11 @@ def test_split_same_across_batch_sizes_and_cluster(tmp_path, client, method):
     assert first["test"] and first["validation"]
     for s in stores[1:]:
         assert store_triples(s) == first
-        # Byte-identical block contents, not just equal sets.
+        # Identical block contents, not just equal sets.
         for side in ("user", "item"):
-            for b, path, *_ in stores[0].block_args(side):
-                assert pq.read_table(path).equals(pq.read_table(s.block_path(side, b)))
+            for ref in stores[0].block_refs(side):
+                a, b = Path(ref.location), Path(s.block_path(side, ref.block))
+                assert pq.read_table(a).equals(pq.read_table(b))
 
 
 @pytest.mark.parametrize("method", ["random", "user"])
@@ -459,15 +461,15 @@ def test_cli_ingest_on_a_running_cluster(tmp_path, csv_file, client, capsys):
 
 def test_truncated_or_deleted_file_is_an_error_naming_it(tmp_path, csv_file):
     store = run_store(tmp_path, "s", str(csv_file), blocks={"n_blocks": 2})
-    f = store.block_path("item", 1)
+    f = Path(store.block_path("item", 1))
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(StoreError, match=r"by_item/block=00001/part-0.parquet.*truncated"):
+    with pytest.raises(StoreError, match=r"by_item/block=00001/part-0\.\w+\.parquet.*truncated"):
         Store.open(store.path)
     f.write_bytes(data)
     Store.open(store.path)
-    (store.path / "users.parquet").unlink()
-    with pytest.raises(StoreError, match=r"users.parquet is missing"):
+    Path(store.file("users.parquet")).unlink()
+    with pytest.raises(StoreError, match=r"users\.\w+\.parquet is missing"):
         Store.open(store.path)
 
 
@@ -480,6 +482,7 @@ def test_killed_ingest_leaves_no_store_and_keeps_the_old_one(tmp_path, caplog):
         store_dir = tmp_path / name
         if name == "old":
             run_store(tmp_path, "old", str(small))
+            old_files = sorted(p for p in store_dir.rglob("*") if p.is_file())
         cfg.write_text(
             f"data:\n  source: {src if name == 'new' else f}\n  batch_rows: 500\n"
             f"store:\n  path: {store_dir}\n  overwrite: true\n"
@@ -489,26 +492,44 @@ def test_killed_ingest_leaves_no_store_and_keeps_the_old_one(tmp_path, caplog):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        # Kill it as soon as its temporary directory appears (it is still reading).
+        # Kill it as soon as its spill files appear (it is still reading).
         deadline = time.time() + 60
-        while not list(tmp_path.glob(f".{name}.tmp-*")) and time.time() < deadline:
+        while not list(store_dir.glob(".scratch-*/p1/*.bin")) and time.time() < deadline:
             time.sleep(0.01)
         time.sleep(0.2)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL
+        # What it wrote is left over: in the store's directory, listed by no manifest.
+        scratch = [p.name for p in store_dir.glob(".scratch-*")]
+        assert len(scratch) == 1
+        assert not list(tmp_path.glob(f".{name}*"))  # nothing next to the store
         if name == "new":
             assert not (store_dir / "manifest.json").exists()
             with pytest.raises(StoreError):
                 Store.open(store_dir)
-            # The next ingest says where the leftovers are.
+            # The next ingest names the leftovers and says how to remove them. The directory
+            # holds nothing but what dmf left there, so it counts as empty: no overwrite needed.
             cfg2 = cfg_for(tmp_path, str(small))
             cfg2.store.path = str(store_dir)
             with caplog.at_level("WARNING", logger="dmf"):
+                again = ingest(cfg2, progress=False)
+            assert f"{scratch[0]}/" in caplog.text and "interrupted ingest" in caplog.text
+            assert f"dmf clean {store_dir}" in caplog.text
+            assert again.n_train + again.n_split("test") == 100
+            assert all(rel.startswith(scratch[0] + "/") for rel in again.leftovers())
+            # A directory holding anything else is refused without store.overwrite.
+            (store_dir / "notes.txt").write_text("mine")
+            with pytest.raises(StoreError, match="not empty.*store.overwrite"):
                 ingest(cfg2, progress=False)
-            assert f".{name}.tmp-" in caplog.text and "interrupted ingest" in caplog.text
         else:
-            assert Store.open(store_dir).n_train + Store.open(store_dir).n_split("test") == 100
+            store = Store.open(store_dir)
+            assert store.n_train + store.n_split("test") == 100
+            # The old store's files are untouched; the killed ingest's are its leftovers.
+            assert sorted(p for p in store_dir.rglob("*") if p.is_file()) == sorted(
+                old_files + [store_dir / rel for rel in store.leftovers()]
+            )
+            assert all(rel.startswith(scratch[0] + "/") for rel in store.leftovers())
 
 
 def test_synth_output_is_the_default_source(tmp_path):

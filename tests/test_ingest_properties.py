@@ -54,8 +54,8 @@ def store_sets(store: Store):
     sides = {}
     for side in ("user", "item"):
         s = []
-        for b, *_ in store.block_args(side):
-            blk = store.read_block(side, b)
+        for ref in store.block_refs(side):
+            blk = store.read_block(side, ref.block)
             rows = np.repeat(np.arange(blk.start, blk.stop), np.diff(blk.indptr))
             for row, c, v in zip(rows, blk.cols, blk.vals, strict=True):
                 u, i = (row, c) if side == "user" else (c, row)

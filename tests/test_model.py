@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
@@ -54,10 +56,12 @@ def str_store(tmp_path):
 
 
 def _factors_from_files(path):
-    """Read the saved factor files directly (not through Model.load)."""
+    """Read the saved factor files directly (not through Model.load): the files model.json
+    lists."""
+    files = json.loads((path / "model.json").read_text())["files"]
     out = {}
     for side in ("user", "item"):
-        t = pq.read_table(path / f"{side}_factors.parquet")
+        t = pq.read_table(path / files[f"{side}_factors/part-00000.parquet"]["path"])
         f = np.array(t.column("factors").to_pylist(), dtype=np.float64)
         out[side] = (t.column("id").to_pylist(), t.column("bias").to_numpy().astype(np.float64), f)
     return out

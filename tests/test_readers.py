@@ -133,3 +133,50 @@ def test_byte_order_mark_and_crlf_line_ends(tmp_path):
     f.write_bytes(b"\xef\xbb\xbfuser,item,rating\r\nu1,i1,3\r\nu2,i1,4.5\r\n")
     _, users, items, ratings = collect(spec_for(f))
     assert users == ["u1", "u2"] and items == ["i1", "i1"] and ratings.tolist() == [3, 4.5]
+
+
+def test_directory_order_is_by_path_components_as_before(tmp_path):
+    # pathlib order (what the readers listed by before they went through fsspec): "sub/b.csv"
+    # before "sub-x.csv", though "-" sorts before "/" as a string.
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    for rel in ("sub-x.csv", "sub/b.csv", "a.csv"):
+        (d / rel).write_text("user,item,rating\n1,1,1\n")
+    spec = spec_for(d)
+    assert [str(f.path) for f in spec.files] == [
+        str(d / r) for r in ("a.csv", "sub/b.csv", "sub-x.csv")
+    ]
+
+
+def test_file_url_is_the_local_path(tmp_path):
+    f = tmp_path / "r.csv"
+    f.write_text("user,item,rating\n1,2,3.5\n")
+    spec = spec_for(f"file://{f}")
+    assert [str(x.path) for x in spec.files] == [str(f)]
+    assert spec.files[0].path.is_local
+    assert collect(spec)[1] == [1]
+
+
+def test_synth_output_is_read_through_its_manifest(tmp_path):
+    """Versioned file names, and files no manifest lists (an interrupted synth's), which must
+    not be read as ratings: the directory and its ratings directory both go by synth.json."""
+    import shutil
+
+    from dmf.config import SynthConfig
+    from dmf.data.synth import synth, synth_files
+
+    out = tmp_path / "syn"
+    synth(SynthConfig(n_users=30, n_items=20, n_ratings=200, files=2), out, progress=False)
+    listed = synth_files(out)
+    ratings = [str(listed[f"ratings/part-0000{k}.parquet"]) for k in range(2)]
+    # Leftovers of a killed synth: another version's file, and a stray one.
+    shutil.copy(ratings[0], out / "ratings" / "part-00000.0badc0de.parquet")
+    (out / "ratings" / "part-00009.parquet").write_bytes(b"PAR1 half a file")
+    for source in (out, out / "ratings"):
+        spec = spec_for(source, columns={"timestamp": "timestamp"})
+        assert [str(f.path) for f in spec.files] == ratings
+        assert len(collect(spec)[1]) == 200
+    # A plain copy of the ratings directory (no synth.json) is read by listing it.
+    plain = tmp_path / "plain"
+    shutil.copytree(out / "ratings", plain)
+    assert len(spec_for(plain).files) == 4

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
@@ -94,10 +97,15 @@ def test_recommend_all_to_file_and_directory(rated, client, tmp_path):
     ref = brute_force(model, u, i, range(N_USERS), 5)
     ids = [f"u{k}" for k in range(N_USERS)]
     f = recommend_all(model, store, n=5, client=client, out=tmp_path / "out" / "recs.parquet")
-    assert f == tmp_path / "out" / "recs.parquet" and f.is_file()
-    check_against(pq.read_table(f), ref, ids)
-    d = recommend_all(model, store, n=5, out=tmp_path / "recs_dir")
-    assert sorted(p.name for p in d.iterdir()) == [f"part-{k:05d}.parquet" for k in range(3)]
+    assert str(f) == str(tmp_path / "out" / "recs.parquet") and Path(f).is_file()
+    check_against(pq.read_table(Path(f)), ref, ids)
+    d = Path(recommend_all(model, store, n=5, out=tmp_path / "recs_dir"))
+    # The parts, and the manifest that lists them (written last).
+    listed = json.loads((d / "_manifest.json").read_text())["files"]
+    assert sorted(listed) == [f"part-{k:05d}.parquet" for k in range(3)]
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        [e["path"] for e in listed.values()] + ["_manifest.json"]
+    )
     check_against(pq.read_table(d), ref, ids)
     # Nothing temporary is left next to the outputs.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recs_dir", "store"]

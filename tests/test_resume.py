@@ -8,6 +8,7 @@ checkpoint files are detected by their checksums.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -25,7 +26,8 @@ from dmf.config import load_config
 from dmf.errors import CheckpointError, ModelError
 from dmf.model.model import Model
 from dmf.store.layout import store_from_arrays
-from dmf.train.checkpoint import list_checkpoints, read_checkpoint
+from dmf.store.storage import Location
+from dmf.train.checkpoint import checkpoint_leftovers, list_checkpoints, read_checkpoint
 from dmf.train.loop import train
 
 # Enough iterations that the run is still going when the test kills it after checkpoint 2.
@@ -197,6 +199,12 @@ def test_checkpoint_of_other_store_is_refused(store, client, tmp_path):
         )
 
 
+def array_file(ckpt, name: str) -> Path:
+    """The file of array ``name`` in a checkpoint, as its state.json lists it."""
+    files = json.loads((Path(ckpt) / "state.json").read_text())["files"]
+    return Path(ckpt) / files[f"{name}.npy"]["path"]
+
+
 def flip_bytes(path: Path) -> None:
     """Flip bytes in the data part of a .npy file (the header stays loadable)."""
     data = bytearray(path.read_bytes())
@@ -210,7 +218,7 @@ def test_corrupt_newest_checkpoint_is_skipped(store, client, tmp_path, caplog):
     a = train(store, cfg, client=client, quiet=True)
     ckpts = list_checkpoints(tmp_path / "m" / "checkpoints")
     assert [p.name for p in ckpts] == ["iter-00003", "iter-00004"]
-    flip_bytes(ckpts[-1] / "item_factors.npy")
+    flip_bytes(array_file(ckpts[-1], "item_factors"))
     with pytest.raises(CheckpointError, match="corrupt"):
         read_checkpoint(ckpts[-1])
 
@@ -229,26 +237,38 @@ def test_no_usable_checkpoint_is_an_error(store, client, tmp_path):
     cfg = load_config(raw=raw_config(store, tmp_path / "m", 3))
     train(store, cfg, client=client, quiet=True)
     ckpts = list_checkpoints(tmp_path / "m" / "checkpoints")
-    flip_bytes(ckpts[-1] / "user_factors.npy")
-    (ckpts[0] / "state.json").write_text("{not json")
+    flip_bytes(array_file(ckpts[-1], "user_factors"))
+    (Path(ckpts[0]) / "state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="no usable checkpoint") as err:
         train(store, cfg, client=client, resume=True, quiet=True)
     assert ckpts[0].name in str(err.value) and ckpts[-1].name in str(err.value)
 
 
 def test_leftover_of_a_killed_write_is_ignored_and_removed(store, client, tmp_path):
-    """A temporary directory left by a kill mid-write is neither resumed from nor kept."""
+    """What a kill mid-write leaves (a checkpoint without its state.json, an array file no
+    state.json lists, a temporary directory of an older version) is neither resumed from nor
+    kept."""
     cfg = load_config(raw=raw_config(store, tmp_path / "m", 2))
     a = train(store, cfg, client=client, quiet=True)
     ckpt_dir = tmp_path / "m" / "checkpoints"
+    half = ckpt_dir / "iter-00003"
+    half.mkdir()
+    (half / "user_factors.0badf00d.npy").write_bytes(b"\x93NUMPY half-written")
+    stray = array_file(ckpt_dir / "iter-00002", "user_factors").with_name("item_bias.0badf00d.npy")
+    stray.write_bytes(b"\x93NUMPY half-written")
     stale = ckpt_dir / ".tmp-00003-0badf00d"
     stale.mkdir()
     (stale / "user_factors.npy").write_bytes(b"\x93NUMPY half-written")
     cfg4 = load_config(raw=raw_config(store, tmp_path / "m", 4))
     b = train(store, cfg4, client=client, resume=True, quiet=True)
-    assert b.history[:2] == a.history  # resumed from iter-00002, not from the leftover
-    assert not stale.exists()
+    assert b.history[:2] == a.history  # resumed from iter-00002, not from the leftovers
+    assert not stale.exists() and not (half / "user_factors.0badf00d.npy").exists()
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["iter-00003", "iter-00004"]
+    for ckpt in list_checkpoints(ckpt_dir):
+        listed = json.loads((Path(ckpt) / "state.json").read_text())["files"]
+        assert sorted(p.name for p in Path(ckpt).iterdir()) == sorted(
+            [e["path"] for e in listed.values()] + ["state.json"]
+        )
 
 
 # Writes checkpoints of a large array in a loop, printing each iteration once it is complete.
@@ -289,9 +309,9 @@ def test_sigkill_during_checkpoint_writes_leaves_only_complete_ones(tmp_path):
         finally:
             kill_group(proc)
             proc.stdout.close()
-        mid_write += any(p.name.startswith(".tmp-") for p in ckpt_dir.iterdir())
+        mid_write += bool(checkpoint_leftovers(Location.of(ckpt_dir)))
         done = list_checkpoints(ckpt_dir)
-        assert len(done) >= 2  # keep=2 (3 if killed between the rename and the pruning)
+        assert len(done) >= 2  # keep=2 (3 if killed between the commit and the pruning)
         for p in done:
             state, arrays = read_checkpoint(p)
             assert arrays["user_factors"].shape == (1_000_000, 4)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow.csv as pacsv
@@ -11,7 +13,7 @@ import pytest
 
 from dmf.cli import main
 from dmf.config import SynthConfig
-from dmf.data.synth import OutputExistsError, synth
+from dmf.data.synth import OutputExistsError, load_truth, synth, synth_files
 from dmf.errors import ConfigError
 
 
@@ -21,8 +23,24 @@ def _cfg(**kw) -> SynthConfig:
     return SynthConfig(**base)
 
 
+def _ratings_files(out) -> dict[str, Path]:
+    """The rating files of a synth output by logical name, in order, as synth.json lists them;
+    and checks that the ratings directory holds exactly those files, under versioned names."""
+    files = {
+        rel: Path(loc)
+        for rel, loc in sorted(synth_files(out).items())
+        if rel.startswith("ratings/")
+    }
+    token = json.loads((out / "synth.json").read_text())["version"]
+    for rel, f in files.items():
+        stem, ext = rel.rsplit(".", 1)
+        assert f == out / f"{stem}.{token}.{ext}"
+    assert sorted((out / "ratings").iterdir()) == sorted(files.values())
+    return files
+
+
 def _read(out, fmt="parquet"):
-    files = sorted((out / "ratings").iterdir())
+    files = list(_ratings_files(out).values())
     if fmt == "parquet":
         tables = [pq.read_table(f) for f in files]
     else:
@@ -46,7 +64,7 @@ def test_counts_exact_pairs_distinct_and_truth_planted(tmp_path):
     key = u * cfg.n_items + i
     assert (np.diff(key) > 0).all()
 
-    t = np.load(tmp_path / "s" / "truth.npz")
+    t = load_truth(tmp_path / "s")
     assert t["U"].shape == (cfg.n_users, 3) and t["V"].shape == (cfg.n_items, 3)
     assert t["b"].shape == (cfg.n_users,) and t["c"].shape == (cfg.n_items,)
     assert float(t["mu"]) == cfg.mu and float(t["noise"]) == cfg.noise
@@ -60,7 +78,14 @@ def test_counts_exact_pairs_distinct_and_truth_planted(tmp_path):
     assert np.var(resid) < 0.5 * np.var(r["rating"])
     written = json.loads((tmp_path / "s" / "synth.json").read_text())
     assert written["n_ratings"] == cfg.n_ratings and written["config"]["seed"] == 7
-    assert written["files"] == ["ratings/part-00000.parquet"]
+    assert written["ratings_files"] == ["ratings/part-00000.parquet"]
+    # The manifest lists every file, with its size and checksum; nothing else is in the output.
+    assert sorted(written["files"]) == ["ratings/part-00000.parquet", "truth.npz"]
+    for entry in written["files"].values():
+        assert (tmp_path / "s" / entry["path"]).stat().st_size == entry["bytes"]
+    listed = {e["path"] for e in written["files"].values()} | {"synth.json"}
+    on_disk = {str(p.relative_to(tmp_path / "s")) for p in (tmp_path / "s").rglob("*")}
+    assert on_disk - {"ratings"} == listed
 
 
 def test_skew_makes_heavy_users_and_popular_items(tmp_path):
@@ -111,13 +136,14 @@ def test_same_output_whatever_the_chunk_size_and_threads(tmp_path):
     ra, fa = _read(tmp_path / "a")
     for other in ("b", "c"):
         rb, fb = _read(tmp_path / other)
-        assert [f.name for f in fa] == [f.name for f in fb]
+        # The same files (each version's names carry its own token).
+        assert list(_ratings_files(tmp_path / "a")) == list(_ratings_files(tmp_path / other))
         for k in ra:
             np.testing.assert_array_equal(ra[k], rb[k])
         # File by file too, not only the concatenation.
         for x, y in zip(fa, fb, strict=True):
             assert pq.read_table(x).equals(pq.read_table(y))
-    ta, tb = np.load(tmp_path / "a" / "truth.npz"), np.load(tmp_path / "b" / "truth.npz")
+    ta, tb = load_truth(tmp_path / "a"), load_truth(tmp_path / "b")
     np.testing.assert_array_equal(ta["U"], tb["U"])
     # Another seed gives other data.
     synth(_cfg(user_skew=1.2, item_skew=1.1, files=3, seed=8), tmp_path / "d", progress=False)
@@ -144,8 +170,10 @@ def test_round_and_clip_to_a_star_scale(tmp_path):
 def test_files_and_csv_format(tmp_path):
     cfg = _cfg(files=4, format="csv")
     synth(cfg, tmp_path / "csv", progress=False)
-    files = sorted((tmp_path / "csv" / "ratings").iterdir())
-    assert [f.name for f in files] == [f"part-{k:05d}.csv" for k in range(4)]
+    by_name = _ratings_files(tmp_path / "csv")
+    assert list(by_name) == [f"ratings/part-{k:05d}.csv" for k in range(4)]
+    files = list(by_name.values())
+    assert all(re.fullmatch(r"part-\d{5}\.\w+\.csv", f.name) for f in files)
     assert files[0].read_text().splitlines()[0] == '"user","item","rating","timestamp"'
     r, _ = _read(tmp_path / "csv", "csv")
     assert len(r["user"]) == cfg.n_ratings
@@ -156,12 +184,12 @@ def test_files_and_csv_format(tmp_path):
     rp, _ = _read(tmp_path / "pq")
     np.testing.assert_array_equal(rp["user"], r["user"])
     np.testing.assert_allclose(rp["rating"], r["rating"], rtol=1e-6)
-    assert pq_r["files"][3] == "ratings/part-00003.parquet"
+    assert pq_r["ratings_files"][3] == "ratings/part-00003.parquet"
 
 
 def test_more_files_than_users_with_ratings(tmp_path):
     synth(_cfg(n_users=2, n_items=5, n_ratings=3, files=4), tmp_path / "s", progress=False)
-    files = sorted((tmp_path / "s" / "ratings").iterdir())
+    files = list(_ratings_files(tmp_path / "s").values())
     assert len(files) == 4
     assert sum(pq.read_table(f).num_rows for f in files) == 3
 
@@ -174,9 +202,18 @@ def test_refuses_non_empty_output_unless_overwrite(tmp_path):
     with pytest.raises(OutputExistsError, match="not empty.*overwrite"):
         synth(_cfg(seed=1), out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
+    first = {str(p) for p in synth_files(out).values()}
     synth(_cfg(seed=1), out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists()
-    assert json.loads((out / "synth.json").read_text())["config"]["seed"] == 1
+    # Overwrite replaces the previous synth output's files, and nothing else.
+    assert (out / "keep.txt").read_text() == "mine"
+    doc = json.loads((out / "synth.json").read_text())
+    assert doc["config"]["seed"] == 1
+    now = {str(p) for p in synth_files(out).values()}
+    assert not first & now and not any(Path(p).exists() for p in first)
+    assert {str(p) for p in out.rglob("*") if p.is_file()} == now | {
+        str(out / "synth.json"),
+        str(out / "keep.txt"),
+    }
     # No temporary directories left next to it.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 
@@ -258,7 +295,7 @@ def test_truth_scales_do_not_depend_on_rank(tmp_path, rank):
         n_users=3000, n_items=3000, n_ratings=10, rank=rank, factor_scale=0.6, bias_scale=0.2
     )
     synth(cfg, tmp_path / "s", progress=False)
-    t = np.load(tmp_path / "s" / "truth.npz")
+    t = load_truth(tmp_path / "s")
     assert t["U"].dtype == np.float32
     interaction = np.einsum("ij,ij->i", t["U"], t["V"])  # independent (u_k, v_k) pairs
     assert interaction.std() == pytest.approx(0.6, rel=0.1)
@@ -275,3 +312,32 @@ def test_extreme_skew_still_gives_exact_counts(tmp_path):
     assert len(r["user"]) == 6000 == summary["n_ratings"]
     assert len(np.unique(r["user"] * 3 + r["item"])) == 6000
     assert np.bincount(r["user"]).max() == 3
+
+
+def test_output_of_an_older_dmf_is_read_then_replaced(tmp_path):
+    """Before synth versioned its files, synth.json listed them by name: such an output is
+    read by listing it, and an overwrite deletes exactly the files it listed."""
+    from dmf.config import load_config
+    from dmf.data.readers import resolve_inputs
+
+    out = tmp_path / "s"
+    synth(_cfg(files=2), out, progress=False)
+    # Rewrite it as an older dmf left it: fixed names, and "files" a list of them.
+    doc = json.loads((out / "synth.json").read_text())
+    for rel, entry in doc.pop("files").items():
+        (out / entry["path"]).rename(out / rel)
+    doc["files"] = doc.pop("ratings_files")
+    del doc["version"]
+    (out / "synth.json").write_text(json.dumps(doc))
+    (out / "notes.txt").write_text("mine")
+    cfg = load_config(raw={"data": {"source": str(out / "ratings")}})
+    spec = resolve_inputs(cfg.data, cfg.resolve)
+    assert [f.path.name for f in spec.files] == ["part-00000.parquet", "part-00001.parquet"]
+
+    synth(_cfg(files=2, seed=8), out, overwrite=True, progress=False)
+    now = {p for p in synth_files(out).values()}
+    assert {p for p in out.rglob("*") if p.is_file()} == {Path(p) for p in now} | {
+        out / "synth.json",
+        out / "notes.txt",
+    }
+    assert load_truth(out)["U"].shape == (300, 3)

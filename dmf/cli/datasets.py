@@ -86,6 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _synth(args: argparse.Namespace) -> int:
     from dmf.data.synth import DEFAULT_CHUNK_RATINGS, synth
+    from dmf.store.storage import Location, config_location
 
     flags: dict[str, Any] = {}
     for flag, key in _SYNTH_FLAGS.items():
@@ -93,7 +94,12 @@ def _synth(args: argparse.Namespace) -> int:
         if value is not None:
             flags[key] = list(value) if isinstance(value, list) else value
     cfg = load_config(args.config, args.set, raw={"synth": flags} if flags else None)
-    out = Path(args.out) if args.out else cfg.resolve(cfg.synth.path)
+    # --out is relative to the current directory; synth.path to the config file.
+    out = (
+        Location.of(args.out, cfg.storage.options)
+        if args.out
+        else config_location(cfg, cfg.synth.path)
+    )
     summary = synth(
         cfg.synth,
         out,
@@ -104,7 +110,8 @@ def _synth(args: argparse.Namespace) -> int:
     print(
         f"wrote {summary['n_ratings']:,} ratings ({summary['users_with_ratings']:,} users x "
         f"{summary['items_with_ratings']:,} items rated) to {out}/ratings in "
-        f"{summary['seconds']:.1f} s; truth in {out}/truth.npz, summary in {out}/synth.json"
+        f"{summary['seconds']:.1f} s; truth in {out / summary['files']['truth.npz']['path']}, "
+        f"summary in {out}/synth.json"
     )
     return 0
 

@@ -1,8 +1,11 @@
-"""``dmf ingest CONFIG`` (raw ratings -> store) and ``dmf info STORE`` (what a store holds)."""
+"""``dmf ingest CONFIG`` (raw ratings -> store); ``dmf info``, ``dmf verify`` and ``dmf clean``
+on a store or a model directory (a local path or a URL)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 from dmf.cli.common import add_cluster_args, add_config_arg, cluster_kwargs, config_from_args
 
@@ -30,12 +33,34 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "info",
-        help="summary of a store: counts, mu, blocks, splits, dropped rows, size",
-        description="Open (and verify) a store and print a summary, or its manifest with --json.",
+        help="summary of a store or a model: counts, blocks, splits, size, leftover files",
+        description="Open a store (or a model directory) and print a summary, or its manifest "
+        "with --json. Files that an interrupted write left behind are reported; `dmf clean` "
+        "removes them.",
     )
-    p.add_argument("store", help="store directory")
+    p.add_argument("path", metavar="STORE|MODEL", help="store or model directory (path or URL)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "verify",
+        help="check every file of a store or model against its manifest (size and checksum)",
+        description="Read every file a store or model directory lists (and a model's "
+        "checkpoints) and check its size and CRC-32. Exit status 2 names the first bad file.",
+    )
+    p.add_argument("path", metavar="STORE|MODEL", help="store or model directory (path or URL)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "clean",
+        help="remove the files interrupted writes left in a store or model directory",
+        description="Delete dmf's files that no manifest lists in a store or model directory "
+        "(killed ingests, saves, checkpoints, evaluations). Files dmf did not write are never "
+        "touched. Use --dry-run to list them first.",
+    )
+    p.add_argument("path", metavar="STORE|MODEL", help="store or model directory (path or URL)")
+    p.add_argument("-n", "--dry-run", action="store_true", help="list, do not delete")
+    p.set_defaults(func=cmd_clean)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -54,15 +79,134 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _what(path: str):
+    """(kind, location) of a store or a model directory: kind is 'store', 'model' or None."""
+    from dmf.model.model import MODEL_JSON
+    from dmf.store.layout import MANIFEST
+    from dmf.store.storage import Location
+
+    loc = Location.of(path)
+    if (loc / MANIFEST).exists():
+        return "store", loc
+    if (loc / MODEL_JSON).exists():
+        return "model", loc
+    return None, loc
+
+
+def _leftovers(kind: str, loc) -> list[str]:
+    from dmf.model.model import model_leftovers
+    from dmf.store.layout import MANIFEST
+    from dmf.store.storage import leftovers, read_manifest
+    from dmf.train.checkpoint import checkpoint_leftovers
+
+    if kind == "store":
+        return leftovers(loc, MANIFEST, read_manifest(loc, MANIFEST))
+    if kind == "model":
+        return model_leftovers(loc) + [
+            f"checkpoints/{rel}" for rel in checkpoint_leftovers(loc / "checkpoints")
+        ]
+    return leftovers(loc, "", None)
+
+
+def _not_found(loc, stray: list[str]):
+    from dmf.errors import StoreError
+
+    more = (
+        f"; it holds {len(stray)} file(s) an interrupted write left behind "
+        f"(`dmf clean {loc}` removes them)"
+        if stray
+        else ""
+    )
+    return StoreError(f"{loc} holds no store (manifest.json) and no model (model.json){more}")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    from dmf.model.model import load
     from dmf.store.layout import Store
 
-    store = Store.open(args.store)
-    if args.json:
-        print(store.manifest.model_dump_json(indent=1, exclude_none=True))
+    kind, loc = _what(args.path)
+    if kind is None:
+        raise _not_found(loc, _leftovers(kind, loc))
+    if kind == "model":
+        model = load(loc)
+        if args.json:
+            print(json.dumps(model.manifest(), indent=1, default=str))
+        else:
+            print(format_model_info(model, loc))
     else:
-        print(format_info(store))
+        store = Store.open(loc)
+        if args.json:
+            print(store.manifest.model_dump_json(indent=1, exclude_none=True))
+        else:
+            print(format_info(store))
+    stray = _leftovers(kind, loc)
+    if stray and not args.json:
+        print(
+            f"leftovers    {len(stray)} file(s) of interrupted writes, e.g. {stray[0]}; "
+            f"`dmf clean {loc}` removes them"
+        )
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from dmf.model.model import verify_model
+    from dmf.store.layout import Store
+    from dmf.train.checkpoint import list_checkpoints, read_checkpoint
+
+    kind, loc = _what(args.path)
+    if kind is None:
+        raise _not_found(loc, _leftovers(kind, loc))
+    if kind == "store":
+        store = Store.open(loc)
+        n_bytes, n_files = store.verify_all(), len(store.manifest.files)
+    else:
+        n_files, n_bytes = verify_model(loc)
+        for ckpt in list_checkpoints(loc / "checkpoints"):
+            state, _ = read_checkpoint(ckpt)  # every array file checked
+            n_files += len(state.get("files", {}))
+            n_bytes += sum(e["bytes"] for e in state.get("files", {}).values())
+    print(f"dmf verify: {loc}: {n_files} files, {_size(n_bytes)}, every size and checksum ok")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from dmf.store.storage import clean
+
+    kind, loc = _what(args.path)
+    stray = _leftovers(kind, loc)
+    for rel in stray:
+        print(rel)
+    if args.dry_run:
+        print(f"dmf clean: {len(stray)} file(s) would be removed from {loc}", file=sys.stderr)
+    else:
+        clean(loc, stray)
+        print(f"dmf clean: removed {len(stray)} file(s) from {loc}", file=sys.stderr)
+    return 0
+
+
+def format_model_info(model, loc) -> str:
+    """A human summary of a model directory (what ``dmf info MODEL`` prints)."""
+    h = model.history
+    lines = [
+        f"model        {loc}",
+        f"rank         {model.rank}",
+        f"users        {model.n_users:,}",
+        f"items        {model.n_items:,}",
+        f"mu           {model.mu:.4f}",
+        f"iterations   {len(h)}"
+        + (f" ({model.meta['stopped']})" if "stopped" in model.meta else ""),
+    ]
+    if h:
+        last = h[-1]
+        val = last.get("validation_rmse")
+        lines.append(
+            f"last         train RMSE {last['train_rmse']:.4f}"
+            + (f", validation RMSE {val:.4f}" if val is not None else "")
+        )
+    if "best_iteration" in model.meta:
+        lines.append(f"best         iteration {model.meta['best_iteration']}")
+    lines.append(f"store        {model.store_path or '-'} ({model.store_fingerprint or '-'})")
+    return "\n".join(lines)
 
 
 def _size(n: float) -> str:

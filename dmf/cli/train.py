@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from dmf.cli.common import add_cluster_args, add_config_arg, cluster_kwargs, config_from_args
 from dmf.cli.tables import write_json
+from dmf.store.storage import config_location
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dmf.train.loop import train
 
     cfg = config_from_args(args)
-    store = Store.open(cfg.resolve(args.store or cfg.store.path))
+    store = Store.open(config_location(cfg, args.store or cfg.store.path))
     train(store, cfg, resume=args.resume, quiet=args.quiet, **cluster_kwargs(args))
     return 0
 
@@ -71,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ranking=e.ranking,
             client=client,
         )
-    out = cfg.resolve(cfg.output.model) / "evaluation.json"
+    out = config_location(cfg, cfg.output.model) / "evaluation.json"
     write_json(out, metrics)
     print(format_table(metrics))
     print(f"dmf run: metrics written to {out}", file=sys.stderr)
@@ -89,11 +89,11 @@ def prepare_store(cfg, client, quiet: bool = False):
         # New planted data: the inputs' fingerprint changes, so the store is rebuilt below.
         synth(
             cfg.synth,
-            cfg.resolve(cfg.synth.path),
+            config_location(cfg, cfg.synth.path),
             overwrite=True,
             progress=None if not quiet else False,
         )
-    path = cfg.resolve(cfg.store.path)
+    path = config_location(cfg, cfg.store.path)
     try:
         store = Store.open(path)
     except StoreError:
@@ -118,10 +118,13 @@ def prepare_store(cfg, client, quiet: bool = False):
 
 def synth_is_current(cfg) -> bool:
     """Whether the synthetic ratings at synth.path were made with this config's synth settings."""
-    meta = cfg.resolve(cfg.synth.path) / "synth.json"
-    if not meta.is_file():
+    from dmf.errors import DmfError
+    from dmf.store.storage import read_manifest
+
+    doc = read_manifest(config_location(cfg, cfg.synth.path), "synth.json", error=DmfError)
+    if doc is None:
         return False
-    made = json.loads(meta.read_text()).get("config", {})
+    made = doc.get("config", {})
     want = cfg.to_dict()["synth"]
     skip = {"enabled", "path"}
     return {k: v for k, v in made.items() if k not in skip} == {
@@ -140,12 +143,13 @@ def store_is_current(store, cfg) -> bool:
     if cfg.data.source is None and not cfg.synth.enabled:
         return True
     try:
-        spec = resolve_inputs(data_to_ingest(cfg), cfg.resolve)
+        spec = resolve_inputs(data_to_ingest(cfg), cfg.resolve, cfg.storage.options)
+        made_from = fingerprint(cfg, spec)  # an object gone from a URL raises here
     except DmfError:
         if cfg.synth.enabled:
             return False  # synth output missing: make it, then ingest
         print(
-            f"dmf: raw inputs not found; using the existing store at {store.path}", file=sys.stderr
+            f"dmf: raw inputs not found; using the existing store at {store.root}", file=sys.stderr
         )
         return True
-    return fingerprint(cfg, spec) == store.fingerprint
+    return made_from == store.fingerprint

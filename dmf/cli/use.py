@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +25,7 @@ from dmf.cli.tables import (
     write_table,
 )
 from dmf.errors import InputError, ModelError
+from dmf.store.storage import Location
 
 
 def register(sub) -> None:
@@ -111,8 +111,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             client=client,
             ranking=ev.ranking and not args.no_ranking,
         )
-    result["model"] = str(args.model)
-    result["store"] = str(store.path)
+    result["model"] = str(Location.of(args.model))
+    result["store"] = str(store.root)
     print(format_table(result))
     if args.json:
         write_json(args.json, result)
@@ -129,21 +129,24 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if args.ratings:
         if args.users:
             raise InputError("give --users or --ratings, not both")
-        t = read_columns(args.ratings, ["item", "rating"], {"item": model.item_ids.type})
+        t = read_columns(
+            args.ratings, ["item", "rating"], {"item": model.item_ids.type}, _options(model)
+        )
         recs = model.recommend_for_ratings(
             t.column("item"), t.column("rating").to_numpy(), n=args.n
         )
-        write_table(recs, args.out)
+        write_table(recs, args.out, _options(model))
         return 0
-    users = parse_ids(args.users, "user") if args.users else None
+    users = parse_ids(args.users, "user", _options(model)) if args.users else None
     if users is None and not args.out:
         raise InputError("recommending for every user needs --out FILE.parquet (or a directory)")
     store = None if args.no_exclude else _store_arg(args.store, model, "recommend")
     use_cluster = users is None or args.address or args.scheduler_file
     with _connect(model, args) if use_cluster else _no_cluster() as client:
         # Everyone: the tasks write the parts and they are combined on disk. Some users: the
-        # table is small, kept in input order, and written here (CSV or Parquet).
-        out = Path(args.out) if users is None else None
+        # table is small, kept in input order, and written here (CSV or Parquet). A relative
+        # --out is made absolute here, on the driver, before it reaches a worker.
+        out = Location.of(args.out, _options(model)) if users is None else None
         result = recommend_all(
             model,
             store,
@@ -154,10 +157,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             tile_users=args.tile_users,
             cold_start=args.cold_start,
         )
-    if isinstance(result, Path):
+    if isinstance(result, Location):
         print(f"dmf recommend: wrote {result}", file=sys.stderr)
     else:
-        write_table(result, args.out)
+        write_table(result, args.out, _options(model))
     return 0
 
 
@@ -167,7 +170,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = load(args.model)
     types = {"user": model.user_ids.type, "item": model.item_ids.type}
     total = cold = cold_u = cold_i = 0
-    batches = iter_columns(args.pairs, ["user", "item"], types)
+    batches = iter_columns(args.pairs, ["user", "item"], types, options=_options(model))
 
     def scored() -> Iterator[pa.Table]:
         nonlocal total, cold, cold_u, cold_i
@@ -189,7 +192,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 }
             )
 
-    write_stream(scored(), args.out)
+    write_stream(scored(), args.out, options=_options(model))
     what = "dropped" if args.cold_start == "drop" else "predicted from biases"
     print(
         f"dmf predict: {total} pairs, {cold} cold-start ({cold_u} unknown users, "
@@ -205,20 +208,27 @@ def cmd_similar(args: argparse.Namespace) -> int:
     model = load(args.model)
     if args.n < 1:
         raise InputError(f"-n must be at least 1, not {args.n}")
-    write_table(model.similar_items(parse_ids(args.items, "item"), n=args.n), args.out)
+    items = parse_ids(args.items, "item", _options(model))
+    write_table(model.similar_items(items, n=args.n), args.out, _options(model))
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers: the store and the cluster of a model
 # ---------------------------------------------------------------------------------------------
+def _options(model) -> dict:
+    """The storage options the model was trained with (``storage.options``); the standard
+    environment supplies the rest."""
+    return model.storage_options()
+
+
 def _store_arg(store: str | None, model, command: str):
     from dmf.store.layout import Store
 
     path = store or model.store_path
     if not path:
         raise ModelError(f"dmf {command}: the model records no store path; give --store STORE")
-    return Store.open(path)
+    return Store.open(path, options=_options(model))
 
 
 class _no_cluster:

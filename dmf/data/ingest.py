@@ -17,33 +17,40 @@ The pipeline (memory is bounded by one batch or one block, plus the id maps)::
     pass 5  per item    stable sort by item (rows arrive sorted by user); write by_item.
             block
 
-Passes 2-5 run one task per chunk, bucket or block: on the Dask cluster when a client is given
-(tasks read and write spill files in a directory next to the store, which every worker must
-see), else on a local thread pool. Every decision depends only on dense indices, ratings and
-timestamps, so the result is the same whatever the batch size or the number of workers. Each
-task returns a small typed record (:class:`BucketSplit`, :class:`BlockWritten`), and the driver
-checks the totals between passes (no row lost with a spill file).
+Passes 2-5 run one task per chunk, bucket or block: on the Dask cluster when a client is given,
+else on a local thread pool. Tasks read and write spill files under the store writer's scratch
+prefix (:attr:`dmf.store.layout.StoreWriter.scratch`), on the store's own filesystem: a hidden
+directory inside a local store, a prefix of an ``s3://`` one, so workers on other machines, with
+no directory in common, reach it. Every file goes through :class:`dmf.store.storage.Location`.
+Every decision depends only on dense indices, ratings and timestamps, so the result is the same
+whatever the batch size or the number of workers. Each task returns a small typed record
+(:class:`BucketSplit`, :class:`BlockWritten`), and the driver checks the totals between passes
+(no row lost with a spill file).
 
-The store is built by :class:`dmf.store.StoreWriter` in a temporary sibling directory (the spill
-lives inside it) and renamed into place when the manifest is written: a killed ingest leaves no
-store that looks complete, and an old store stays intact until the new one is whole.
+The store is committed by :class:`dmf.store.layout.StoreWriter` (a
+:class:`dmf.store.storage.Commit`): workers write block files under versioned names through its
+picklable :attr:`~dmf.store.layout.StoreWriter.target` and return their entries; the manifest is
+written last, with no rename. A killed ingest leaves no store that looks complete, and an old
+store stays readable until the new manifest lands; what the killed one wrote is left over
+(:func:`dmf.store.storage.leftovers`), which the next ingest reports and ``dmf clean`` removes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import fnmatch
 import hashlib
 import json
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,8 +64,8 @@ from dmf.data.idmap import IdMapper, make_mapper
 from dmf.data.readers import Batch, IdTypeMismatch, InputSpec, iter_batches, resolve_inputs
 from dmf.dist.tasks import progress_disabled, run_tasks
 from dmf.errors import ConfigError, InputError, StoreError
-from dmf.store import storage
 from dmf.store.layout import (
+    MANIFEST,
     SPLITS,
     BlockLayout,
     DroppedRows,
@@ -70,6 +77,15 @@ from dmf.store.layout import (
     balanced_bounds,
     block_relpath,
     write_block_file,
+)
+from dmf.store.storage import (
+    Location,
+    StorageError,
+    Target,
+    config_location,
+    leftovers,
+    preflight,
+    read_manifest,
 )
 
 log = logging.getLogger("dmf")
@@ -97,29 +113,56 @@ def stable_order(key: np.ndarray, kmax: int) -> tuple[np.ndarray, np.ndarray]:
 
 # -- spill files ----------------------------------------------------------------------------------
 # A spill file holds n rows as consecutive columns: int32 a, int32 b, float32 rating[, int64 t].
+# Spill files live under the store writer's scratch prefix, on the store's filesystem, and are
+# read and written through Location (a local file, or an object of s3://...).
 
 
-def _write_spill(path: Path, a: np.ndarray, b: np.ndarray, r: np.ndarray, t=None) -> None:
-    with open(path, "wb") as f:
-        np.ascontiguousarray(a, dtype=np.int32).tofile(f)
-        np.ascontiguousarray(b, dtype=np.int32).tofile(f)
-        np.ascontiguousarray(r, dtype=np.float32).tofile(f)
-        if t is not None:
-            np.ascontiguousarray(t, dtype=np.int64).tofile(f)
+def _write_arrays(loc: Location, *arrays: np.ndarray) -> None:
+    """Write the arrays' bytes one after the other to the file ``loc``."""
+    with loc.open("wb") as f:
+        for x in arrays:
+            f.write(memoryview(np.ascontiguousarray(x)).cast("B"))
 
 
-def _read_spills(paths: list[Path], has_t: bool):
-    """Concatenate spill files (in the given order) into (a, b, r, t-or-None)."""
+def _write_spill(loc: Location, a: np.ndarray, b: np.ndarray, r: np.ndarray, t=None) -> None:
+    cols = [
+        np.ascontiguousarray(a, dtype=np.int32),
+        np.ascontiguousarray(b, dtype=np.int32),
+        np.ascontiguousarray(r, dtype=np.float32),
+    ]
+    if t is not None:
+        cols.append(np.ascontiguousarray(t, dtype=np.int64))
+    _write_arrays(loc, *cols)
+
+
+def _spill_files(d: Location, pattern: str) -> list[Location]:
+    """The spill files directly in ``d`` whose names match ``pattern``, sorted by name (none
+    when ``d`` does not exist)."""
+    return [d / name for name in d.ls() if fnmatch.fnmatchcase(name, pattern)]
+
+
+def _read_spills(paths: list[Location], has_t: bool):
+    """Concatenate spill files (in the given order) into (a, b, r, t-or-None).
+
+    Each file is read whole (one GET on an object store, no separate size request), then its
+    columns are copied out: the raw bytes of a bucket or block are held once, briefly, next to
+    its arrays.
+    """
     row = 12 + (8 if has_t else 0)
-    sizes = [os.path.getsize(p) // row for p in paths]
+    raws = []
+    for p in paths:
+        raw = np.frombuffer(p.read_bytes(), dtype=np.uint8)
+        if len(raw) % row:
+            raise StoreError(f"ingest: spill file {p} is truncated ({len(raw)} bytes)")
+        raws.append(raw)
+    sizes = [len(raw) // row for raw in raws]
     n = int(sum(sizes))
     a = np.empty(n, np.int32)
     b = np.empty(n, np.int32)
     r = np.empty(n, np.float32)
     t = np.empty(n, np.int64) if has_t else None
     at = 0
-    for p, m in zip(paths, sizes, strict=True):
-        raw = np.fromfile(p, dtype=np.uint8)
+    for raw, m in zip(raws, sizes, strict=True):
         a[at : at + m] = raw[: 4 * m].view(np.int32)
         b[at : at + m] = raw[4 * m : 8 * m].view(np.int32)
         r[at : at + m] = raw[8 * m : 12 * m].view(np.float32)
@@ -138,16 +181,17 @@ def _buckets(blk: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray]:
     return order, cuts
 
 
-def _spill_by_block(blk: np.ndarray, nb: int, dirs: str, name: str, u, i, r, t=None) -> None:
+def _spill_by_block(
+    blk: np.ndarray, nb: int, base: Location, dirs: str, name: str, u, i, r, t=None
+) -> None:
     """Write the rows of each block b (``blk`` gives every row's block) to the spill file
-    ``dirs.format(b) / name``; blocks without rows get no file."""
+    ``base / dirs.format(b) / name``; blocks without rows get no file."""
     order, cuts = _buckets(blk, nb)
     for b in range(nb):
         lo, hi = cuts[b], cuts[b + 1]
         if hi > lo:
             sel = order[lo:hi]
-            d = Path(dirs.format(b))
-            d.mkdir(parents=True, exist_ok=True)
+            d = base / dirs.format(b)
             _write_spill(d / name, u[sel], i[sel], r[sel], None if t is None else t[sel])
 
 
@@ -289,13 +333,12 @@ class _ChunkSpill:
     """Pass 1's output: rows gathered into chunks of at least ``rows`` rows (the last may have
     fewer), each spilled to a file ``cNNNNNN.bin`` in ``directory``."""
 
-    def __init__(self, directory: Path, rows: int):
+    def __init__(self, directory: Location, rows: int):
         self.directory = directory
         self.rows = rows
-        self.paths: list[str] = []
+        self.paths: list[Location] = []
         self.buf: list[tuple] = []
         self.buffered = 0
-        directory.mkdir(parents=True, exist_ok=True)
 
     def add(self, uc: np.ndarray, ic: np.ndarray, r: np.ndarray, t: np.ndarray | None) -> None:
         self.buf.append((uc, ic, r, t))
@@ -309,7 +352,7 @@ class _ChunkSpill:
         path = self.directory / f"c{len(self.paths):06d}.bin"
         cat = [np.concatenate(c) if c[0] is not None else None for c in zip(*self.buf, strict=True)]
         _write_spill(path, *cat)
-        self.paths.append(str(path))
+        self.paths.append(path)
         self.buf, self.buffered = [], 0
 
 
@@ -319,7 +362,7 @@ class _Pass1:
 
     users: IdMapper
     items: IdMapper
-    chunks: list[str]
+    chunks: list[Location]
     policies: _RatingPolicies
     rows_read: int = 0
     rows_kept: int = 0
@@ -349,7 +392,7 @@ class _Pass1:
         return uc, ic, r, t
 
 
-def _pass1(spec: InputSpec, config: Config, spill: Path, progress: bool | None) -> _Pass1:
+def _pass1(spec: InputSpec, config: Config, spill: Location, progress: bool | None) -> _Pass1:
     """Pass 1: read every batch, apply the rating policies, give ids provisional codes, and spill
     the rows in chunks."""
     from tqdm import tqdm  # here, not at the top: keeps the CLI light
@@ -400,14 +443,14 @@ def _check_rows_left(res: _Pass1 | None, spec: InputSpec) -> None:
         )
 
 
-def _read_input(spec: InputSpec, config: Config, spill: Path, progress: bool | None) -> _Pass1:
+def _read_input(spec: InputSpec, config: Config, spill: Location, progress: bool | None) -> _Pass1:
     """Pass 1, re-run with string ids if integer-looking ids turn out not to be integers."""
     for _attempt in range(3):
         try:
             return _pass1(spec, config, spill, progress)
         except IdTypeMismatch as exc:
             log.info("dmf ingest: %s ids are not all integers; reading them as strings", exc.side)
-            shutil.rmtree(spill, ignore_errors=True)
+            spill.remove()
             spec.id_types[exc.side] = "string"
     # Each attempt switches one side to strings, so the third one always settles the types.
     raise InputError("cannot settle the id types of the input")  # pragma: no cover
@@ -462,7 +505,7 @@ class BucketSplit:
     """Rows removed by merging duplicates (``data.duplicates``)."""
     user_counts: np.ndarray
     """Train ratings of each user of the bucket, shape (stop - start,)."""
-    item_counts_file: str
+    item_counts_file: Location
     """Train ratings per item, as int32 items then int32 counts: a file, not the result, so
     that hundreds of results of n_items entries each do not all pass through the scheduler.
     The driver folds it in as the result arrives, and deletes it."""
@@ -487,16 +530,17 @@ class BlockWritten:
 # -- pass 2: remap and bucket (tasks of passes 2-5 run on workers or threads) ---------------------
 
 
-def ingest_bucket_chunk(chunk: str, c: int, spill: str, has_t: bool, remap: Remap) -> int:
+def ingest_bucket_chunk(chunk: Location, c: int, spill: Location, has_t: bool, remap: Remap) -> int:
     """Pass 2: remap one pass-1 chunk to dense indices and split it by fine user bucket;
     returns the number of rows."""
-    uc, ic, r, t = _read_spills([Path(chunk)], has_t)
+    uc, ic, r, t = _read_spills([chunk], has_t)
     u = remap.user_index[uc]
     i = remap.item_index[ic]
     _spill_by_block(
         remap.bucket_of_user[u],
         remap.n_buckets,
-        str(Path(spill) / "p2" / "u{:06d}"),
+        spill / "p2",
+        "u{:06d}",
         f"c{c:06d}.bin",
         u,
         i,
@@ -621,7 +665,7 @@ def ingest_split_bucket(
     b: int,
     start: int,
     stop: int,
-    spill: str,
+    spill: Location,
     has_t: bool,
     n_items: int,
     duplicates: str,
@@ -629,9 +673,7 @@ def ingest_split_bucket(
 ) -> BucketSplit | DuplicateFound:
     """Pass 3: sort one bucket of users by (user, item), merge duplicates, split off held-out
     rows, and spill the train rows; return exact train counts."""
-    d = Path(spill) / "p2" / f"u{b:06d}"
-    paths = sorted(d.glob("c*.bin")) if d.is_dir() else []
-    u, i, r, t = _read_spills(paths, has_t)
+    u, i, r, t = _read_spills(_spill_files(spill / "p2" / f"u{b:06d}", "c*.bin"), has_t)
     n_in = len(u)
     key = (u.astype(np.int64) - start) * max(n_items, 1) + i
     order, ks = stable_order(key, (stop - start) * max(n_items, 1))
@@ -652,23 +694,20 @@ def ingest_split_bucket(
     val, test = _split_masks(plan, u, i, t, start, stop)
     for name, m in (("validation", val), ("test", test)):
         if m.any():
-            hd = Path(spill) / "held" / name
-            hd.mkdir(parents=True, exist_ok=True)
+            hd = spill / "held" / name
             _write_spill(hd / f"u{b:06d}.bin", u[m], i[m], r[m], None if t is None else t[m])
     train = ~(val | test)
     u, i, r = u[train], i[train], r[train]
-    _write_spill(Path(spill) / "p3" / f"u{b:06d}.bin", u, i, r)
+    _write_spill(spill / "p3" / f"u{b:06d}.bin", u, i, r)
     items, item_counts = _counts_of(i, n_items)
-    counts_file = Path(spill) / "p3" / f"counts-{b:06d}.bin"
-    with open(counts_file, "wb") as f:
-        items.astype(np.int32).tofile(f)
-        item_counts.astype(np.int32).tofile(f)
+    counts_file = spill / "p3" / f"counts-{b:06d}.bin"
+    _write_arrays(counts_file, items.astype(np.int32), item_counts.astype(np.int32))
     return BucketSplit(
         bucket=b,
         n_in=n_in,
         merged=merged,
         user_counts=np.bincount(u - start, minlength=stop - start),
-        item_counts_file=str(counts_file),
+        item_counts_file=counts_file,
         rating_sum=float(r.astype(np.float64).sum()),
         n_validation=int(val.sum()),
         n_test=int(test.sum()),
@@ -679,41 +718,46 @@ def ingest_split_bucket(
 
 
 def ingest_user_block(
-    b: int, start: int, stop: int, buckets: list[int], spill: str, out: str, routing: Routing
+    b: int,
+    start: int,
+    stop: int,
+    buckets: list[int],
+    spill: Location,
+    target: Target,
+    routing: Routing,
 ) -> BlockWritten:
     """Pass 4: gather one user block's train rows from its split buckets (each sorted by
     (user, item), in user order), write by_user, and route the rows to item-block spill."""
-    paths = [Path(spill) / "p3" / f"u{f:06d}.bin" for f in buckets]
+    paths = [spill / "p3" / f"u{f:06d}.bin" for f in buckets]
     u, i, r, _ = _read_spills(paths, False)
     # Buckets at the edges may hold users of the neighbouring blocks.
     inside = (u >= start) & (u < stop)
     if not inside.all():
         u, i, r = u[inside], i[inside], r[inside]
-    rel = block_relpath("user", b)
-    entry = write_block_file(Path(out) / rel, "user", u, i, r)
+    entry = write_block_file(target, "user", b, u, i, r)
     _spill_by_block(
         routing.block_of_item[i],
         routing.n_blocks,
-        str(Path(spill) / "p4" / "i{:06d}"),
+        spill / "p4",
+        "i{:06d}",
         f"u{b:06d}.bin",
         u,
         i,
         r,
     )
-    return BlockWritten("user", b, rel, entry, len(u))
+    return BlockWritten("user", b, block_relpath("user", b), entry, len(u))
 
 
-def ingest_item_block(k: int, start: int, stop: int, spill: str, out: str) -> BlockWritten:
+def ingest_item_block(
+    k: int, start: int, stop: int, spill: Location, target: Target
+) -> BlockWritten:
     """Pass 5: sort one item block's train ratings by (item, user) and write by_item."""
-    d = Path(spill) / "p4" / f"i{k:06d}"
-    paths = sorted(d.glob("u*.bin")) if d.is_dir() else []
-    u, i, r, _ = _read_spills(paths, False)
+    u, i, r, _ = _read_spills(_spill_files(spill / "p4" / f"i{k:06d}", "u*.bin"), False)
     # Pieces come in user-block order, each sorted by user: a stable sort by item alone
     # leaves every item's ratings sorted by user.
     order, _ = stable_order(i.astype(np.int64) - start, stop - start)
-    rel = block_relpath("item", k)
-    entry = write_block_file(Path(out) / rel, "item", i[order], u[order], r[order])
-    return BlockWritten("item", k, rel, entry, len(u))
+    entry = write_block_file(target, "item", k, i[order], u[order], r[order])
+    return BlockWritten("item", k, block_relpath("item", k), entry, len(u))
 
 
 # -- the passes, as the driver runs them ----------------------------------------------------------
@@ -726,10 +770,11 @@ class _Run:
     client: Any
     """A ``distributed.Client``, or None for a local thread pool."""
     progress: bool | None
-    spill: Path
-    """The spill directory, inside the store's staging directory (workers must see it)."""
-    out: Path
-    """The store's staging directory: workers write block files there."""
+    spill: Location
+    """The spill prefix: the store writer's scratch, on the store's filesystem (workers reach
+    it)."""
+    target: Target
+    """Where the store's new files go: workers write block files through it."""
     has_t: bool
 
     def tasks(
@@ -788,20 +833,19 @@ def _fine_bounds(user_rows: np.ndarray, blocks: BlocksConfig) -> np.ndarray:
     return balanced_bounds(user_rows, max(1, share // 4))
 
 
-def _bucket_pass(run: _Run, chunks: list[str], users: _IdMap, items: _IdMap, fine) -> int:
+def _bucket_pass(run: _Run, chunks: list[Location], users: _IdMap, items: _IdMap, fine) -> int:
     """Pass 2: remap every chunk to dense indices and bucket it by fine user bucket; returns
     the number of rows bucketed."""
     remap = run.broadcast(Remap(users.index, items.index, block_table(fine), len(fine) - 1))
     n_bucketed = run.tasks(
         ingest_bucket_chunk,
-        [(c, j, str(run.spill), run.has_t) for j, c in enumerate(chunks)],
+        [(c, j, run.spill, run.has_t) for j, c in enumerate(chunks)],
         "ingest: bucketing",
         {"remap": remap},
     )
     # Inputs of a pass are deleted only once every task of the pass is done (see
     # ingest_bucket_chunk): peak spill space is two passes' worth.
-    for c in chunks:
-        os.remove(c)
+    (run.spill / "p1").remove()
     return sum(n_bucketed)
 
 
@@ -814,19 +858,18 @@ def _split_pass(
 
     def fold_items(res: BucketSplit | DuplicateFound) -> BucketSplit | DuplicateFound:
         if isinstance(res, BucketSplit):
-            raw = np.fromfile(res.item_counts_file, dtype=np.int32)
+            raw = np.frombuffer(res.item_counts_file.read_bytes(), dtype=np.int32)
             m = len(raw) // 2
             item_counts[raw[:m]] += raw[m:]
-            os.remove(res.item_counts_file)
+            res.item_counts_file.remove()
         return res
 
-    (run.spill / "p3").mkdir()
     args = [
-        (f, int(fine[f]), int(fine[f + 1]), str(run.spill), run.has_t, n_items, duplicates, plan)
+        (f, int(fine[f]), int(fine[f + 1]), run.spill, run.has_t, n_items, duplicates, plan)
         for f in range(len(fine) - 1)
     ]
     results = run.tasks(ingest_split_bucket, args, "ingest: split", on_result=fold_items)
-    shutil.rmtree(run.spill / "p2", ignore_errors=True)
+    (run.spill / "p2").remove()
     _check_no_duplicates(results, users, items)
     return _SplitTotals(
         user_counts=np.concatenate([r.user_counts for r in results]).astype(np.int64),
@@ -847,14 +890,14 @@ def _user_block_pass(
         lo, hi = int(user_bounds[b]), int(user_bounds[b + 1])
         first = int(np.searchsorted(fine, lo, side="right")) - 1
         last = int(np.searchsorted(fine, hi, side="left"))
-        args.append((b, lo, hi, list(range(first, last)), str(run.spill), str(run.out)))
+        args.append((b, lo, hi, list(range(first, last)), run.spill, run.target))
     return run.tasks(ingest_user_block, args, "ingest: user blocks", {"routing": routing})
 
 
 def _item_block_pass(run: _Run, item_bounds: np.ndarray) -> list[BlockWritten]:
     """Pass 5: per item block, sort by (item, user) and write by_item."""
     args = [
-        (k, int(item_bounds[k]), int(item_bounds[k + 1]), str(run.spill), str(run.out))
+        (k, int(item_bounds[k]), int(item_bounds[k + 1]), run.spill, run.target)
         for k in range(len(item_bounds) - 1)
     ]
     return run.tasks(ingest_item_block, args, "ingest: item blocks")
@@ -879,7 +922,7 @@ def _check_no_duplicates(
         )
 
 
-def _check_split(split: _SplitTotals, n_bucketed: int, spill: Path, sp: SplitConfig) -> None:
+def _check_split(split: _SplitTotals, n_bucketed: int, spill: Location, sp: SplitConfig) -> None:
     """After pass 3: every bucketed row was read, and some train ratings are left."""
     if split.n_in != n_bucketed:
         raise StoreError(
@@ -895,7 +938,7 @@ def _check_split(split: _SplitTotals, n_bucketed: int, spill: Path, sp: SplitCon
 
 
 def _check_blocks(
-    by_user: list[BlockWritten], by_item: list[BlockWritten], n_train: int, spill: Path
+    by_user: list[BlockWritten], by_item: list[BlockWritten], n_train: int, spill: Location
 ) -> None:
     """After pass 5: both sides hold every train rating."""
     n_user, n_item = sum(r.nnz for r in by_user), sum(r.nnz for r in by_item)
@@ -919,16 +962,37 @@ def data_to_ingest(config: Config) -> DataConfig:
     columns = data.columns
     if columns.timestamp is None:
         columns = columns.model_copy(update={"timestamp": "timestamp"})
-    source = str(config.resolve(config.synth.path) / "ratings")
+    # The ratings directory of synth's output: read through synth.json's list of files.
+    source = str(Location.of(config.resolve(config.synth.path)) / "ratings")
     return data.model_copy(update={"source": source, "columns": columns})
 
 
+# Keys of fsspec's file info that change when an object is rewritten (S3, GCS, Azure, HDFS).
+_VERSION_KEYS = ("ETag", "etag", "LastModified", "last_modified", "mtime", "updated", "md5Hash")
+
+
+def _file_identity(loc: Location) -> list:
+    """[name, size, version] of an input file: for a local file its real path, size and mtime
+    (ns); for a URL its size and whatever of ETag/LastModified/mtime its filesystem reports."""
+    if loc.is_local:
+        st = os.stat(loc.url)
+        return [os.path.realpath(loc.url), st.st_size, st.st_mtime_ns]
+    try:
+        info = loc.fs.info(loc.path)
+    except FileNotFoundError:
+        raise InputError(f"input file {loc} is gone") from None
+    except Exception as exc:  # noqa: BLE001 - network, permissions: name the file
+        raise InputError(f"cannot stat input file {loc}: {type(exc).__name__}: {exc}") from exc
+    stamp = {k: str(info[k]) for k in _VERSION_KEYS if info.get(k) is not None}
+    return [loc.url, int(info.get("size") or 0), stamp]
+
+
 def fingerprint(config: Config, spec: InputSpec) -> str:
-    """sha256 of the input files (names, sizes, mtimes) and the ingest-relevant config."""
+    """sha256 of the input files (names, sizes, mtimes or ETags) and the ingest-relevant
+    config."""
     h = hashlib.sha256()
     for f in spec.files:
-        st = f.path.stat()
-        h.update(json.dumps([str(f.path.resolve()), st.st_size, st.st_mtime_ns]).encode())
+        h.update(json.dumps(_file_identity(f.path)).encode())
     cfg = config.to_dict()
     data = {k: v for k, v in cfg["data"].items() if k != "batch_rows"}
     h.update(
@@ -948,8 +1012,10 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
         The job's config; uses the sections data, split, blocks and store (and synth, whose
         output is the input when ``data.source`` is not set: :func:`data_to_ingest`).
     client
-        A ``distributed.Client``: passes 2-5 run as one task per chunk or block on its cluster,
-        whose workers must see the store's parent directory. ``None``: a local thread pool.
+        A ``distributed.Client``: passes 2-5 run as one task per chunk or block on its cluster.
+        Its workers read and write the store's filesystem only (spill files go under the store
+        writer's scratch prefix): a local store needs workers that see its directory; with a
+        URL (``s3://...``) they share nothing local. ``None``: a local thread pool.
     progress
         Progress bars: True, False, or None (only on a terminal).
 
@@ -967,17 +1033,40 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
         The store directory is not empty and ``store.overwrite`` is false.
     """
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    spec = resolve_inputs(data_to_ingest(config), config.resolve)
+    spec = resolve_inputs(data_to_ingest(config), config.resolve, config.storage.options)
     if config.split.method == "temporal" and not spec.has_timestamp:
         raise ConfigError(
             "split.method temporal needs timestamps: set data.columns.timestamp to the "
             "timestamp column's name or position"
         )
-    out = config.resolve(config.store.path)
+    out = config_location(config, config.store.path)
     _warn_of_leftovers(out)
+    made_dir = out.is_local and not out.exists()
+    try:
+        # Workers write spill and block files into the store's directory: check they can.
+        preflight(client, writes=[out])
+        store = _write_store(config, spec, out, client, progress, t_start)
+    except BaseException:
+        if made_dir and not out.files():
+            # A failure leaves no store directory behind, not even an empty one.
+            shutil.rmtree(out.url, ignore_errors=True)
+        raise
+    _report(store.manifest, out)
+    return Store.open(out)
+
+
+def _write_store(
+    config: Config,
+    spec: InputSpec,
+    out: Location,
+    client: Any,
+    progress: bool | None,
+    t_start: float,
+) -> Store:
+    """Passes 1-5, then the id maps, the held-out splits and the manifest (last)."""
+    timings: dict[str, float] = {}
     with StoreWriter(out, overwrite=config.store.overwrite) as w:
-        run = _Run(client, progress, w.tmp / "_spill", w.tmp, spec.has_timestamp)
+        run = _Run(client, progress, w.scratch, w.target, spec.has_timestamp)
         with _timed(timings, "read"):
             p1 = _read_input(spec, config, run.spill, progress)
             users, items = _IdMap(*p1.users.finish()), _IdMap(*p1.items.finish())
@@ -1002,16 +1091,14 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
             w.write_id_map("user", users.ids, split.user_counts)
             w.write_id_map("item", items.ids, split.item_counts)
             held = {name: _write_held(w, run.spill, name, run.has_t) for name in SPLITS}
-        shutil.rmtree(run.spill, ignore_errors=True)
+        run.spill.remove()
         timings["total"] = time.perf_counter() - t_start
         blocks = {
             "user": BlockLayout(bounds=user_bounds.tolist(), nnz=[r.nnz for r in by_user]),
             "item": BlockLayout(bounds=item_bounds.tolist(), nnz=[r.nnz for r in by_item]),
         }
         manifest = _manifest(config, spec, p1, plan, split, held, blocks, timings)
-        store = w.commit(manifest)
-    _report(store.manifest, out)
-    return Store.open(out)
+        return w.commit(manifest)
 
 
 @contextlib.contextmanager
@@ -1022,22 +1109,50 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
     timings[phase] = time.perf_counter() - t0
 
 
-def _warn_of_leftovers(out: Path) -> None:
-    stale = storage.leftovers(out)
-    if stale:
-        # Left by an ingest that was killed (or is still running elsewhere): they may hold
-        # gigabytes of spill files.
-        log.warning(
-            "dmf ingest: temporary directories of an interrupted ingest are next to the store: "
-            "%s; delete them to free their space if no other ingest is running",
-            ", ".join(str(p) for p in stale),
-        )
+# Leftovers named in the warning; the rest are counted.
+_LEFTOVERS_NAMED = 5
+# What an ingest writes before its manifest: a scratch prefix (spill files), files under
+# versioned names (NAME.<8 hex digits>.EXT, dmf.store.storage.versioned), a manifest's
+# temporary file.
+_OURS = re.compile(
+    r"(\.scratch-[0-9a-f]+/.*|(.*/)?[^/]+\.[0-9a-f]{8}(\.[^./]+)?|\.manifest\.json\.tmp-.*)"
+)
 
 
-def _write_held(w: StoreWriter, spill: Path, name: str, has_t: bool) -> int:
+def _warn_of_leftovers(out: Location) -> None:
+    """Warn of files in the store's directory that no manifest lists and that an ingest wrote:
+    what one that was killed (or is still running elsewhere) left. They may hold gigabytes of
+    spill files. Other files there are not named: they are not dmf's."""
+    try:
+        stale = leftovers(out, MANIFEST, read_manifest(out, MANIFEST))
+    except (StoreError, StorageError, ValueError):
+        return  # an unreadable or foreign manifest: the ingest itself will say so
+    stale = [rel for rel in stale if _OURS.fullmatch(rel)]
+    if not stale:
+        return
+    # A killed ingest's scratch prefix holds many spill files: name it once.
+    names: list[str] = []
+    for rel in stale:
+        top = rel.split("/", 1)[0]
+        name = f"{top}/" if top.startswith(".scratch-") else rel
+        if name not in names:
+            names.append(name)
+    shown = ", ".join(names[:_LEFTOVERS_NAMED])
+    if len(names) > _LEFTOVERS_NAMED:
+        shown += f" and {len(names) - _LEFTOVERS_NAMED} more"
+    log.warning(
+        "dmf ingest: %s holds %d file(s) that no manifest lists, left by an interrupted ingest "
+        "(or one still running): %s; if no other ingest is running, `dmf clean %s` removes them",
+        out,
+        len(stale),
+        shown,
+        out,
+    )
+
+
+def _write_held(w: StoreWriter, spill: Location, name: str, has_t: bool) -> int:
     """Stream one held-out split's pieces (in user-block order) into ``name/part-0.parquet``."""
-    d = spill / "held" / name
-    paths = sorted(d.glob("u*.bin")) if d.is_dir() else []
+    paths = _spill_files(spill / "held" / name, "u*.bin")
     if not paths:
         return 0
     fields = [("user", pa.int32()), ("item", pa.int32()), ("rating", pa.float32())]
@@ -1045,15 +1160,15 @@ def _write_held(w: StoreWriter, spill: Path, name: str, has_t: bool) -> int:
         fields.append(("timestamp", pa.int64()))
     schema = pa.schema(fields)
     rel = f"{name}/part-0.parquet"
-    path = w.staging.file(rel)
     n = 0
-    with pq.ParquetWriter(path, schema, compression="zstd") as pw:
-        for p in paths:
-            u, i, r, t = _read_spills([p], has_t)
-            cols = [pa.array(u), pa.array(i), pa.array(r)] + ([pa.array(t)] if has_t else [])
-            pw.write_table(pa.Table.from_arrays(cols, schema=schema))
-            n += len(u)
-    w.add_file(rel, FileEntry(bytes=path.stat().st_size, rows=n))
+    with w.open(rel) as fh:
+        with pq.ParquetWriter(fh, schema, compression="zstd") as pw:
+            for p in paths:
+                u, i, r, t = _read_spills([p], has_t)
+                cols = [pa.array(u), pa.array(i), pa.array(r)] + ([pa.array(t)] if has_t else [])
+                pw.write_table(pa.Table.from_arrays(cols, schema=schema))
+                n += len(u)
+    w.add_file(rel, fh.entry.model_copy(update={"rows": n}))
     return n
 
 
@@ -1099,7 +1214,7 @@ def _manifest(
         "clipped": p1.policies.clipped,
         "input": {
             **spec.describe(),
-            "bytes": sum(f.path.stat().st_size for f in spec.files),
+            "bytes": sum(f.path.size() for f in spec.files),
             "rows_read": p1.rows_read,
             "rows_kept": p1.rows_kept,
         },
@@ -1110,7 +1225,7 @@ def _manifest(
     }
 
 
-def _report(m: StoreManifest, out: Path) -> None:
+def _report(m: StoreManifest, out: Location) -> None:
     """One summary line, and the dropped/merged counts, on the log (stderr)."""
     t = m.timings["total"]
     rows = m.input["rows_read"]

@@ -188,7 +188,7 @@ def download(
 
     # The release is staged next to ``target`` (the archive inside it, deleted before the
     # commit) and renamed into place whole: a failed or killed download leaves ``target`` as it
-    # was, and only a hidden ``.NAME.tmp-*`` directory (dmf.store.storage.leftovers) if killed.
+    # was, and only a hidden ``.NAME.tmp-*`` sibling directory if killed.
     with Staging(target) as st:
         archive = st.file(f".{rel.archive}.part")
         got = _fetch(url, archive, rel.archive, timeout, progress)

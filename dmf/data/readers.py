@@ -12,6 +12,15 @@ never the whole input:
   :class:`pyarrow.CompressedInputStream`.
 - Parquet files are read with :meth:`pyarrow.parquet.ParquetFile.iter_batches`.
 
+Sources are local paths or URLs (``s3://bucket/ratings/*.csv``), reached through
+:class:`dmf.store.storage.Location` (fsspec, with ``storage.options``): a file, a directory (a
+prefix) or a glob. A local file is read by Arrow directly; a remote one through its fsspec file
+object, wrapped for Arrow (:class:`pyarrow.PythonFile`; Parquet through
+:meth:`Location.arrow <dmf.store.storage.Location.arrow>` for random access). A directory written
+by ``dmf synth`` (it holds ``synth.json``), or its ``ratings`` directory, is read through that
+manifest's list of files: its file names carry a version token, and files no manifest lists
+(left by an interrupted synth) are not data.
+
 Every error the input can cause is an :class:`~dmf.errors.InputError` naming the file, the line
 (CSV, 1-based, counting the header) or row (Parquet, 1-based) and the column. Arrow reports parse
 errors without a line number, so on such an error the file is re-scanned line by line (slowly,
@@ -23,9 +32,12 @@ from __future__ import annotations
 import csv
 import glob
 import io
-from collections.abc import Callable, Iterator
+import os
+import posixpath
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +47,7 @@ import pyarrow.parquet as pq
 
 from dmf.config import DataConfig
 from dmf.errors import InputError
+from dmf.store.storage import Location, StorageError, entries_of, read_manifest
 
 ID_FIELDS = ("user", "item")
 
@@ -86,6 +99,8 @@ PRESETS: dict[str, dict] = {
 _PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 _TEXT_SUFFIXES = (".csv", ".tsv", ".tab", ".dat", ".data", ".txt")
 _COMPRESSION_SUFFIXES = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+# The manifest of a directory written by dmf synth (dmf.data.synth).
+SYNTH_MANIFEST = "synth.json"
 
 
 class IdTypeMismatch(Exception):
@@ -98,7 +113,8 @@ class IdTypeMismatch(Exception):
 
 @dataclass(frozen=True)
 class InputFile:
-    path: Path
+    path: Location
+    """A local path (absolute) or a URL, with its storage options; ``str()`` names it."""
     format: str  # "csv" or "parquet"
     compression: str | None  # None, "gzip" or "zstd"
 
@@ -173,21 +189,43 @@ def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def _compression_of(path: Path, configured: str) -> str | None:
+def _input_stream(f: InputFile, buffer_size: int | None = None):
+    """The decompressed contents of ``f`` as an Arrow input stream: a local file read by Arrow
+    itself; a URL's fsspec file object wrapped for Arrow."""
+    source = f.path.url if f.path.is_local else pa.PythonFile(f.path.open("rb"), mode="r")
+    return pa.input_stream(source, compression=f.compression, buffer_size=buffer_size)
+
+
+def _head(loc: Location, n: int) -> bytes:
+    """The first ``n`` bytes of the file ``loc``."""
+    if loc.is_local:
+        with open(loc.url, "rb") as f:
+            return f.read(n)
+    try:
+        with loc.open("rb") as f:
+            return f.read(n)
+    except (OSError, StorageError) as exc:
+        raise InputError(f"{loc}: cannot read: {exc}") from exc
+
+
+def _suffix(loc: Location) -> str:
+    return posixpath.splitext(loc.name)[1].lower()
+
+
+def _compression_of(path: Location, configured: str) -> str | None:
     if configured == "none":
         return None
     if configured in ("gzip", "zstd"):
         return configured
-    with open(path, "rb") as f:
-        head = f.read(4)
+    head = _head(path, 4)
     if head[:2] == b"\x1f\x8b":
         return "gzip"
     if head == b"\x28\xb5\x2f\xfd":
         return "zstd"
-    return _COMPRESSION_SUFFIXES.get(path.suffix.lower())
+    return _COMPRESSION_SUFFIXES.get(_suffix(path))
 
 
-def _format_of(path: Path, configured: str) -> str:
+def _format_of(path: Location, configured: str) -> str:
     if configured == "parquet":
         return "parquet"
     if configured in ("csv", "tsv"):
@@ -198,35 +236,79 @@ def _format_of(path: Path, configured: str) -> str:
             name = name[: -len(suf)]
     if name.endswith(_PARQUET_SUFFIXES):
         return "parquet"
-    if path.is_file():
-        with open(path, "rb") as f:
-            if f.read(4) == b"PAR1":
-                return "parquet"
+    if path.isfile() and _head(path, 4) == b"PAR1":
+        return "parquet"
     return "csv"
 
 
-def _dir_files(d: Path) -> list[Path]:
+def _dir_files(d: Location) -> list[Location]:
     out = []
-    for p in sorted(d.rglob("*")):
-        rel = p.relative_to(d)
-        if not p.is_file() or any(part.startswith((".", "_")) for part in rel.parts):
+    # Sorted by path components, as pathlib sorts: "a/b.csv" before "a-c.csv".
+    for rel in sorted(d.files(), key=lambda r: r.split("/")):
+        parts = rel.split("/")
+        if any(part.startswith((".", "_")) for part in parts):
             continue
-        name = p.name.lower()
+        name = parts[-1].lower()
         for suf in _COMPRESSION_SUFFIXES:
             if name.endswith(suf):
                 name = name[: -len(suf)]
         if name.endswith(_PARQUET_SUFFIXES + _TEXT_SUFFIXES):
-            out.append(p)
+            out.append(d / rel)
     return out
 
 
-def _preset_file(source: Path, preset: str) -> Path:
+def _synth_files(d: Location) -> list[Location] | None:
+    """The rating files of ``d`` when it is the output of ``dmf synth`` (it holds
+    ``synth.json``) or that output's ratings directory, as its manifest lists them; None when it
+    is neither (or was written by a dmf that did not version its files)."""
+    doc = read_manifest(d, SYNTH_MANIFEST, InputError)
+    root = d
+    if doc is not None:
+        sub = doc.get("ratings", "ratings")
+    else:
+        if not d.is_local and "/" not in d.path.strip("/"):
+            return None  # a bucket has no parent
+        try:
+            doc = read_manifest(d.parent, SYNTH_MANIFEST, InputError)
+        except InputError:
+            return None  # not ours to read: d is an ordinary directory
+        if doc is None or doc.get("ratings", "ratings") != d.name:
+            return None
+        root, sub = d.parent, d.name
+    if not isinstance(doc.get("files"), dict):
+        return None
+    try:
+        entries = entries_of(doc)
+    except ValueError as exc:
+        raise InputError(f"{root / SYNTH_MANIFEST} is not a valid synth manifest: {exc}") from None
+    return [
+        root / (e.path or rel) for rel, e in sorted(entries.items()) if rel.startswith(sub + "/")
+    ]
+
+
+def _glob(p: Location) -> list[Location]:
+    """The files matching the pattern ``p``, sorted."""
+    if p.is_local:
+        found = [Path(x) for x in sorted(glob.glob(p.url, recursive=True))]
+        return [Location.of(x) for x in found if x.is_file()]
+    try:
+        hits = p.fs.glob(p.path, detail=True)
+    except Exception as exc:  # noqa: BLE001 - network, permissions: name the pattern
+        raise InputError(f"data.source {p}: cannot list: {type(exc).__name__}: {exc}") from exc
+    return [
+        Location(f"{p.protocol}://{name}", p.options)
+        for name, info in sorted(hits.items())
+        if info.get("type") == "file"
+    ]
+
+
+def _preset_file(source: Location, preset: str) -> Location:
     spec = PRESETS[preset]
-    if source.is_file():
+    if source.isfile():
         return source
-    if source.is_dir():
+    if source.isdir():
         for cand in [source, *(source / s for s in spec["subdirs"])]:
-            if (cand / spec["file"]).is_file():
+            if (cand / spec["file"]).isfile():
                 return cand / spec["file"]
     raise InputError(
         f"data.source {source}: no {spec['file']} found for data.preset {preset} (looked in "
@@ -235,30 +317,35 @@ def _preset_file(source: Path, preset: str) -> Path:
     )
 
 
-def _source_files(s: str, p: Path, preset: str | None) -> list[Path]:
-    """The rating files of ``s``, one entry of data.source (``p``: its path on disk)."""
+def _source_files(s: str, p: Location, preset: str | None) -> list[Location]:
+    """The rating files of ``s``, one entry of data.source (``p``: where it is)."""
     if preset is not None and not _has_magic(s):
         return [_preset_file(p, preset)]
     if _has_magic(s):
-        found = [Path(x) for x in sorted(glob.glob(str(p), recursive=True))]
-        found = [x for x in found if x.is_file()]
+        found = _glob(p)
         if not found:
             raise InputError(f"data.source {s!r}: the pattern {p} matches no files")
         return found
-    if p.is_dir():
-        found = _dir_files(p)
+    if p.isdir():
+        found = _synth_files(p)
+        if found is None:
+            found = _dir_files(p)
         if not found:
             raise InputError(
                 f"data.source {s!r}: directory {p} has no rating files "
                 f"(*.csv, *.tsv, *.dat, *.parquet, optionally .gz/.zst)"
             )
         return found
-    if p.is_file():
+    if p.isfile():
         return [p]
     raise InputError(f"data.source {s!r}: {p} does not exist")
 
 
-def resolve_inputs(data: DataConfig, resolve: Callable[[str], Path]) -> InputSpec:
+def resolve_inputs(
+    data: DataConfig,
+    resolve: Callable[[str], str | os.PathLike],
+    options: Mapping[str, Any] | None = None,
+) -> InputSpec:
     """The files and reading options described by the ``data`` config section.
 
     Parameters
@@ -267,8 +354,10 @@ def resolve_inputs(data: DataConfig, resolve: Callable[[str], Path]) -> InputSpe
         The ``data`` section. Its ``source`` must be set: a default source (such as the output
         of ``synth`` for ``dmf run``) is the caller's decision.
     resolve
-        Turns a path written in the config into a path on disk, e.g.
+        Turns a path written in the config into an absolute local path or a URL, e.g.
         :meth:`dmf.config.Config.resolve` (relative to the config file's directory).
+    options
+        Storage options of the filesystem of URL sources (``config.storage.options``).
 
     Raises
     ------
@@ -280,7 +369,14 @@ def resolve_inputs(data: DataConfig, resolve: Callable[[str], Path]) -> InputSpe
     sources = [data.source] if isinstance(data.source, str) else list(data.source)
     if not sources:
         raise InputError("data.source is an empty list: give at least one file")
-    paths = [p for s in sources for p in _source_files(s, resolve(s), data.preset)]
+    try:
+        paths = [
+            p
+            for s in sources
+            for p in _source_files(s, Location.of(resolve(s), options), data.preset)
+        ]
+    except StorageError as exc:  # a URL that cannot be reached: say which
+        raise InputError(f"data.source: {exc}") from exc
     columns: dict[str, str | int] = {
         k: v for k, v in data.columns.model_dump().items() if v is not None
     }
@@ -366,8 +462,8 @@ class _DelimiterTranslator(io.RawIOBase):
 def open_text_stream(f: InputFile, delimiter: str | None):
     """A byte stream of ``f``'s decompressed contents, with a multi-byte delimiter translated."""
     try:
-        raw = pa.input_stream(str(f.path), compression=f.compression, buffer_size=1 << 20)
-    except (OSError, pa.ArrowException) as exc:
+        raw = _input_stream(f, buffer_size=1 << 20)
+    except (OSError, pa.ArrowException, StorageError) as exc:
         raise InputError(f"{f.path}: cannot open: {exc}") from exc
     if delimiter is not None and len(delimiter.encode()) > 1:
         return _DelimiterTranslator(raw, delimiter.encode())
@@ -396,11 +492,11 @@ class _CsvLayout:
 def _sniff_lines(f: InputFile) -> tuple[list[bytes], bool]:
     """The first lines of the decompressed file (raw bytes, no newline); and whether EOF was hit."""
     try:
-        s = pa.input_stream(str(f.path), compression=f.compression)
+        s = _input_stream(f)
         data = s.read(_SNIFF_BYTES)
         more = bool(s.read(1))
         s.close()
-    except (OSError, pa.ArrowException) as exc:
+    except (OSError, pa.ArrowException, StorageError) as exc:
         raise InputError(
             f"{f.path}: cannot read ({f.compression or 'uncompressed'}): {exc}"
         ) from exc
@@ -573,7 +669,7 @@ def _diagnose_csv(
     """
     ncols = len(layout.names)
     idx = {fld: layout.names.index(col) for fld, col in layout.select.items()}
-    stream = pa.input_stream(str(f.path), compression=f.compression)
+    stream = _input_stream(f)
     try:
         reader = io.BufferedReader(_PyStream(stream), buffer_size=1 << 20)
         for lineno, line in enumerate(reader, start=1):
@@ -841,9 +937,17 @@ def _iter_csv(f: InputFile, spec: InputSpec) -> Iterator[Batch]:
 
 def _iter_parquet(f: InputFile, spec: InputSpec) -> Iterator[Batch]:
     try:
-        pf = pq.ParquetFile(f.path)
-    except (OSError, pa.ArrowException) as exc:
+        fs, path = f.path.arrow()
+        pf = pq.ParquetFile(path, filesystem=fs)
+    except (OSError, pa.ArrowException, StorageError) as exc:
         raise InputError(f"{f.path}: not a readable Parquet file: {exc}") from exc
+    try:
+        yield from _parquet_batches(f, spec, pf)
+    finally:
+        pf.close()
+
+
+def _parquet_batches(f: InputFile, spec: InputSpec, pf: pq.ParquetFile) -> Iterator[Batch]:
     names = pf.schema_arrow.names
     select: dict[str, str] = {}
     for fld, col in spec.columns.items():

@@ -25,23 +25,34 @@ the seed and that user: the output is identical whatever the chunk size, and chu
 independent. Memory is the factor matrices and per-user counts plus one chunk of ratings; the
 chunk size bounds it, not ``n_ratings``.
 
-Output directory::
+Output directory (a local path or a URL: ``s3://bucket/prefix``)::
 
-    out/ratings/part-NNNNN.parquet|csv   user, item (int64), rating (float32), timestamp (int64),
-                                         sorted by (user, item); files hold contiguous user ranges
-    out/truth.npz                        U, V, b, c, mu, noise
-    out/synth.json                       the settings and a summary (counts, rating range, ...)
+    out/ratings/part-NNNNN.TOKEN.parquet|csv   user, item (int64), rating (float32), timestamp
+                                         (int64), sorted by (user, item); files hold contiguous
+                                         user ranges
+    out/truth.TOKEN.npz                  U, V, b, c, mu, noise
+    out/synth.json                       the settings and a summary (counts, rating range, ...),
+                                         and the manifest: every file with its size and CRC-32
+
+It is written as a :class:`dmf.store.storage.Commit`: every file under a name carrying the
+version's TOKEN, ``synth.json`` last. The manifest maps each file's logical name
+(``ratings/part-00000.parquet``, ``truth.npz``) to its actual name; ``dmf ingest`` reads a synth
+output through it (:func:`dmf.data.readers.resolve_inputs`), and :func:`synth_files` and
+:func:`load_truth` find the files.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,11 +68,29 @@ from dmf.config import SynthConfig
 from dmf.data.hashing import MASK64, bits, splitmix64
 from dmf.dist.tasks import progress_disabled
 from dmf.errors import ConfigError, DmfError
-from dmf.store.storage import Staging
+from dmf.store.storage import (
+    Commit,
+    Location,
+    clean,
+    entries_of,
+    read_manifest,
+    read_verified,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["synth", "OutputExistsError", "RATINGS_SCHEMA", "DEFAULT_CHUNK_RATINGS"]
+__all__ = [
+    "synth",
+    "synth_files",
+    "load_truth",
+    "OutputExistsError",
+    "RATINGS_SCHEMA",
+    "DEFAULT_CHUNK_RATINGS",
+    "MANIFEST",
+]
+
+MANIFEST = "synth.json"
+"""The summary and manifest of a synth output, written last."""
 
 RATINGS_SCHEMA = pa.schema(
     [
@@ -526,25 +555,31 @@ def _generate(
 
 
 class _Writer:
-    """Writes one file at a time; runs on a background thread so generation overlaps I/O."""
+    """Writes one file of the commit at a time; runs on a background thread so generation
+    overlaps I/O."""
 
-    def __init__(self, fmt: str, rounded: bool):
+    def __init__(self, commit: Commit, fmt: str, rounded: bool):
+        self.commit = commit
         self.fmt = fmt
         # Dictionary pages pay off for sorted users, for items, and for ratings on a star scale;
         # random timestamps (and unrounded ratings) only waste time on them.
         self.dictionary = ["user", "item"] + (["rating"] if rounded else [])
         self.w: pq.ParquetWriter | pacsv.CSVWriter | None = None
+        self.file: contextlib.AbstractContextManager | None = None
+        """The file being written (:meth:`Commit.open`), listed in the commit when closed."""
 
-    def open(self, path: Path) -> None:
+    def open(self, rel: str) -> None:
+        self.file = self.commit.open(rel)
+        sink = self.file.__enter__()
         if self.fmt == "parquet":
             self.w = pq.ParquetWriter(
-                path,
+                sink,
                 RATINGS_SCHEMA,
                 compression=PARQUET_COMPRESSION,
                 use_dictionary=self.dictionary,
             )
         else:
-            self.w = pacsv.CSVWriter(path, RATINGS_SCHEMA)
+            self.w = pacsv.CSVWriter(sink, RATINGS_SCHEMA)
 
     def write(self, table: pa.Table) -> None:
         assert self.w is not None
@@ -557,13 +592,29 @@ class _Writer:
         if self.w is not None:
             self.w.close()
             self.w = None
+        if self.file is not None:
+            file, self.file = self.file, None
+            file.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Drop the file being written, after an error (the commit deletes the others)."""
+        w, self.w = self.w, None
+        if w is not None:
+            with contextlib.suppress(Exception):
+                w.close()
+        if self.file is not None:
+            file, self.file = self.file, None
+            error = RuntimeError("synth: write aborted")
+            with contextlib.suppress(Exception):
+                file.__exit__(RuntimeError, error, None)  # deletes the partial file
 
 
 class _RatingFiles:
-    """The rating files ``paths``, filled in order by a :class:`_Writer` on one background
-    thread. A file that gets no chunk is still written (empty)."""
+    """The rating files ``paths`` (logical names in the commit), filled in order by a
+    :class:`_Writer` on one background thread. A file that gets no chunk is still written
+    (empty)."""
 
-    def __init__(self, pool: ThreadPoolExecutor, writer: _Writer, paths: list[Path]):
+    def __init__(self, pool: ThreadPoolExecutor, writer: _Writer, paths: list[str]):
         self.pool, self.writer, self.paths = pool, writer, paths
         self.pending: deque[Future] = deque()
         self.opened = -1
@@ -595,9 +646,11 @@ class _RatingFiles:
             self.pending.popleft().result()
 
 
-def _write_ratings(plan: _Plan, paths: list[Path], chunk_ratings: int, threads: int, bar) -> _Stats:
-    """Generate every rating and write it to ``paths`` (one file per user range of about equal
-    rating counts); returns the statistics over all of them."""
+def _write_ratings(
+    plan: _Plan, commit: Commit, paths: list[str], chunk_ratings: int, threads: int, bar
+) -> _Stats:
+    """Generate every rating and write it to the files ``paths`` of ``commit`` (one file per
+    user range of about equal rating counts); returns the statistics over all of them."""
     cfg = plan.cfg
     fbounds = _file_bounds(plan.cum, cfg.files)
     chunks = [
@@ -606,13 +659,18 @@ def _write_ratings(plan: _Plan, paths: list[Path], chunk_ratings: int, threads: 
         for ua, ub in _pairs(_chunk_bounds(plan.cum, fbounds[f], fbounds[f + 1], chunk_ratings))
     ]
     totals = _Stats(item_counts=np.zeros(cfg.n_items, dtype=np.int64))
-    with ThreadPoolExecutor(1, thread_name_prefix="dmf-synth-write") as pool:
-        files = _RatingFiles(pool, _Writer(cfg.format, cfg.round_to is not None), paths)
-        for f, table, stats in _generate(plan, chunks, threads):
-            files.write(f, table)
-            totals.add(stats)
-            bar.update(len(table))
-        files.finish()
+    writer = _Writer(commit, cfg.format, cfg.round_to is not None)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="dmf-synth-write") as pool:
+            files = _RatingFiles(pool, writer, paths)
+            for f, table, stats in _generate(plan, chunks, threads):
+                files.write(f, table)
+                totals.add(stats)
+                bar.update(len(table))
+            files.finish()
+    except BaseException:
+        writer.abort()  # the pool is shut down: no write is running
+        raise
     if totals.n != cfg.n_ratings:  # an internal invariant; never expected to fire
         raise RuntimeError(f"synth wrote {totals.n} ratings, expected {cfg.n_ratings}")
     return totals
@@ -648,21 +706,53 @@ def _summary(plan: _Plan, totals: _Stats, names: list[str], seconds: float) -> d
             "timestamp": "int64",
         },
         "ratings": "ratings",
-        "files": names,
+        "ratings_files": names,
         "truth": "truth.npz",
         "seconds": round(seconds, 3),
         "ratings_per_second": round(n / seconds, 1) if seconds > 0 else None,
     }
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
+def _check_out(out: Location, overwrite: bool, ours: set[str] = frozenset()) -> None:
+    """Refuse an ``out`` that is a file, or (without ``overwrite``) a directory holding
+    anything but the files ``ours`` (relative names) already written by this synth."""
+    if out.isfile():
         raise OutputExistsError(f"synth output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if overwrite or not out.isdir():
+        return
+    if (set(out.files()) - ours) if ours else out.ls():
         raise OutputExistsError(
             f"synth output {out} is not empty: pass overwrite=True (--overwrite) to replace it, "
             "or choose another directory"
         )
+
+
+def _write_truth(commit: Commit, plan: _Plan) -> None:
+    """``truth.npz``: through a local temporary file, since ``np.savez`` needs a seekable one
+    (the bytes are those of ``np.savez`` to a file), then streamed into the commit."""
+    cfg = plan.cfg
+    with tempfile.TemporaryFile(prefix="dmf-truth-") as tmp:
+        np.savez(
+            tmp,
+            U=plan.U,
+            V=plan.V,
+            b=plan.b,
+            c=plan.c,
+            mu=np.float64(cfg.mu),
+            noise=np.float64(cfg.noise),
+        )
+        tmp.seek(0)
+        with commit.open("truth.npz") as fh:
+            shutil.copyfileobj(tmp, fh, 4 << 20)
+
+
+def _remove_empty_dirs(out: Location, existed: bool) -> None:
+    """After a failed synth into a local directory: remove the directories it made, if empty."""
+    if not out.is_local:
+        return
+    for d in [out / "ratings"] + ([] if existed else [out]):
+        with contextlib.suppress(OSError):
+            os.rmdir(d.url)
 
 
 def _validate(cfg: SynthConfig) -> None:
@@ -684,12 +774,13 @@ def _validate(cfg: SynthConfig) -> None:
 
 def synth(
     cfg: SynthConfig,
-    out: str | Path,
+    out: str | Path | Location,
     overwrite: bool = False,
     progress: bool | None = None,
     *,
     chunk_ratings: int = DEFAULT_CHUNK_RATINGS,
     threads: int | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write planted-truth ratings, the true parameters and a summary to ``out``.
 
@@ -698,10 +789,13 @@ def synth(
     cfg
         The ``synth`` config section (sizes, rank, noise, skews, clip/round, seed, files, format).
     out
-        Output directory; built in a temporary sibling and renamed into place when complete
-        (:class:`dmf.store.storage.Staging`).
+        Output directory: a local path or a URL (a :class:`dmf.store.storage.Location` carries
+        its storage options). Written as a :class:`dmf.store.storage.Commit`: the files first,
+        ``synth.json`` last, no rename; until then a previous output there stays whole.
     overwrite
-        Replace a non-empty ``out``; without it, a non-empty ``out`` is refused before any work.
+        Write into a non-empty ``out``; without it, a non-empty ``out`` is refused before any
+        work. Only the previous synth output's files (those its ``synth.json`` lists) are then
+        deleted, never anything else.
     progress
         Progress bar: ``None`` shows it only on a terminal.
     chunk_ratings
@@ -709,52 +803,58 @@ def synth(
     threads
         Threads generating chunks (default: the available cores, at most 4). The output does not
         depend on it.
+    options
+        Storage options of ``out``'s filesystem (``storage.options``), when ``out`` is not a
+        :class:`~dmf.store.storage.Location` already.
 
     Returns
     -------
     dict
         The summary also written to ``out/synth.json``: counts (``n_ratings``, users and items
         with ratings, max and median ratings per user), rating mean/min/max, ``noise_rmse`` (RMSE
-        of the written ratings against the noise-free truth: what a perfect model scores), files,
-        seconds and ratings per second.
+        of the written ratings against the noise-free truth: what a perfect model scores), the
+        logical names of the rating files (``ratings_files``), seconds and ratings per second;
+        and, as in the manifest, ``files`` (every file's entry) and ``version``.
     """
     from tqdm import tqdm  # here, not at the top: keeps `import dmf` and the CLI light
 
-    out = Path(out)
+    out = Location.of(out, options)
     _validate(cfg)
     _check_out(out, overwrite)
     if chunk_ratings < 1:
         raise ValueError("chunk_ratings must be positive")
     n_threads = _threads(threads)
     t_start = time.perf_counter()
+    existed = out.isdir()
+    previous = read_manifest(out, MANIFEST, DmfError) if existed else None
     plan = _Plan(cfg)
     ext = "parquet" if cfg.format == "parquet" else "csv"
     names = [f"ratings/part-{f:05d}.{ext}" for f in range(cfg.files)]
-    with Staging(out) as st:
-        bar = tqdm(
-            total=cfg.n_ratings,
-            unit=" ratings",
-            unit_scale=True,
-            desc="synth",
-            disable=progress_disabled(progress),
-        )
-        with bar:
-            paths = [st.file(name) for name in names]
-            totals = _write_ratings(plan, paths, chunk_ratings, n_threads, bar)
-        np.savez(
-            st.file("truth.npz"),
-            U=plan.U,
-            V=plan.V,
-            b=plan.b,
-            c=plan.c,
-            mu=np.float64(cfg.mu),
-            noise=np.float64(cfg.noise),
-        )
-        seconds = time.perf_counter() - t_start
-        summary = _summary(plan, totals, names, seconds)
-        st.file("synth.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _check_out(out, overwrite)  # again: something may have appeared while we worked
-        st.commit()
+    try:
+        with Commit(out, MANIFEST) as commit:
+            bar = tqdm(
+                total=cfg.n_ratings,
+                unit=" ratings",
+                unit_scale=True,
+                desc="synth",
+                disable=progress_disabled(progress),
+            )
+            with bar:
+                totals = _write_ratings(plan, commit, names, chunk_ratings, n_threads, bar)
+            _write_truth(commit, plan)
+            seconds = time.perf_counter() - t_start
+            summary = _summary(plan, totals, names, seconds)
+            # Again: something may have appeared while we worked.
+            ours = {e.path for e in commit.entries.values()}
+            _check_out(out, overwrite, ours)
+            doc = commit.commit(summary)
+    except BaseException:
+        _remove_empty_dirs(out, existed)
+        raise
+    if previous is not None and isinstance(previous.get("files"), list):
+        # The output of a dmf that did not version its files: its synth.json listed them by
+        # name (the commit could not), and they are the previous version's.
+        clean(out, [*previous["files"], previous.get("truth", "truth.npz")])
     n = cfg.n_ratings
     log.debug(
         "synth: %d ratings (%d users x %d items) written to %s in %.1f s (%.2fM ratings/s)",
@@ -765,4 +865,30 @@ def synth(
         seconds,
         n / seconds / 1e6 if seconds > 0 else float("nan"),
     )
-    return summary
+    return doc
+
+
+def _manifest_of(out: Location) -> dict[str, Any]:
+    doc = read_manifest(out, MANIFEST, DmfError)
+    if doc is None:
+        raise DmfError(f"{out} has no {MANIFEST}: it is not the output of dmf synth")
+    return doc
+
+
+def synth_files(
+    out: str | Path | Location, options: Mapping[str, Any] | None = None
+) -> dict[str, Location]:
+    """Where the files of the synth output ``out`` are: logical name (``ratings/part-00000.parquet``,
+    ``truth.npz``) -> actual location, as ``synth.json`` lists them."""
+    out = Location.of(out, options)
+    return {rel: out / (e.path or rel) for rel, e in entries_of(_manifest_of(out)).items()}
+
+
+def load_truth(out: str | Path | Location, options: Mapping[str, Any] | None = None) -> dict:
+    """The planted truth of the synth output ``out``: ``U``, ``V``, ``b``, ``c``, ``mu``,
+    ``noise`` as arrays, read through ``synth.json`` and checked against its size and CRC-32."""
+    out = Location.of(out, options)
+    entry = entries_of(_manifest_of(out))["truth.npz"]
+    data = read_verified(out / (entry.path or "truth.npz"), entry, DmfError)
+    with np.load(io.BytesIO(data)) as z:
+        return {k: z[k] for k in z.files}

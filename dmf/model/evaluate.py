@@ -27,7 +27,6 @@ and returns sums that the driver adds up.
 from __future__ import annotations
 
 import math
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,8 @@ from dmf.errors import InputError, StoreError
 from dmf.model.ids import check_cold_start
 from dmf.model.model import Model
 from dmf.model.scoring import ItemScorer, SeenItems, csr_rows, default_tile_users, top_n
-from dmf.store.layout import Store, read_block_file
+from dmf.store.layout import MANIFEST, BlockRef, Store, read_block_file
+from dmf.store.storage import Location, preflight
 
 METRICS = ("precision", "recall", "ndcg", "map")
 
@@ -106,7 +106,7 @@ class EvalUsers:
     factors: np.ndarray  # (stop - start, rank); zero rows for unknown users
     bias: np.ndarray  # (stop - start,)
     known: np.ndarray  # (stop - start,) bool
-    train_block: str  # path of by_user/block=NNNNN
+    train_block: BlockRef  # by_user/block=NNNNN
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,9 @@ class EvalParams:
     tile_users: int | None
 
 
-def evaluate_block_task(users: EvalUsers, heldout_file: str, items: EvalItems, p: EvalParams):
+def evaluate_block_task(users: EvalUsers, heldout: list[Location], items: EvalItems, p: EvalParams):
     """Sums of squared and absolute errors and of ranking metrics over one user block."""
-    t = pq.read_table(heldout_file, columns=["user", "item", "rating"])
+    t = pa.concat_tables(pq.read_table(loc.open("rb")) for loc in heldout)
     lu = t.column("user").to_numpy().astype(np.int64) - users.start
     si = t.column("item").to_numpy().astype(np.int64)
     r = t.column("rating").to_numpy().astype(np.float64)
@@ -165,7 +165,7 @@ def evaluate_block_task(users: EvalUsers, heldout_file: str, items: EvalItems, p
     rel_keys = np.unique(pos_of[lu[rel_ok]] * n_items + mi[rel_ok])
 
     # Seen (train) items of the ranked users, from the store's by_user block.
-    blk = read_block_file(users.train_block, "user", users.start, users.stop)
+    blk = read_block_file(users.train_block)
     rep, cols, _ = csr_rows(blk.indptr, blk.cols, rel_users)
     cols = cols.astype(np.int64)
     if items.store_to_model is not None:
@@ -199,44 +199,41 @@ def evaluate_block_task(users: EvalUsers, heldout_file: str, items: EvalItems, p
 # ---------------------------------------------------------------------------------------------
 # Orchestration
 # ---------------------------------------------------------------------------------------------
-def _partition_split(store: Store, split: str, tmp: Path, batch_rows: int) -> dict[int, str]:
-    """Spread the held-out ratings into one Parquet file per user block (streamed)."""
-    src = store.path / split / "part-0.parquet"
+def _partition_split(
+    store: Store, split: str, scratch: Location, batch_rows: int
+) -> dict[int, list[Location]]:
+    """Spread the held-out ratings into pieces per user block under ``scratch`` (streamed: one
+    batch in memory); returns each block's pieces."""
     bounds = store.bounds("user")
-    n_users = store.n_users
-    writers: dict[int, pq.ParquetWriter] = {}
-    files: dict[int, str] = {}
-    try:
-        pf = pq.ParquetFile(src)
-        row0 = 0
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=["user", "item", "rating"]):
-            t = pa.Table.from_batches([batch])
-            u = t.column("user").to_numpy()
-            bad = (u < 0) | (u >= n_users)
-            it = t.column("item").to_numpy()
-            bad |= (it < 0) | (it >= store.n_items)
-            if np.any(bad):
-                row = row0 + int(np.flatnonzero(bad)[0])
-                raise StoreError(
-                    f"{src}: row {row} has a user or item index outside the store's id maps; "
-                    "the store is corrupt, re-run `dmf ingest`"
-                )
-            row0 += len(t)
-            blk = np.searchsorted(bounds, u, side="right") - 1
-            order = np.argsort(blk, kind="stable")
-            blk_sorted = blk[order]
-            t = t.take(pa.array(order))
-            present = np.unique(blk_sorted)
-            cuts = np.searchsorted(blk_sorted, present)
-            ends = np.append(cuts[1:], len(blk_sorted))
-            for b, lo, hi in zip(present.tolist(), cuts, ends, strict=True):
-                if b not in writers:
-                    files[b] = str(tmp / f"block={b:05d}.parquet")
-                    writers[b] = pq.ParquetWriter(files[b], t.schema)
-                writers[b].write_table(t.slice(lo, hi - lo))
-    finally:
-        for w in writers.values():
-            w.close()
+    files: dict[int, list[Location]] = {}
+    pf = store.open_split(split)
+    row0 = 0
+    for k, batch in enumerate(
+        pf.iter_batches(batch_size=batch_rows, columns=["user", "item", "rating"])
+    ):
+        t = pa.Table.from_batches([batch])
+        u = t.column("user").to_numpy()
+        it = t.column("item").to_numpy()
+        bad = (u < 0) | (u >= store.n_users) | (it < 0) | (it >= store.n_items)
+        if np.any(bad):
+            row = row0 + int(np.flatnonzero(bad)[0])
+            raise StoreError(
+                f"{store.file(f'{split}/part-0.parquet')}: row {row} has a user or item index "
+                "outside the store's id maps; the store is corrupt, re-run `dmf ingest`"
+            )
+        row0 += len(t)
+        blk = np.searchsorted(bounds, u, side="right") - 1
+        order = np.argsort(blk, kind="stable")
+        blk_sorted = blk[order]
+        t = t.take(pa.array(order))
+        present = np.unique(blk_sorted)
+        cuts = np.searchsorted(blk_sorted, present)
+        ends = np.append(cuts[1:], len(blk_sorted))
+        for b, lo, hi in zip(present.tolist(), cuts, ends, strict=True):
+            piece = scratch / f"block={b:05d}/piece-{k:05d}.parquet"
+            with piece.open("wb") as fh:
+                pq.write_table(t.slice(lo, hi - lo), fh)
+            files.setdefault(b, []).append(piece)
     return files
 
 
@@ -289,10 +286,9 @@ def evaluate(
         store = Store.open(store)
     if split not in ("test", "validation"):
         raise InputError(f"split must be 'test' or 'validation', not {split!r}")
-    src = store.path / split / "part-0.parquet"
-    if store.n_split(split) == 0 or not src.is_file():
+    if store.open_split(split) is None:
         raise StoreError(
-            f"store {store.path} has no {split} ratings: ingest with split.{split} > 0 "
+            f"store {store.root} has no {split} ratings: ingest with split.{split} > 0 "
             "to hold some out"
         )
     maps = model.store_maps(store)
@@ -315,12 +311,13 @@ def evaluate(
             f = np.where(known[:, None], model.user_factors[np.maximum(rows, 0)], 0)
             bias = np.where(known, model.user_bias[np.maximum(rows, 0)], 0)
             f = f.astype(model.user_factors.dtype)
-        return EvalUsers(lo, hi, f, bias, known, str(store.block_path("user", b)))
+        return EvalUsers(lo, hi, f, bias, known, store.block_ref("user", b))
 
-    tmp = store.path.parent / f".{store.path.name}.eval-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    # Scratch pieces in a hidden prefix of the store's directory: every worker must reach it.
+    scratch = store.root / f".scratch-evaluate-{uuid.uuid4().hex[:8]}"
+    preflight(client, reads=[store.root / MANIFEST])
     try:
-        files = _partition_split(store, split, tmp, batch_rows)
+        files = _partition_split(store, split, scratch, batch_rows)
         blocks = sorted(files)
         if client is not None and blocks:
             [items_f] = client.scatter([items], broadcast=True, hash=False)
@@ -334,7 +331,7 @@ def evaluate(
         else:
             parts = [evaluate_block_task(users_of(b), files[b], items, params) for b in blocks]
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        scratch.remove()
 
     total = {key: sum(p[key] for p in parts) for key in parts[0]} if parts else {}
     n = int(total.get("n", 0))

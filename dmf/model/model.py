@@ -1,16 +1,20 @@
 """The trained model: factors, biases, id maps, config and history, and its directory format.
 
-    model/
-      model.json             mu, rank, regularisation, iterations, config, store fingerprint,
-                             versions, per-iteration history
-      user_factors.parquet   id (raw), bias, factors (list of rank floats)
-      item_factors.parquet
+    model/                   a local directory or a URL (dmf.store.storage)
+      model.json             the manifest, written last: mu, rank, regularisation, iterations,
+                             config, store fingerprint, versions, per-iteration history, and
+                             every file with its size and CRC-32
+      user_factors/part-00000.TOKEN.parquet   id (raw), bias, factors (list of rank floats)
+      item_factors/part-00000.TOKEN.parquet
       history.csv            iteration, train RMSE, validation RMSE, objective, seconds
       convergence.png        objective and RMSE per iteration
+      checkpoints/           written during training (dmf.train.checkpoint)
 
-The directory is committed through :class:`dmf.store.storage.Staging` (a temporary sibling,
-renamed into place), so a reader never sees a half-written model. The uses of a model live in
-their own modules: :mod:`dmf.model.predict` (pairs, fold-in, similar items),
+The directory is committed by :class:`dmf.store.storage.Commit`: the factor files under names of
+their own, ``model.json`` last, no rename; a reader never sees a half-written model and the
+previous model stays readable until the new ``model.json`` lands. ``history.csv`` and
+``convergence.png`` are views of the history in ``model.json``, rewritten after it. The uses of
+a model live in their own modules: :mod:`dmf.model.predict` (pairs, fold-in, similar items),
 :mod:`dmf.model.recommend` (top-N, blockwise on Dask) and :mod:`dmf.model.evaluate`; the methods
 here call them.
 """
@@ -19,14 +23,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dmf import __version__
 from dmf.als.solver import predict
@@ -37,9 +39,22 @@ from dmf.model.ids import IdIndex, IndexMaps, as_id_array, store_index_maps
 from dmf.model.plot import plot_history
 from dmf.model.recommend import recommend_all
 from dmf.store.layout import Store
-from dmf.store.storage import Staging
+from dmf.store.storage import (
+    Commit,
+    Location,
+    entries_of,
+    leftovers,
+    read_manifest,
+    read_table,
+    verify_file,
+    write_atomic,
+)
 
-MODEL_FORMAT = 1
+MODEL_FORMAT = 2
+MODEL_JSON = "model.json"
+# Entries of a model directory that are not listed in model.json: views of its history, the
+# evaluation `dmf run` writes, and the checkpoints (each committed on its own).
+DERIVED = ("history.csv", "convergence.png", "evaluation.json", "checkpoints")
 HISTORY_FIELDS = [
     "iteration",
     "train_rmse",
@@ -107,28 +122,35 @@ class Model:
         return len(self.item_bias)
 
     # -- persistence -----------------------------------------------------------------------------
-    def save(self, path: str | Path, overwrite: bool = True, plot: bool = True) -> Path:
-        """Write the model directory atomically (checkpoints already in it are kept); returns
-        its path."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise ModelError(f"model directory {path} exists; pass overwrite=True to replace it")
-        check_replaceable(path)
-        # Training checkpoints live inside the model directory: carried over to the new version.
-        with Staging(path, carry=("checkpoints",)) as st:
+    def save(
+        self,
+        path: str | Path | Location,
+        overwrite: bool = True,
+        plot: bool = True,
+        options: dict[str, Any] | None = None,
+    ) -> Location:
+        """Write the model directory (a local path or a URL; ``options`` for its filesystem):
+        the factor files, then ``model.json`` last. Checkpoints already in it are kept. Returns
+        its location."""
+        root = Location.of(path, options)
+        if not overwrite and (root / MODEL_JSON).exists():
+            raise ModelError(f"model directory {root} exists; pass overwrite=True to replace it")
+        check_replaceable(root)
+        with Commit(root, MODEL_JSON) as c:
             for side, ids, f, b in (
                 ("user", self.user_ids, self.user_factors, self.user_bias),
                 ("item", self.item_ids, self.item_factors, self.item_bias),
             ):
-                pq.write_table(_factor_table(ids, f, b), st.file(f"{side}_factors.parquet"))
-            with st.open("history.csv") as fh:
-                fh.write(history_csv(self.history).encode())
-            if plot and self.history:
-                plot_history(self.history, st.file("convergence.png"))
-            with st.open("model.json", "w") as fh:
-                json.dump(self._model_json(), fh, indent=1, default=_json_default)
-            st.commit()
-        return path
+                c.write_table(f"{side}_factors/part-00000.parquet", _factor_table(ids, f, b))
+            c.commit(self._model_json())
+        write_atomic(root / "history.csv", history_csv(self.history))
+        if plot and self.history:
+            write_atomic(root / "convergence.png", plot_history(self.history))
+        return root
+
+    def manifest(self) -> dict[str, Any]:
+        """What ``model.json`` holds (without its file list)."""
+        return self._model_json()
 
     def _model_json(self) -> dict[str, Any]:
         return {
@@ -147,19 +169,32 @@ class Model:
         }
 
     @classmethod
-    def load(cls, path: str | Path) -> Model:
-        """Read a model directory written by :meth:`save`."""
-        path = Path(path)
-        mj = path / "model.json"
-        if not mj.is_file():
-            raise ModelError(f"{path} is not a model directory (no model.json)")
-        meta = json.loads(mj.read_text())
+    def load(cls, path: str | Path | Location, options: dict[str, Any] | None = None) -> Model:
+        """Read a model directory written by :meth:`save`, every file checked against
+        ``model.json``."""
+        root = Location.of(path, options)
+        meta = read_manifest(root, MODEL_JSON, error=ModelError)
+        if meta is None:
+            raise ModelError(f"{root} is not a model directory (no {MODEL_JSON})")
         if meta.get("format") != MODEL_FORMAT:
-            raise ModelError(f"{mj}: model format {meta.get('format')} is not {MODEL_FORMAT}")
-        rank = int(meta["rank"])
-        parts = {side: _read_factor_table(path / f"{side}_factors.parquet", rank) for side in SIDES}
+            raise ModelError(
+                f"{root / MODEL_JSON}: model format {meta.get('format')} is not {MODEL_FORMAT}"
+                + ("; retrain it with this version of dmf" if meta.get("format") == 1 else "")
+            )
+        try:
+            files = entries_of(meta)
+            rank = int(meta["rank"])
+            mu = float(meta["mu"])
+        except Exception as exc:  # noqa: BLE001 - a damaged manifest: say which
+            raise ModelError(f"{root / MODEL_JSON} is not a valid model manifest: {exc}") from exc
+        parts = {}
+        for side in SIDES:
+            rel = f"{side}_factors/part-00000.parquet"
+            if rel not in files:
+                raise ModelError(f"{root / MODEL_JSON} lists no {rel}")
+            parts[side] = _read_factor_table(root / (files[rel].path or rel), files[rel], rank)
         return cls(
-            mu=float(meta["mu"]),
+            mu=mu,
             user_ids=parts["user"][0],
             item_ids=parts["item"][0],
             user_factors=parts["user"][1],
@@ -320,8 +355,12 @@ class Model:
                 raise ModelError(
                     "exclude='store': this model records no store path; pass the store itself"
                 )
-            return Store.open(self.store_path)
-        return Store.open(exclude)
+            return Store.open(self.store_path, options=self.storage_options())
+        return Store.open(exclude, options=self.storage_options())
+
+    def storage_options(self) -> dict[str, Any]:
+        """The storage options the model was trained with (the config's ``storage.options``)."""
+        return dict((self.config.get("storage") or {}).get("options") or {})
 
     def fold_in(self, items: Any, ratings: Any) -> tuple[np.ndarray, float]:
         """Factors and bias of a new user from their ratings, without retraining.
@@ -391,18 +430,39 @@ _MODEL_JSON_KEYS = {
     "config",
     "history",
     "versions",
+    "files",
+    "version",
 }
 
 
-def check_replaceable(path: Path) -> None:
-    """Refuse to replace a non-empty directory that is not a model (e.g. output.model: runs)."""
-    if path.is_dir() and not (path / "model.json").is_file():
-        other = [p.name for p in path.iterdir() if p.name != "checkpoints"]
-        if other:
-            raise ModelError(
-                f"{path} is not a model directory but holds {', '.join(sorted(other)[:5])}: "
-                "choose an empty or new directory for output.model"
-            )
+def check_replaceable(root: Location) -> None:
+    """Refuse to write a model into a non-empty directory that is not a model (e.g.
+    ``output.model: runs``)."""
+    if (root / MODEL_JSON).exists() or not root.isdir():
+        return
+    other = [name for name in root.ls() if name not in DERIVED]
+    if other:
+        raise ModelError(
+            f"{root} is not a model directory but holds {', '.join(other[:5])}: choose an empty "
+            "or new directory for output.model"
+        )
+
+
+def verify_model(root: Location) -> tuple[int, int]:
+    """Check every file ``model.json`` lists (size and checksum); returns (files, bytes)."""
+    meta = read_manifest(root, MODEL_JSON, error=ModelError)
+    if meta is None:
+        raise ModelError(f"{root} is not a model directory (no {MODEL_JSON})")
+    files = entries_of(meta)
+    for rel, entry in files.items():
+        verify_file(root / (entry.path or rel), entry, error=ModelError)
+    return len(files), sum(e.bytes for e in files.values())
+
+
+def model_leftovers(root: Location) -> list[str]:
+    """Files in a model directory that its ``model.json`` does not list (left by killed
+    saves), relative to the directory; checkpoints are not counted."""
+    return leftovers(root, MODEL_JSON, read_manifest(root, MODEL_JSON, error=ModelError), DERIVED)
 
 
 def _factor_table(ids: pa.Array, factors: np.ndarray, bias: np.ndarray) -> pa.Table:
@@ -416,21 +476,15 @@ def _factor_table(ids: pa.Array, factors: np.ndarray, bias: np.ndarray) -> pa.Ta
     )
 
 
-def _read_factor_table(f: Path, rank: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    """(raw ids, factors (n, rank), biases (n,)) of one side's factor file."""
-    if not f.is_file():
-        raise ModelError(f"model file {f} is missing")
-    t = pq.read_table(f)
-    flat = t.column("factors").combine_chunks().flatten().to_numpy()
-    return t.column("id").combine_chunks(), flat.reshape(len(t), rank), t.column("bias").to_numpy()
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+def _read_factor_table(loc: Location, entry, rank: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """(raw ids, factors (n, rank), biases (n,)) of one side's factor file, verified."""
+    t = read_table(loc, entry, error=ModelError)
+    try:
+        flat = t.column("factors").combine_chunks().flatten().to_numpy()
+        factors = flat.reshape(len(t), rank)
+        return t.column("id").combine_chunks(), factors, t.column("bias").to_numpy()
+    except (KeyError, ValueError, pa.ArrowException) as exc:
+        raise ModelError(f"model file {loc} does not hold factors of rank {rank}: {exc}") from exc
 
 
 def history_csv(history: list[dict[str, Any]]) -> str:
@@ -443,6 +497,6 @@ def history_csv(history: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def load(path: str | Path) -> Model:
-    """Load a saved model directory (``dmf.load``)."""
-    return Model.load(path)
+def load(path: str | Path | Location, options: dict[str, Any] | None = None) -> Model:
+    """Load a saved model directory (``dmf.load``): a local path or a URL."""
+    return Model.load(path, options)

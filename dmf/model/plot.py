@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 from typing import Any
 
 
-def plot_history(history: list[dict[str, Any]], path: str | Path) -> Path:
+def plot_history(history: list[dict[str, Any]]) -> bytes:
+    """The convergence plot of ``history`` as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,6 +31,7 @@ def plot_history(history: list[dict[str, Any]], path: str | Path) -> Path:
     ax2.set_title("RMSE")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    return Path(path)
+    return buf.getvalue()

@@ -17,6 +17,7 @@ rating. A user with fewer than N unseen items gets fewer rows.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,16 @@ from dmf.dist.tasks import run_windowed
 from dmf.errors import InputError, ModelError
 from dmf.model.ids import IdIndex, check_cold_start, inverse_map
 from dmf.model.scoring import SeenItems, csr_rows, recommend_rows
-from dmf.store.layout import Store, read_block_file
-from dmf.store.storage import Staging, atomic_file
+from dmf.store.layout import MANIFEST, BlockRef, Store, read_block_file
+from dmf.store.storage import (
+    Commit,
+    FileEntry,
+    Location,
+    Target,
+    atomic_file,
+    open_parquet,
+    preflight,
+)
 
 if TYPE_CHECKING:
     from dmf.model.model import Model
@@ -76,9 +85,9 @@ class UserPart:
     factors: np.ndarray  # (m, rank)
     bias: np.ndarray  # (m,)
     ids: pa.Array  # (m,) raw ids
-    # Train ratings of these users: the store block (path, start, stop) and each user's row in
-    # it (-1: no train ratings there, e.g. a user the store does not have). None: exclude nothing.
-    block: tuple[str, int, int] | None = None
+    # Train ratings of these users: the store block and each user's row in it (-1: no train
+    # ratings there, e.g. a user the store does not have). None: exclude nothing.
+    block: BlockRef | None = None
     rows_in_block: np.ndarray | None = None  # (m,)
 
 
@@ -86,8 +95,7 @@ def _seen_for_part(part: UserPart, item_map: np.ndarray | None) -> SeenItems:
     m = len(part.bias)
     if part.block is None:
         return SeenItems.none(m)
-    path, start, stop = part.block
-    blk = read_block_file(path, "user", start, stop)
+    blk = read_block_file(part.block)
     rows = part.rows_in_block
     has = rows >= 0
     rep, cols, _ = csr_rows(blk.indptr, blk.cols, rows[has])
@@ -108,12 +116,13 @@ def recommend_block_task(
     items: ItemSide,
     n: int,
     tile_users: int | None,
-    out_file: str | None,
+    out_file: tuple[Target, str] | None,
     item_map: np.ndarray | None = None,
-) -> pa.Table | dict[str, Any]:
+) -> pa.Table | FileEntry:
     """Top-N for one block of users (runs on a worker; its name shows on the dashboard).
 
-    Returns the block's table, or writes it to ``out_file`` and returns ``{"rows": ...}``.
+    Returns the block's table, or writes it as the file ``out_file`` = (commit target, name)
+    and returns its manifest entry.
     """
     seen = _seen_for_part(part, item_map)
     with blas_single_thread():
@@ -123,8 +132,8 @@ def recommend_block_task(
     table = recs_table(part.ids.take(pa.array(row)), rank, items.ids.take(pa.array(item)), score)
     if out_file is None:
         return table
-    pq.write_table(table, out_file, compression="zstd")
-    return {"rows": len(table), "file": out_file}
+    target, rel = out_file
+    return target.write_table(rel, table, compression="zstd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +170,7 @@ def _parts(model: Model, user_idx: np.ndarray, store: Store | None) -> list[User
                 model.user_factors[sel],
                 model.user_bias[sel],
                 model.user_index.take(sel),
-                (str(store.block_path("user", b)), int(bounds[b]), int(bounds[b + 1])),
+                store.block_ref("user", b),
                 rows.astype(np.int64),
             )
         )
@@ -249,6 +258,15 @@ def recommend_all(
         unknown = wanted.filter(pa.array(idx < 0))
         cold_ids = pc.unique(unknown) if cold_start == "fallback" and len(unknown) else None
     item_map = model.store_maps(store).item if store is not None else None
+    if out is not None:
+        out = Location.of(out, store.root.options if store is not None else None)
+    # The tasks read the store's blocks and write the parts beside ``out``: check every worker
+    # can, before any work.
+    preflight(
+        client,
+        reads=[store.root / MANIFEST] if store is not None else [],
+        writes=[out.parent] if out is not None else [],
+    )
     items = ItemSide(model.item_factors, model.item_bias, model.item_ids, model.mu)
     parts = _parts(model, user_idx, store)
     if client is not None:
@@ -258,22 +276,52 @@ def recommend_all(
         tables = _run_parts(client, parts, items, n, tile_users, item_map, None)
         table = _concat(tables + ([cold] if cold is not None else []), model)
         return table if wanted is None else _in_given_order(table, wanted)
-    out = Path(out)
-    if out.suffix == ".parquet" and out.is_dir():
-        raise ModelError(f"output {out} is a directory; give a .parquet file name")
-    with Staging(out) as st:
-        files = [str(st.file(f"part-{k:05d}.parquet")) for k in range(len(parts))]
-        _run_parts(client, parts, items, n, tile_users, item_map, files)
-        if cold is not None:
-            pq.write_table(cold, st.file(f"part-{len(parts):05d}.parquet"), compression="zstd")
-        parts_written = sorted(st.path.glob("part-*.parquet"))
-        if out.suffix == ".parquet":
-            with atomic_file(out) as fh:
-                _combine(parts_written, fh, model)
-            return out  # the staging directory of parts is removed on leaving
-        if not parts_written:
-            pq.write_table(_empty(model), st.file("part-00000.parquet"))
-        return st.commit()
+    if out.name.endswith(".parquet"):
+        if out.isdir():
+            raise ModelError(f"output {out} is a directory; give a .parquet file name")
+        # The parts go to a hidden prefix beside the file, then stream into it in one piece.
+        scratch = out.parent / f".{out.name}.parts-{uuid.uuid4().hex[:8]}"
+        try:
+            with Commit(scratch, RECS_MANIFEST) as c:
+                entries = _write_parts(c, client, parts, items, n, tile_users, item_map, cold)
+                with atomic_file(out) as fh:
+                    _combine([(scratch / e.path, e) for e in entries], fh, model)
+        finally:
+            scratch.remove()
+        return out
+    check_recs_replaceable(out)
+    with Commit(out, RECS_MANIFEST) as c:
+        entries = _write_parts(c, client, parts, items, n, tile_users, item_map, cold)
+        if not entries:
+            c.write_table("part-00000.parquet", _empty(model))
+        c.commit({"what": "recommendations", "n": n, "users": int(len(user_idx))})
+    return out
+
+
+# Starts with "_": Arrow, Spark and pandas skip it when they read the directory as a dataset.
+RECS_MANIFEST = "_manifest.json"
+
+
+def check_recs_replaceable(out: Location) -> None:
+    """Refuse to write recommendations into a non-empty directory that holds none."""
+    if out.isdir() and not (out / RECS_MANIFEST).exists() and out.ls():
+        raise ModelError(
+            f"{out} is not a recommendation output but holds {', '.join(out.ls()[:5])}: choose "
+            "an empty or new directory for --out (or a .parquet file name)"
+        )
+
+
+def _write_parts(c: Commit, client, parts, items, n, tile_users, item_map, cold) -> list:
+    """Each part's recommendations as a file of the commit ``c`` (by the tasks), and the
+    fallback recommendations of unknown users; returns the entries, in part order."""
+    rels = [f"part-{k:05d}.parquet" for k in range(len(parts))]
+    files = [(c.target, rel) for rel in rels]
+    entries = _run_parts(client, parts, items, n, tile_users, item_map, files)
+    for rel, entry in zip(rels, entries, strict=True):
+        c.add(rel, entry)
+    if cold is not None:
+        entries.append(c.write_table(f"part-{len(parts):05d}.parquet", cold, compression="zstd"))
+    return entries
 
 
 def _run_parts(client, parts, items, n, tile_users, item_map, files) -> list:
@@ -337,12 +385,12 @@ def _concat(tables: list[pa.Table], model: Model) -> pa.Table:
     return pa.concat_tables(tables).combine_chunks()
 
 
-def _combine(files: list[Path], sink, model: Model) -> None:
-    """Stream the parts into one Parquet file, row group by row group (memory: one part's row
-    group)."""
+def _combine(files: list, sink, model: Model) -> None:
+    """Stream the parts ((location, entry) pairs, each verified) into one Parquet file, row
+    group by row group (memory: one part)."""
     schema = _empty(model).schema
     with pq.ParquetWriter(sink, schema, compression="zstd") as w:
-        for f in files:
-            pf = pq.ParquetFile(f)
+        for loc, entry in files:
+            pf = open_parquet(loc, entry, error=ModelError)
             for g in range(pf.num_row_groups):
                 w.write_table(pf.read_row_group(g).cast(schema))

@@ -1,31 +1,34 @@
-"""The store: train ratings on disk as Parquet, partitioned by user block and by item block.
+"""The store: train ratings as Parquet, partitioned by user block and by item block.
 
-Layout (see PRODUCT.md)::
+Layout (see PRODUCT.md), on a local disk or any URL (:mod:`dmf.store.storage`)::
 
     store/
       manifest.json          counts, mu, block boundaries, split, schema version, fingerprint,
-                             and every file with its size and row count (written last)
-      users.parquet          id (raw, int64 or string), index (int32), n_ratings (train count)
-      items.parquet
-      by_user/block=NNNNN/part-0.parquet   columns user, item (int32), rating (float32),
-                                           sorted by (user, item); users in [bounds[b], bounds[b+1])
-      by_item/block=NNNNN/part-0.parquet   the same ratings, sorted by (item, user)
-      validation/part-0.parquet, test/part-0.parquet   user, item, rating[, timestamp]
+                             and every file with its size, CRC-32 and row count (written last)
+      users.TOKEN.parquet    id (raw, int64 or string), index (int32), n_ratings (train count)
+      items.TOKEN.parquet
+      by_user/block=NNNNN/part-0.TOKEN.parquet   columns user, item (int32), rating (float32),
+                             sorted by (user, item); users in [bounds[b], bounds[b+1])
+      by_item/block=NNNNN/part-0.TOKEN.parquet   the same ratings, sorted by (item, user)
+      validation/part-0.TOKEN.parquet, test/part-0.TOKEN.parquet   user, item, rating[, timestamp]
+
+TOKEN is the version written by one ingest: the manifest maps each file's logical name (e.g.
+``by_user/block=00000/part-0.parquet``) to its actual name. A store is committed by
+:class:`dmf.store.storage.Commit` (every file first, the manifest last, no rename), so an
+interrupted ingest never leaves a store that looks complete and an old store stays readable
+until the new manifest lands.
 
 The manifest is typed (:class:`StoreManifest`): opening a store validates it, so a damaged or
-foreign manifest is an error naming the key, not a KeyError later.
-
-:class:`StoreWriter` builds a store through :class:`dmf.store.storage.Staging` (a temporary
-sibling directory, renamed into place only when the manifest is written), so an interrupted
-write never leaves a store that looks complete and an old store stays intact until the new one is
-whole. :meth:`Store.open` checks every file against the manifest.
+foreign manifest is an error naming the key. :meth:`Store.open` checks that every file is there
+with its size; every read checks the file's checksum (:func:`dmf.store.storage.read_verified`),
+so a flipped byte is an error naming the file, never a different number.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Iterator
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,9 +39,20 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dmf.errors import StoreError
 from dmf.store.blocks import SIDES, RatingBlock
-from dmf.store.storage import Staging, write_atomic
+from dmf.store.storage import (
+    Commit,
+    FileEntry,
+    Location,
+    Target,
+    leftovers,
+    open_parquet,
+    read_manifest,
+    read_table,
+    verify_file,
+)
 
-SCHEMA_VERSION = 1
+# 2: versioned file names and a CRC-32 of every file (dmf.store.storage).
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 SPLITS = ("validation", "test")
 
@@ -47,13 +61,6 @@ RATING_SCHEMA = pa.schema([("user", pa.int32()), ("item", pa.int32()), ("rating"
 
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class FileEntry(_Record):
-    """One file of a store, as the manifest lists it."""
-
-    bytes: int
-    rows: int
 
 
 class BlockLayout(_Record):
@@ -100,6 +107,8 @@ class StoreManifest(_Record):
     fingerprint: str
     """What the store was made from: its ingest's inputs and settings, or its arrays."""
     files: dict[str, FileEntry]
+    version: str | None = None
+    """The token of the ingest that wrote this version of the store."""
     dropped: DroppedRows | None = None
     clipped: int = 0
     source: str | None = None
@@ -116,21 +125,25 @@ class StoreManifest(_Record):
 
 
 def block_relpath(side: str, b: int) -> str:
+    """The logical name of block ``b`` of ``side`` (the manifest gives its actual file)."""
     return f"by_{side}/block={b:05d}/part-0.parquet"
 
 
-def write_block_file(
-    path: str | Path, side: str, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray
-) -> FileEntry:
-    """Write one block's ratings (already sorted by ``side``) to ``path``.
+@dataclass(frozen=True)
+class BlockRef:
+    """Where one block's ratings are, and what its file must be: all a worker needs to read it."""
 
-    ``rows`` are indices of ``side``; ``cols`` of the other side. Returns the file entry for the
-    manifest (bytes and rows). Used by ingest on the driver or on workers.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    side: str
+    block: int
+    start: int
+    stop: int
+    location: Location
+    entry: FileEntry
+
+
+def block_table(side: str, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> pa.Table:
     users, items = (rows, cols) if side == "user" else (cols, rows)
-    table = pa.table(
+    return pa.table(
         {
             "user": pa.array(np.asarray(users, dtype=np.int32)),
             "item": pa.array(np.asarray(items, dtype=np.int32)),
@@ -138,81 +151,124 @@ def write_block_file(
         },
         schema=RATING_SCHEMA,
     )
+
+
+def write_block_file(
+    target: Target, side: str, b: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray
+) -> FileEntry:
+    """Write block ``b`` of ``side`` (ratings already sorted by ``side``) into ``target``.
+
+    ``rows`` are indices of ``side``; ``cols`` of the other side. Returns the file's manifest
+    entry. Used by ingest on the driver or on workers.
+    """
     # No dictionary encoding: the other side's column has many distinct values, where the
     # dictionary costs ~3x the write time for no gain in size after zstd.
-    pq.write_table(table, path, compression="zstd", row_group_size=1 << 20, use_dictionary=False)
-    return FileEntry(bytes=path.stat().st_size, rows=len(table))
+    return target.write_table(
+        block_relpath(side, b),
+        block_table(side, rows, cols, vals),
+        compression="zstd",
+        row_group_size=1 << 20,
+        use_dictionary=False,
+    )
 
 
-def read_block_file(path: str | Path, side: str, start: int, stop: int) -> RatingBlock:
-    """Read one block file into a :class:`RatingBlock` (runs on workers)."""
-    try:
-        table = pq.read_table(path, columns=["user", "item", "rating"])
-    except (OSError, pa.ArrowException) as exc:
-        raise StoreError(f"cannot read block file {path}: {exc}") from exc
-    key, other = ("user", "item") if side == "user" else ("item", "user")
+def read_block_file(ref: BlockRef) -> RatingBlock:
+    """Read one block into a :class:`RatingBlock`, its checksum verified (runs on workers)."""
+    table = read_table(ref.location, ref.entry, columns=["user", "item", "rating"])
+    key, other = ("user", "item") if ref.side == "user" else ("item", "user")
     rows = table.column(key).to_numpy()
     cols = table.column(other).to_numpy()
     vals = table.column("rating").to_numpy()
     try:
-        return RatingBlock.from_coo(side, start, stop, rows, cols, vals, assume_sorted=True)
+        return RatingBlock.from_coo(
+            ref.side, ref.start, ref.stop, rows, cols, vals, assume_sorted=True
+        )
     except ValueError as exc:
-        raise StoreError(f"block file {path} is malformed: {exc}") from exc
+        raise StoreError(f"block file {ref.location} is malformed: {exc}") from exc
+
+
+def _manifest_error(loc: Location, exc: ValidationError) -> StoreError:
+    where = "; ".join(f"{'.'.join(str(k) for k in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+    return StoreError(f"{loc} is not a valid store manifest: {where}")
 
 
 class Store:
-    """An opened, verified store. Cheap to pickle: it holds the manifest, not the ratings."""
+    """An opened store. Cheap to pickle: it holds the manifest, not the ratings.
 
-    def __init__(self, path: str | Path, manifest: StoreManifest):
-        self.path = Path(path)
+    ``root`` (also ``path``) is its :class:`dmf.store.storage.Location`: a local directory or a
+    URL, with the storage options to reach it.
+    """
+
+    def __init__(self, root: Location, manifest: StoreManifest):
+        self.root = root
         self.manifest = manifest
+
+    @property
+    def path(self) -> Location:
+        return self.root
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> Store:
-        """Open the store at ``path``; with ``verify``, check every file against the manifest."""
-        path = Path(path)
-        mpath = path / MANIFEST
-        if not path.is_dir():
-            raise StoreError(f"no store at {path}: run `dmf ingest` first")
-        if not mpath.is_file():
+    def open(
+        cls,
+        path: str | Path | Location,
+        verify: bool = True,
+        options: Mapping[str, Any] | None = None,
+    ) -> Store:
+        """Open the store at ``path`` (a local path or URL; ``options`` for its filesystem).
+
+        With ``verify``, check that every file the manifest lists is there with its size (each
+        file's checksum is checked when it is read; :meth:`verify_all` checks them all now).
+        """
+        root = Location.of(path, options)
+        raw = read_manifest(root, MANIFEST)
+        if raw is None:
+            if not root.isdir():
+                raise StoreError(f"no store at {root}: run `dmf ingest` first")
             raise StoreError(
-                f"{path} has no {MANIFEST}: it is not a store, or its ingest did not finish"
+                f"{root} has no {MANIFEST}: it is not a store, or its ingest did not finish"
             )
-        try:
-            raw = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{mpath} is not valid JSON: {exc}") from exc
-        version = raw.get("schema_version") if isinstance(raw, dict) else None
+        version = raw.get("schema_version")
         if version != SCHEMA_VERSION:
             raise StoreError(
-                f"{mpath}: schema version {version} is not {SCHEMA_VERSION}; re-run `dmf ingest` "
-                "with this version of dmf"
+                f"{root / MANIFEST}: schema version {version} is not {SCHEMA_VERSION}; re-run "
+                "`dmf ingest` with this version of dmf"
             )
         try:
             manifest = StoreManifest.model_validate(raw)
         except ValidationError as exc:
-            where = "; ".join(
-                f"{'.'.join(str(k) for k in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
-            )
-            raise StoreError(f"{mpath} is not a valid store manifest: {where}") from None
-        store = cls(path, manifest)
+            raise _manifest_error(root / MANIFEST, exc) from None
+        store = cls(root, manifest)
         if verify:
             store.verify()
         return store
 
     def verify(self) -> None:
-        """Check that every file in the manifest exists with its recorded size."""
+        """Check that every file in the manifest is there with its recorded size."""
         for rel, entry in self.manifest.files.items():
-            f = self.path / rel
-            if not f.is_file():
-                raise StoreError(f"store file {f} is missing (listed in {self.path / MANIFEST})")
-            size = f.stat().st_size
+            loc = self.file(rel)
+            try:
+                size = loc.size()
+            except FileNotFoundError:
+                raise StoreError(
+                    f"store file {loc} is missing (listed in {self.root / MANIFEST})"
+                ) from None
             if size != entry.bytes:
                 raise StoreError(
-                    f"store file {f} has {size} bytes, the manifest says {entry.bytes}: "
+                    f"store file {loc} has {size} bytes, the manifest says {entry.bytes}: "
                     "it is truncated or was changed; re-run `dmf ingest`"
                 )
+
+    def verify_all(self) -> int:
+        """Check every file's size and checksum (reads the whole store); returns the bytes read."""
+        for rel, entry in self.manifest.files.items():
+            verify_file(self.file(rel), entry)
+        return self.disk_bytes()
+
+    def leftovers(self) -> list[str]:
+        """Files in the store's directory that its manifest does not list (left by killed
+        writes), relative to the directory."""
+        return leftovers(self.root, MANIFEST, self.manifest.model_dump(exclude_none=True))
 
     # -- counts --------------------------------------------------------------------------------
     @property
@@ -248,18 +304,33 @@ class Store:
     def n_blocks(self, side: str) -> int:
         return len(self.bounds(side)) - 1
 
-    def block_path(self, side: str, b: int) -> Path:
-        return self.path / block_relpath(side, b)
+    # -- files ---------------------------------------------------------------------------------
+    def entry(self, rel: str) -> FileEntry:
+        try:
+            return self.manifest.files[rel]
+        except KeyError:
+            raise StoreError(f"store {self.root} has no file {rel} in its manifest") from None
 
-    def block_args(self, side: str) -> Iterator[tuple[int, str, int, int]]:
-        """(block number, file path, start, stop) of every block of ``side``."""
+    def file(self, rel: str) -> Location:
+        """The actual location of the file with logical name ``rel``."""
+        return self.root / (self.entry(rel).path or rel)
+
+    def block_path(self, side: str, b: int) -> Location:
+        return self.file(block_relpath(side, b))
+
+    def block_ref(self, side: str, b: int) -> BlockRef:
         bounds = self.bounds(side)
-        for b in range(len(bounds) - 1):
-            yield b, str(self.block_path(side, b)), int(bounds[b]), int(bounds[b + 1])
+        rel = block_relpath(side, b)
+        return BlockRef(
+            side, b, int(bounds[b]), int(bounds[b + 1]), self.file(rel), self.entry(rel)
+        )
+
+    def block_refs(self, side: str) -> list[BlockRef]:
+        """Every block of ``side``, in order."""
+        return [self.block_ref(side, b) for b in range(self.n_blocks(side))]
 
     def read_block(self, side: str, b: int) -> RatingBlock:
-        bounds = self.bounds(side)
-        return read_block_file(self.block_path(side, b), side, int(bounds[b]), int(bounds[b + 1]))
+        return read_block_file(self.block_ref(side, b))
 
     def disk_bytes(self) -> int:
         return sum(e.bytes for e in self.manifest.files.values())
@@ -267,7 +338,8 @@ class Store:
     # -- id maps and held-out splits -------------------------------------------------------------
     def id_map(self, side: str) -> pa.Table:
         """Table (id, index, n_ratings) ordered by dense index."""
-        return pq.read_table(self.path / f"{side}s.parquet")
+        rel = f"{side}s.parquet"
+        return read_table(self.file(rel), self.entry(rel))
 
     def ids(self, side: str) -> pa.Array:
         return self.id_map(side).column("id").combine_chunks()
@@ -276,78 +348,99 @@ class Store:
         """Train rating count of every row of ``side``, shape (n_rows,)."""
         return self.id_map(side).column("n_ratings").to_numpy().astype(np.int64)
 
-    def read_split(self, name: str) -> pa.Table:
-        """Held-out ratings of ``name`` ('validation' or 'test'); empty table if none."""
+    def _split_rel(self, name: str) -> str | None:
         if name not in SPLITS:
             raise StoreError(f"unknown split {name!r}; expected one of {SPLITS}")
-        f = self.path / name / "part-0.parquet"
-        if not f.is_file():
+        rel = f"{name}/part-0.parquet"
+        return rel if rel in self.manifest.files else None
+
+    def read_split(self, name: str) -> pa.Table:
+        """Held-out ratings of ``name`` ('validation' or 'test'); empty table if none."""
+        rel = self._split_rel(name)
+        if rel is None:
             return RATING_SCHEMA.empty_table()
-        return pq.read_table(f)
+        return read_table(self.file(rel), self.entry(rel))
+
+    def open_split(self, name: str) -> pq.ParquetFile | None:
+        """The held-out ratings of ``name``, verified and opened for reading in batches; None
+        when the store has none."""
+        rel = self._split_rel(name)
+        if rel is None or self.n_split(name) == 0:
+            return None
+        return open_parquet(self.file(rel), self.entry(rel))
 
     def n_split(self, name: str) -> int:
         return self.manifest.n_split(name)
 
     def __repr__(self) -> str:
         return (
-            f"Store({str(self.path)!r}, users={self.n_users}, items={self.n_items}, "
+            f"Store({str(self.root)!r}, users={self.n_users}, items={self.n_items}, "
             f"train={self.n_train}, blocks={self.n_blocks('user')}/{self.n_blocks('item')})"
         )
 
 
 class StoreWriter:
-    """Write a store atomically, through :class:`dmf.store.storage.Staging`: files go into a
-    temporary sibling directory (:attr:`tmp`), renamed into place on :meth:`commit`.
+    """Write a store: every file through one :class:`dmf.store.storage.Commit`, the manifest
+    last.
 
-    Use as a context manager; leaving it without commit (an error) removes the temporary
-    directory. A directory that already exists and is not empty is refused unless ``overwrite``.
+    Use as a context manager; leaving it without :meth:`commit` (an error) deletes the files
+    written here, and the previous store (if any) was never touched. Workers write block files
+    through :attr:`target` and return their entries, which :meth:`add_file` lists. Scratch
+    files (ingest's spill) go under :attr:`scratch`, a hidden prefix of the store's directory,
+    removed at the end.
+
+    A directory that already holds a store, or other files, is refused unless ``overwrite``;
+    even then only the previous store's files are deleted, never anything else.
     """
 
-    def __init__(self, path: str | Path, overwrite: bool = False):
-        self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise StoreError(f"store path {self.path} exists and is not a directory")
-        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+    def __init__(self, path: str | Path | Location, overwrite: bool = False, options=None):
+        self.root = Location.of(path, options)
+        if self.root.isfile():
+            raise StoreError(f"store path {self.root} exists and is not a directory")
+        if not overwrite and self.root.isdir() and _holds_more_than_leftovers(self.root):
             raise StoreError(
-                f"store directory {self.path} is not empty; set store.overwrite: true "
+                f"store directory {self.root} is not empty; set store.overwrite: true "
                 "(or --set store.overwrite=true) to replace it"
             )
-        self.staging = Staging(self.path)
-        self.files: dict[str, FileEntry] = {}
+        self.commit_ = Commit(self.root, MANIFEST)
+        self.scratch = self.root / f".scratch-{self.commit_.token}"
 
     @property
-    def tmp(self) -> Path:
-        """The directory the new store is written into (workers write block files there)."""
-        return self.staging.path
+    def target(self) -> Target:
+        """Where this version's files are written (picklable: workers write through it)."""
+        return self.commit_.target
+
+    @property
+    def path(self) -> Location:
+        return self.root
 
     def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if not self.staging.committed:
+        self.scratch.remove()
+        if not self.commit_.committed:
             self.abort()
 
     def abort(self) -> None:
-        self.staging.abort()
-
-    def block_file(self, side: str, b: int) -> Path:
-        return self.staging.file(block_relpath(side, b))
+        self.commit_.abort()
 
     def add_file(self, rel: str, entry: FileEntry) -> None:
-        self.files[rel] = entry
+        self.commit_.add(rel, entry)
 
     def write_block(self, side: str, b: int, rows, cols, vals) -> FileEntry:
-        entry = write_block_file(self.block_file(side, b), side, rows, cols, vals)
+        entry = write_block_file(self.target, side, b, rows, cols, vals)
         self.add_file(block_relpath(side, b), entry)
         return entry
 
     def write_table(self, rel: str, table: pa.Table, **parquet_options: Any) -> FileEntry:
         """Write one Parquet file of the store and list it in the manifest."""
-        f = self.staging.file(rel)
-        pq.write_table(table, f, **parquet_options)
-        entry = FileEntry(bytes=f.stat().st_size, rows=len(table))
-        self.add_file(rel, entry)
-        return entry
+        return self.commit_.write_table(rel, table, **parquet_options)
+
+    def open(self, rel: str):
+        """A file of the store written as a stream (e.g. by a ``pq.ParquetWriter``); it is listed
+        when the block ends."""
+        return self.commit_.open(rel)
 
     def write_id_map(self, side: str, ids: pa.Array, counts: np.ndarray) -> None:
         table = pa.table(
@@ -363,23 +456,22 @@ class StoreWriter:
         self.write_table(f"{name}/part-0.parquet", table, compression="zstd")
 
     def commit(self, manifest: dict[str, Any]) -> Store:
-        """Validate the manifest, write it last, then put the store in place."""
+        """Validate the manifest and write it last: the new store is in place."""
         for side in SIDES:
             if side not in manifest.get("blocks", {}):
                 raise StoreError(f"manifest lacks blocks.{side}")
+        doc = {**manifest, "schema_version": SCHEMA_VERSION, "version": self.commit_.token}
         try:
-            m = StoreManifest.model_validate(
-                {
-                    **manifest,
-                    "schema_version": SCHEMA_VERSION,
-                    "files": dict(sorted(self.files.items())),
-                }
-            )
+            m = StoreManifest.model_validate({**doc, "files": dict(self.commit_.entries)})
         except ValidationError as exc:  # a bug of ours, not the user's: say which key
-            raise StoreError(f"cannot write the store manifest of {self.path}: {exc}") from exc
-        write_atomic(self.tmp / MANIFEST, m.model_dump_json(indent=1, exclude_none=True))
-        self.staging.commit()
-        return Store(self.path, m)
+            raise StoreError(f"cannot write the store manifest of {self.root}: {exc}") from exc
+        self.commit_.commit(m.model_dump(mode="json", exclude_none=True, exclude={"files"}))
+        return Store(self.root, m)
+
+
+def _holds_more_than_leftovers(root: Location) -> bool:
+    """Whether ``root`` holds a store, or files other than what killed dmf writes left."""
+    return (root / MANIFEST).exists() or len(leftovers(root, MANIFEST, None)) < len(root.files())
 
 
 def balanced_bounds(counts: np.ndarray, target: int, n_blocks: int | None = None) -> np.ndarray:
@@ -407,7 +499,7 @@ def balanced_bounds(counts: np.ndarray, target: int, n_blocks: int | None = None
 
 
 def store_from_arrays(
-    path: str | Path,
+    path: str | Path | Location,
     users: np.ndarray,
     items: np.ndarray,
     ratings: np.ndarray,
@@ -419,6 +511,7 @@ def store_from_arrays(
     user_ids: pa.Array | None = None,
     item_ids: pa.Array | None = None,
     overwrite: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> Store:
     """Write a store from in-memory train ratings given as dense indices.
 
@@ -435,7 +528,7 @@ def store_from_arrays(
     if len(pairs) > 1 and not np.all(np.diff(pairs)):
         raise StoreError("store_from_arrays: duplicate (user, item) pairs in the train ratings")
     held_out = held_out or {}
-    with StoreWriter(path, overwrite=overwrite) as w:
+    with StoreWriter(path, overwrite=overwrite, options=options) as w:
         counts = {
             "user": np.bincount(users, minlength=n_users),
             "item": np.bincount(items, minlength=n_items),

@@ -29,7 +29,7 @@ from dmf.config import Config
 from dmf.dist.cluster import blas_single_thread, scheduler_workers
 from dmf.errors import TrainingError
 from dmf.store.blocks import RatingBlock
-from dmf.store.layout import Store, read_block_file
+from dmf.store.layout import BlockRef, Store, read_block_file
 from dmf.train.state import Side
 
 log = logging.getLogger("dmf")
@@ -67,17 +67,17 @@ class SolveParams:
     dtype: str
 
 
-def load_block(path: str, side: str, start: int, stop: int) -> RatingBlock:
+def load_block(ref: BlockRef) -> RatingBlock:
     """Read a block on a worker (the task cached between iterations when caching is on)."""
-    return read_block_file(path, side, start, stop)
+    return read_block_file(ref)
 
 
 def solve_block_task(
-    block: RatingBlock | tuple[str, str, int, int], fixed: FixedSide, params: SolveParams
+    block: RatingBlock | BlockRef, fixed: FixedSide, params: SolveParams
 ) -> BlockSolution:
-    """Solve one block on a worker: ``block`` is a cached RatingBlock or (path, side, start, stop)."""
+    """Solve one block on a worker: ``block`` is a cached RatingBlock, or where to read it."""
     if not isinstance(block, RatingBlock):
-        block = read_block_file(*block)
+        block = read_block_file(block)
     with blas_single_thread():
         return solve_block(
             block,
@@ -161,14 +161,11 @@ class HalfSteps:
             side: [
                 self.client.submit(
                     load_block,
-                    path,
-                    side,
-                    start,
-                    stop,
-                    key=f"load-{side}-block-{b:05d}-{self.token}",
+                    ref,
+                    key=f"load-{side}-block-{ref.block:05d}-{self.token}",
                     pure=False,
                 )
-                for b, path, start, stop in self.store.block_args(side)
+                for ref in self.store.block_refs(side)
             ]
             for side in ("user", "item")
         }
@@ -176,7 +173,7 @@ class HalfSteps:
     def _block_inputs(self, side: str) -> list:
         if self.cached is not None:
             return self.cached[side]
-        return [(path, side, start, stop) for _, path, start, stop in self.store.block_args(side)]
+        return self.store.block_refs(side)
 
     # -- one half-step ---------------------------------------------------------------------------
     def run(self, solving: Side, fixed: Side, it: int) -> HalfStepResult:

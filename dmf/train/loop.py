@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from dmf.als.kernels import warm_up
 from dmf.als.solver import predict
 from dmf.config import Config, TrainConfig
 from dmf.dist.cluster import maybe_connect
 from dmf.errors import CheckpointError, ConfigError, ModelError, TrainingError
-from dmf.model.model import Model, check_replaceable
-from dmf.store.layout import Store
+from dmf.model.model import MODEL_JSON, Model, check_replaceable
+from dmf.store.layout import MANIFEST, Store
+from dmf.store.storage import Location, preflight
 from dmf.train.checkpoint import (
     describe_mismatch,
     latest_checkpoint,
@@ -44,14 +44,12 @@ log = logging.getLogger("dmf")
 
 def rmse_on_split(store: Store, split: str, state: TrainState) -> float | None:
     """RMSE of held-out ratings (known users and items only), streamed in record batches."""
-    path = store.path / split / "part-0.parquet"
-    if store.n_split(split) == 0 or not path.is_file():
+    pf = store.open_split(split)
+    if pf is None:
         return None
     u, i = state.users, state.items
     sse, n = 0.0, 0
-    for batch in pq.ParquetFile(path).iter_batches(
-        batch_size=1 << 20, columns=["user", "item", "rating"]
-    ):
+    for batch in pf.iter_batches(batch_size=1 << 20, columns=["user", "item", "rating"]):
         r = batch.column(2).to_numpy().astype(np.float64)
         pred = predict(
             store.mu,
@@ -132,7 +130,7 @@ class Trainer:
         self.quiet = quiet
         self.counts = train_counts(store)
         self.halfsteps = HalfSteps(store, config, client, self._progress_disabled())
-        self.model_dir = config.resolve(config.output.model)
+        self.model_dir = Location.of(config.resolve(config.output.model), config.storage.options)
         self.checkpoint_dir = self.model_dir / "checkpoints"
 
     def _should_cache(self) -> bool:
@@ -149,9 +147,7 @@ class Trainer:
         return {"model": self.config.to_dict()["model"], "store": self.store.fingerprint}
 
     def _may_overwrite(self, resume: bool) -> bool:
-        return (
-            self.config.output.overwrite or resume or not (self.model_dir / "model.json").exists()
-        )
+        return self.config.output.overwrite or resume or not (self.model_dir / MODEL_JSON).exists()
 
     # -- the run -----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> Model:
@@ -182,6 +178,9 @@ class Trainer:
             )
         if tc.iterations == 0:
             log.warning("dmf: train.iterations is 0: the model keeps its initial factors")
+        # Every worker reads the store's blocks and the driver writes the model: the workers
+        # must reach the store (and, for the factor files they will write, the model directory).
+        preflight(self.client, reads=[self.store.root / MANIFEST], writes=[self.model_dir])
 
     def _start(self, resume: bool) -> tuple[TrainState, Progress]:
         """The initial state, or the newest checkpoint's when resuming."""
@@ -312,7 +311,7 @@ class Trainer:
             config=self.config.to_dict(),
             history=progress.history,
             store_fingerprint=self.store.fingerprint,
-            store_path=str(self.store.path.resolve()),
+            store_path=str(self.store.root),
             meta=meta,
         )
         # The directory exists once a checkpoint is written; it is only "overwritten" if it held
@@ -359,7 +358,7 @@ def train(
         Continue from the newest complete checkpoint in ``<output.model>/checkpoints``.
     """
     if not isinstance(store, Store):
-        store = Store.open(config.resolve(store))
+        store = Store.open(config.resolve(store), options=config.storage.options)
     if store.n_train == 0:
         raise TrainingError(f"store {store.path} has no train ratings")
     with maybe_connect(config, client, address, scheduler_file, quiet=quiet) as c:
