@@ -182,6 +182,12 @@ class TrainConfig(Section):
     for lack of memory (training keeps waiting)."""
     retries: int = Field(default=2, ge=0)
     """How often Dask reruns a block task whose worker died."""
+    exchange: Literal["auto", "broadcast", "partitioned"] = "auto"
+    """How each half-step's tasks get the side held fixed: ``broadcast`` (the whole side, one
+    copy per worker: the fast path), ``partitioned`` (each block only the rows its ratings
+    reference, routed through files, so a worker never holds a whole side), or ``auto``:
+    broadcast when the side takes at most a quarter of a worker's memory_limit. Either gives
+    the same model, to the last bit."""
 
 
 class JobqueueConfig(Section):

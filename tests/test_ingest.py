@@ -468,8 +468,8 @@ def test_truncated_or_deleted_file_is_an_error_naming_it(tmp_path, csv_file):
         Store.open(store.path)
     f.write_bytes(data)
     Store.open(store.path)
-    Path(store.file("users.parquet")).unlink()
-    with pytest.raises(StoreError, match=r"users\.\w+\.parquet is missing"):
+    Path(store.file("users/block=00000/part-0.parquet")).unlink()
+    with pytest.raises(StoreError, match=r"users/block=00000/part-0\.\w+\.parquet is missing"):
         Store.open(store.path)
 
 

@@ -88,9 +88,17 @@ def test_task_keys_and_spans_read_as_the_algorithm(store, tmp_path):
 
     solve = re.compile(r"^solve-(users|items)-(\d+)-(\d{5})-([0-9a-f]{8})$")
     load = re.compile(r"^load-(user|item)-block-(\d{5})-([0-9a-f]{8})$")
+    # The other steps of a run: the first item factors drawn block by block, each fixed side
+    # version assembled once for the tasks that hold it (broadcast), validation per user block,
+    # and the model's factor files written block by block at the end.
+    others = re.compile(
+        r"^(init-items-\d{5}|assemble-(users|items)-\d+|validate-\d+-\d{5}"
+        r"|export-(users|items)-\d{5})-([0-9a-f]{8})$"
+    )
     solved = [m.groups() for k in keys if (m := solve.match(k))]
     loaded = [m.groups() for k in keys if (m := load.match(k))]
-    assert len(solved) + len(loaded) == len(keys), keys  # nothing else, nothing unreadable
+    other = [m.groups() for k in keys if (m := others.match(k))]
+    assert len(solved) + len(loaded) + len(other) == len(keys), keys  # nothing unreadable
     expected = {
         (side, str(it), f"{b:05d}")
         for side in ("users", "items")
@@ -101,11 +109,19 @@ def test_task_keys_and_spans_read_as_the_algorithm(store, tmp_path):
     assert sorted(x[:2] for x in loaded) == sorted(
         (side, f"{b:05d}") for side in ("user", "item") for b in range(N_BLOCKS)
     )
-    assert len({s[3] for s in solved} | {x[2] for x in loaded}) == 1  # one run token
+    tokens = {s[3] for s in solved} | {x[2] for x in loaded} | {o[-1] for o in other}
+    assert len(tokens) == 1  # one run token
 
-    # One span per iteration, under the run's span, holding that iteration's solve tasks.
+    # One span per iteration, under the run's span, holding that iteration's tasks: the two
+    # half-steps with the assembly of their fixed sides, and the validation.
     for it in range(1, ITERATIONS + 1):
-        assert spans[f"dmf-train/iteration-{it}"] == ["solve-items", "solve-users"], spans
+        assert spans[f"dmf-train/iteration-{it}"] == [
+            "assemble-items",
+            "assemble-users",
+            "solve-items",
+            "solve-users",
+            "validate",
+        ], spans
     assert f"dmf-train/iteration-{ITERATIONS + 1}" not in spans
 
 

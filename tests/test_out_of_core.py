@@ -19,6 +19,7 @@ all must end in a clear error, not a hang or a Dask exception.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -131,10 +132,11 @@ def test_cached_and_streamed_blocks_give_identical_factors(client, tmp_path):
 
 
 def test_block_too_big_for_a_worker_is_a_clear_error(tmp_path):
-    """A block whose solve does not fit in memory_limit kills its worker each time Dask reruns
-    it: the user gets a TrainingError naming the settings to change, not a Dask exception.
-    Here 200 MiB: a worker starts at ~110 MB but needs ~230 MB once the compiled solver is
-    loaded, plus the block of 1.5M ratings."""
+    """A block whose solve does not fit in memory_limit would kill its worker each time Dask
+    reran it: the trainer's memory plan refuses it before the first half-step, with a
+    TrainingError naming the settings to change, not a Dask exception after minutes. Here
+    200 MiB: a worker needs ~230-300 MB once the compiled solver is loaded, plus the block of
+    1.5M ratings."""
     from distributed import Client, LocalCluster
 
     from dmf.errors import TrainingError
@@ -153,6 +155,8 @@ def test_block_too_big_for_a_worker_is_a_clear_error(tmp_path):
         ) as cluster,
         Client(cluster) as client,
     ):
+        t0 = time.perf_counter()
         with pytest.raises(TrainingError, match="memory_limit") as err:
             train(store, load_config(raw=raw), client=client, quiet=True)
+        assert time.perf_counter() - t0 < 30  # early: before any block is solved
     assert "blocks.target_ratings" in str(err.value) and "rank" in str(err.value)

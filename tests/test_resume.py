@@ -199,10 +199,10 @@ def test_checkpoint_of_other_store_is_refused(store, client, tmp_path):
         )
 
 
-def array_file(ckpt, name: str) -> Path:
-    """The file of array ``name`` in a checkpoint, as its state.json lists it."""
-    files = json.loads((Path(ckpt) / "state.json").read_text())["files"]
-    return Path(ckpt) / files[f"{name}.npy"]["path"]
+def side_file(model_dir: Path, ckpt, side: str, b: int = 0) -> Path:
+    """Block ``b`` of the ``side`` version a checkpoint names (its state.json lists it)."""
+    state = json.loads((Path(ckpt) / "state.json").read_text())["state"][side]
+    return model_dir / state["root"] / state["files"][b]["path"]
 
 
 def flip_bytes(path: Path) -> None:
@@ -218,13 +218,12 @@ def test_corrupt_newest_checkpoint_is_skipped(store, client, tmp_path, caplog):
     a = train(store, cfg, client=client, quiet=True)
     ckpts = list_checkpoints(tmp_path / "m" / "checkpoints")
     assert [p.name for p in ckpts] == ["iter-00003", "iter-00004"]
-    flip_bytes(array_file(ckpts[-1], "item_factors"))
-    with pytest.raises(CheckpointError, match="corrupt"):
-        read_checkpoint(ckpts[-1])
+    flip_bytes(side_file(tmp_path / "m", ckpts[-1], "item"))
 
     with caplog.at_level(logging.WARNING, logger="dmf"):
         b = train(store, cfg, client=client, resume=True, quiet=True)
-    assert any("iter-00004" in r.getMessage() for r in caplog.records), caplog.text
+    skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert any("iter-00004" in m and "corrupt" in m for m in skipped), caplog.text
     state3, _ = read_checkpoint(ckpts[0])
     assert b.history[:3] == state3["history"]  # resumed from checkpoint 3, not from scratch
     assert b.history[3]["seconds"] != a.history[3]["seconds"]  # iteration 4 was run again
@@ -237,7 +236,7 @@ def test_no_usable_checkpoint_is_an_error(store, client, tmp_path):
     cfg = load_config(raw=raw_config(store, tmp_path / "m", 3))
     train(store, cfg, client=client, quiet=True)
     ckpts = list_checkpoints(tmp_path / "m" / "checkpoints")
-    flip_bytes(array_file(ckpts[-1], "user_factors"))
+    flip_bytes(side_file(tmp_path / "m", ckpts[-1], "user"))
     (Path(ckpts[0]) / "state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="no usable checkpoint") as err:
         train(store, cfg, client=client, resume=True, quiet=True)
@@ -245,30 +244,37 @@ def test_no_usable_checkpoint_is_an_error(store, client, tmp_path):
 
 
 def test_leftover_of_a_killed_write_is_ignored_and_removed(store, client, tmp_path):
-    """What a kill mid-write leaves (a checkpoint without its state.json, an array file no
-    state.json lists, a temporary directory of an older version) is neither resumed from nor
-    kept."""
+    """What a kill mid-write leaves (a checkpoint without its state.json, a temporary
+    directory of an older version, a side version no checkpoint names) is neither resumed from
+    nor kept."""
     cfg = load_config(raw=raw_config(store, tmp_path / "m", 2))
     a = train(store, cfg, client=client, quiet=True)
     ckpt_dir = tmp_path / "m" / "checkpoints"
     half = ckpt_dir / "iter-00003"
     half.mkdir()
-    (half / "user_factors.0badf00d.npy").write_bytes(b"\x93NUMPY half-written")
-    stray = array_file(ckpt_dir / "iter-00002", "user_factors").with_name("item_bias.0badf00d.npy")
-    stray.write_bytes(b"\x93NUMPY half-written")
+    (half / "junk.0badf00d.npy").write_bytes(b"\x93NUMPY half-written")
     stale = ckpt_dir / ".tmp-00003-0badf00d"
     stale.mkdir()
     (stale / "user_factors.npy").write_bytes(b"\x93NUMPY half-written")
+    orphan = tmp_path / "m" / "work" / "user" / "h00003-0badf00d"
+    orphan.mkdir(parents=True)
+    (orphan / "block=00000.0badf00d.npy").write_bytes(b"\x93NUMPY half-written")
     cfg4 = load_config(raw=raw_config(store, tmp_path / "m", 4))
     b = train(store, cfg4, client=client, resume=True, quiet=True)
     assert b.history[:2] == a.history  # resumed from iter-00002, not from the leftovers
-    assert not stale.exists() and not (half / "user_factors.0badf00d.npy").exists()
+    assert not stale.exists() and not (half / "junk.0badf00d.npy").exists()
+    assert not orphan.exists()
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["iter-00003", "iter-00004"]
+    named = set()
     for ckpt in list_checkpoints(ckpt_dir):
-        listed = json.loads((Path(ckpt) / "state.json").read_text())["files"]
-        assert sorted(p.name for p in Path(ckpt).iterdir()) == sorted(
-            [e["path"] for e in listed.values()] + ["state.json"]
-        )
+        assert sorted(p.name for p in Path(ckpt).iterdir()) == ["state.json"]
+        state = json.loads((Path(ckpt) / "state.json").read_text())["state"]
+        named |= {state[side]["root"] for side in ("user", "item")}
+    # The side versions left are those the checkpoints name.
+    work = tmp_path / "m" / "work"
+    assert {f"{d.parent.name}/{d.name}" for d in work.glob("*/h*")} == {
+        r.split("/", 1)[1] for r in named
+    }
 
 
 # Writes checkpoints of a large array in a loop, printing each iteration once it is complete.

@@ -15,7 +15,7 @@ from dmf.errors import TrainingError
 from dmf.model.model import Model
 from dmf.store.layout import Store, store_from_arrays
 from dmf.train.loop import train
-from dmf.train.state import initial_state
+from dmf.train.state import initial_item_factors
 
 
 def _config(tmp_path, **model):
@@ -40,7 +40,7 @@ def _reference(store: Store, data, cfg, iterations):
     u, i, r = data
     R = dense_matrix(store.n_users, store.n_items, u, i, r.astype(np.float64))
     m = cfg.model
-    V0 = initial_state(store, cfg.model).items.factors
+    V0 = initial_item_factors(store, cfg.model)
     return als_reference(R, store.mu, V0, iterations, m.reg, m.effective_reg_bias, m.weighted_reg)
 
 
@@ -55,9 +55,11 @@ def _reference(store: Store, data, cfg, iterations):
     ],
     ids=["default", "reg_bias", "als-wr", "rank0", "short-rows"],
 )
-def test_matches_dense_reference(tmp_path, client, model):
+@pytest.mark.parametrize("exchange", ["broadcast", "partitioned"])
+def test_matches_dense_reference(tmp_path, client, model, exchange):
     store, data = _store(tmp_path)
     cfg = _config(tmp_path, **model)
+    cfg.train.exchange = exchange
     got = train(store, cfg, client=client, quiet=True)
     U, b, V, c, hist = _reference(store, data, cfg, 4)
     for a, e in (
@@ -240,3 +242,66 @@ def test_early_stopping_without_validation_is_a_config_error(tmp_path, client):
     cfg.train.early_stopping = {"patience": 2}
     with pytest.raises(ConfigError, match="split.validation"):
         train(store, cfg, client=client, quiet=True)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [{}, {"weighted_reg": True, "reg": 0.05, "dtype": "float32"}, {"rank": 24}],
+    ids=["default", "als-wr-float32", "short-rows"],
+)
+def test_partitioned_exchange_gives_the_broadcast_model_to_the_last_bit(tmp_path, client, model):
+    """Each block given only the fixed rows its ratings reference (routed through files) solves
+    exactly what it solves given the whole side: the same bits, the same objective, the same
+    validation RMSE. Blocks of unequal sizes on both sides, and a side whose blocks reference
+    every source block or few of them."""
+    store = store_with_validation(tmp_path / "s", 120, 80, 3000, seed=11, n_blocks=4)
+    models = {}
+    for exchange in ("broadcast", "partitioned"):
+        cfg = _config(tmp_path / exchange, **model)
+        cfg.train.exchange = exchange
+        cfg.train.iterations = 3
+        models[exchange] = train(store, cfg, client=client, quiet=True)
+    a, b = models["broadcast"], models["partitioned"]
+    for k in ("user_factors", "user_bias", "item_factors", "item_bias"):
+        np.testing.assert_array_equal(getattr(b, k), getattr(a, k), err_msg=k)
+    for key in ("objective", "objective_after_user_step", "train_rmse", "validation_rmse"):
+        assert [h[key] for h in b.history] == [h[key] for h in a.history], key
+
+
+def test_auto_exchange_chooses_by_the_workers_memory(tmp_path, caplog):
+    """`auto` broadcasts a fixed side that takes at most a quarter of a worker's memory_limit and
+    routes a larger one, says which it chose and what each worker will hold; a plan that cannot
+    fit (here: forcing the broadcast of the large side) is refused before any work, naming the
+    settings to change."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from dmf.dist.cluster import BLAS_ENV
+    from dmf.train.halfstep import HalfSteps
+
+    # 400,000 users at rank 128 (float32): a 208 MB user side, more than a quarter of 600 MiB.
+    n_users = 400_000
+    rng = np.random.default_rng(4)
+    u = np.repeat(np.arange(n_users), 2)
+    i = (np.arange(2 * n_users) * 7) % 64
+    store = store_from_arrays(
+        tmp_path / "s", u, i, rng.normal(3, 1, 2 * n_users), n_users=n_users, n_items=64,
+        n_blocks=8,
+    )  # fmt: skip
+    cfg = _config(tmp_path, rank=128, dtype="float32")
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None,
+                     memory_limit="600MiB", env=BLAS_ENV) as lc,
+        Client(lc) as c,
+    ):  # fmt: skip
+        with caplog.at_level(logging.INFO, logger="dmf"):
+            modes = HalfSteps(store, cfg, c, None, True).plan()
+        assert modes == {"user": "broadcast", "item": "partitioned"}
+        assert "items given users: partitioned" in caplog.text
+        assert "users given items: broadcast" in caplog.text
+        cfg.train.exchange = "broadcast"
+        with pytest.raises(TrainingError, match="item half-step needs about") as err:
+            HalfSteps(store, cfg, c, None, True).plan()
+    for name in ("cluster.memory_limit", "blocks.target_ratings", "train.exchange: partitioned"):
+        assert name in str(err.value)

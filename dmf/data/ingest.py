@@ -76,6 +76,7 @@ from dmf.store.layout import (
     StoreWriter,
     balanced_bounds,
     block_relpath,
+    split_relpath,
     write_block_file,
 )
 from dmf.store.storage import (
@@ -1088,9 +1089,11 @@ def _write_store(
             for res in by_user + by_item:
                 w.add_file(res.rel, res.entry)
             _check_blocks(by_user, by_item, split.n_train, run.spill)
-            w.write_id_map("user", users.ids, split.user_counts)
-            w.write_id_map("item", items.ids, split.item_counts)
-            held = {name: _write_held(w, run.spill, name, run.has_t) for name in SPLITS}
+            w.write_id_map("user", users.ids, split.user_counts, user_bounds)
+            w.write_id_map("item", items.ids, split.item_counts, item_bounds)
+            held = {
+                name: _write_held(w, run.spill, name, run.has_t, user_bounds) for name in SPLITS
+            }
         run.spill.remove()
         timings["total"] = time.perf_counter() - t_start
         blocks = {
@@ -1150,26 +1153,62 @@ def _warn_of_leftovers(out: Location) -> None:
     )
 
 
-def _write_held(w: StoreWriter, spill: Location, name: str, has_t: bool) -> int:
-    """Stream one held-out split's pieces (in user-block order) into ``name/part-0.parquet``."""
+def _write_held(
+    w: StoreWriter, spill: Location, name: str, has_t: bool, user_bounds: np.ndarray
+) -> int:
+    """Stream one held-out split's pieces (in user order) into one file per user block,
+    ``name/block=NNNNN/part-0.parquet`` (blocks without held-out ratings get none)."""
     paths = _spill_files(spill / "held" / name, "u*.bin")
-    if not paths:
-        return 0
     fields = [("user", pa.int32()), ("item", pa.int32()), ("rating", pa.float32())]
     if has_t:
         fields.append(("timestamp", pa.int64()))
     schema = pa.schema(fields)
-    rel = f"{name}/part-0.parquet"
-    n = 0
-    with w.open(rel) as fh:
-        with pq.ParquetWriter(fh, schema, compression="zstd") as pw:
-            for p in paths:
-                u, i, r, t = _read_spills([p], has_t)
-                cols = [pa.array(u), pa.array(i), pa.array(r)] + ([pa.array(t)] if has_t else [])
-                pw.write_table(pa.Table.from_arrays(cols, schema=schema))
-                n += len(u)
-    w.add_file(rel, fh.entry.model_copy(update={"rows": n}))
-    return n
+    out = _HeldWriter(w, name, schema)
+    try:
+        for p in paths:
+            u, i, r, t = _read_spills([p], has_t)
+            cols = [pa.array(u), pa.array(i), pa.array(r)] + ([pa.array(t)] if has_t else [])
+            table = pa.Table.from_arrays(cols, schema=schema)
+            # Rows are in user order: cut them where user blocks end.
+            blk = np.searchsorted(user_bounds, u, side="right") - 1
+            cuts = np.flatnonzero(np.diff(blk)) + 1
+            for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(u)], strict=True):
+                if hi > lo:
+                    out.write(int(blk[lo]), table.slice(lo, hi - lo))
+    finally:
+        out.close()
+    return out.n
+
+
+class _HeldWriter:
+    """One Parquet file per user block of a held-out split, written in block order."""
+
+    def __init__(self, w: StoreWriter, name: str, schema: pa.Schema):
+        self.w, self.name, self.schema = w, name, schema
+        self.block: int | None = None
+        self.rows = 0
+        self.n = 0
+        self._file = self._stream = self._writer = None
+
+    def write(self, b: int, table: pa.Table) -> None:
+        if b != self.block:
+            self.close()
+            self.block, self.rows = b, 0
+            self._file = self.w.open(split_relpath(self.name, b))
+            self._stream = self._file.__enter__()
+            self._writer = pq.ParquetWriter(self._stream, self.schema, compression="zstd")
+        self._writer.write_table(table)
+        self.rows += len(table)
+        self.n += len(table)
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._file.__exit__(None, None, None)
+        rel = split_relpath(self.name, self.block)
+        self.w.add_file(rel, self._stream.entry.model_copy(update={"rows": self.rows}))
+        self._file = self._stream = self._writer = None
 
 
 def _manifest(

@@ -27,14 +27,11 @@ and returns sums that the driver adds up.
 from __future__ import annotations
 
 import math
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dmf.dist.cluster import blas_single_thread
 from dmf.dist.tasks import run_windowed
@@ -43,7 +40,7 @@ from dmf.model.ids import check_cold_start
 from dmf.model.model import Model
 from dmf.model.scoring import ItemScorer, SeenItems, csr_rows, default_tile_users, top_n
 from dmf.store.layout import MANIFEST, BlockRef, Store, read_block_file
-from dmf.store.storage import Location, preflight
+from dmf.store.storage import FileEntry, Location, preflight, read_table
 
 METRICS = ("precision", "recall", "ndcg", "map")
 
@@ -95,6 +92,7 @@ class EvalItems:
     mu: float
     store_to_model: np.ndarray | None  # (n_items_store,) or None when the indices are the same
     store_known: np.ndarray | None  # (n_items_store,) bool: has train ratings (own store only)
+    n_store: int  # items in the store: held-out item indices must be below
 
 
 @dataclass(frozen=True)
@@ -118,9 +116,19 @@ class EvalParams:
     tile_users: int | None
 
 
-def evaluate_block_task(users: EvalUsers, heldout: list[Location], items: EvalItems, p: EvalParams):
+def evaluate_block_task(
+    users: EvalUsers, heldout: tuple[Location, FileEntry], items: EvalItems, p: EvalParams
+):
     """Sums of squared and absolute errors and of ranking metrics over one user block."""
-    t = pa.concat_tables(pq.read_table(loc.open("rb")) for loc in heldout)
+    t = read_table(*heldout, columns=["user", "item", "rating"])
+    u_all = t.column("user").to_numpy()
+    i_all = t.column("item").to_numpy()
+    bad = (u_all < users.start) | (u_all >= users.stop) | (i_all < 0) | (i_all >= items.n_store)
+    if np.any(bad):
+        raise StoreError(
+            f"{heldout[0]}: row {int(np.flatnonzero(bad)[0])} has a user or item index outside "
+            "the store's blocks and id maps; the store is corrupt, re-run `dmf ingest`"
+        )
     lu = t.column("user").to_numpy().astype(np.int64) - users.start
     si = t.column("item").to_numpy().astype(np.int64)
     r = t.column("rating").to_numpy().astype(np.float64)
@@ -199,44 +207,6 @@ def evaluate_block_task(users: EvalUsers, heldout: list[Location], items: EvalIt
 # ---------------------------------------------------------------------------------------------
 # Orchestration
 # ---------------------------------------------------------------------------------------------
-def _partition_split(
-    store: Store, split: str, scratch: Location, batch_rows: int
-) -> dict[int, list[Location]]:
-    """Spread the held-out ratings into pieces per user block under ``scratch`` (streamed: one
-    batch in memory); returns each block's pieces."""
-    bounds = store.bounds("user")
-    files: dict[int, list[Location]] = {}
-    pf = store.open_split(split)
-    row0 = 0
-    for k, batch in enumerate(
-        pf.iter_batches(batch_size=batch_rows, columns=["user", "item", "rating"])
-    ):
-        t = pa.Table.from_batches([batch])
-        u = t.column("user").to_numpy()
-        it = t.column("item").to_numpy()
-        bad = (u < 0) | (u >= store.n_users) | (it < 0) | (it >= store.n_items)
-        if np.any(bad):
-            row = row0 + int(np.flatnonzero(bad)[0])
-            raise StoreError(
-                f"{store.file(f'{split}/part-0.parquet')}: row {row} has a user or item index "
-                "outside the store's id maps; the store is corrupt, re-run `dmf ingest`"
-            )
-        row0 += len(t)
-        blk = np.searchsorted(bounds, u, side="right") - 1
-        order = np.argsort(blk, kind="stable")
-        blk_sorted = blk[order]
-        t = t.take(pa.array(order))
-        present = np.unique(blk_sorted)
-        cuts = np.searchsorted(blk_sorted, present)
-        ends = np.append(cuts[1:], len(blk_sorted))
-        for b, lo, hi in zip(present.tolist(), cuts, ends, strict=True):
-            piece = scratch / f"block={b:05d}/piece-{k:05d}.parquet"
-            with piece.open("wb") as fh:
-                pq.write_table(t.slice(lo, hi - lo), fh)
-            files.setdefault(b, []).append(piece)
-    return files
-
-
 def evaluate(
     model: Model,
     store: Store | str | Path,
@@ -286,7 +256,7 @@ def evaluate(
         store = Store.open(store)
     if split not in ("test", "validation"):
         raise InputError(f"split must be 'test' or 'validation', not {split!r}")
-    if store.open_split(split) is None:
+    if store.n_split(split) == 0 or not store.split_blocks(split):
         raise StoreError(
             f"store {store.root} has no {split} ratings: ingest with split.{split} > 0 "
             "to hold some out"
@@ -296,7 +266,7 @@ def evaluate(
     # On the model's own store, a user or item without train ratings is a cold start too.
     u_has = store.counts("user") > 0 if maps.same else None
     i_has = store.counts("item") > 0 if maps.same else None
-    items = EvalItems(model.item_factors, model.item_bias, model.mu, i_map, i_has)
+    items = EvalItems(model.item_factors, model.item_bias, model.mu, i_map, i_has, store.n_items)
     params = EvalParams(k, threshold, cold_start, ranking, tile_users)
     bounds = store.bounds("user")
 
@@ -313,25 +283,22 @@ def evaluate(
             f = f.astype(model.user_factors.dtype)
         return EvalUsers(lo, hi, f, bias, known, store.block_ref("user", b))
 
-    # Scratch pieces in a hidden prefix of the store's directory: every worker must reach it.
-    scratch = store.root / f".scratch-evaluate-{uuid.uuid4().hex[:8]}"
     preflight(client, reads=[store.root / MANIFEST])
-    try:
-        files = _partition_split(store, split, scratch, batch_rows)
-        blocks = sorted(files)
-        if client is not None and blocks:
-            [items_f] = client.scatter([items], broadcast=True, hash=False)
-            parts = run_windowed(
-                client,
-                evaluate_block_task,
-                len(blocks),
-                lambda j: (users_of(blocks[j]), (files[blocks[j]], items_f, params)),
-                "evaluate-block",
-            )
-        else:
-            parts = [evaluate_block_task(users_of(b), files[b], items, params) for b in blocks]
-    finally:
-        scratch.remove()
+    blocks = store.split_blocks(split)
+    if client is not None and blocks:
+        [items_f] = client.scatter([items], broadcast=True, hash=False)
+        parts = run_windowed(
+            client,
+            evaluate_block_task,
+            len(blocks),
+            lambda j: (users_of(blocks[j]), (store.split_ref(split, blocks[j]), items_f, params)),
+            "evaluate-block",
+        )
+    else:
+        parts = [
+            evaluate_block_task(users_of(b), store.split_ref(split, b), items, params)
+            for b in blocks
+        ]
 
     total = {key: sum(p[key] for p in parts) for key in parts[0]} if parts else {}
     n = int(total.get("n", 0))

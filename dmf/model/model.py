@@ -4,8 +4,9 @@
       model.json             the manifest, written last: mu, rank, regularisation, iterations,
                              config, store fingerprint, versions, per-iteration history, and
                              every file with its size and CRC-32
-      user_factors/part-00000.TOKEN.parquet   id (raw), bias, factors (list of rank floats)
-      item_factors/part-00000.TOKEN.parquet
+      user_factors/part-NNNNN.TOKEN.parquet   id (raw), bias, factors (list of rank floats)
+                             of the users of block NNNNN (the store's blocks after training)
+      item_factors/part-NNNNN.TOKEN.parquet
       history.csv            iteration, train RMSE, validation RMSE, objective, seconds
       convergence.png        objective and RMSE per iteration
       checkpoints/           written during training (dmf.train.checkpoint)
@@ -41,7 +42,9 @@ from dmf.model.recommend import recommend_all
 from dmf.store.layout import Store
 from dmf.store.storage import (
     Commit,
+    FileEntry,
     Location,
+    Target,
     entries_of,
     leftovers,
     read_manifest,
@@ -53,8 +56,9 @@ from dmf.store.storage import (
 MODEL_FORMAT = 2
 MODEL_JSON = "model.json"
 # Entries of a model directory that are not listed in model.json: views of its history, the
-# evaluation `dmf run` writes, and the checkpoints (each committed on its own).
-DERIVED = ("history.csv", "convergence.png", "evaluation.json", "checkpoints")
+# evaluation `dmf run` writes, the checkpoints and the side versions of training (each
+# committed on its own).
+DERIVED = ("history.csv", "convergence.png", "evaluation.json", "checkpoints", "work")
 HISTORY_FIELDS = [
     "iteration",
     "train_rmse",
@@ -141,11 +145,10 @@ class Model:
                 ("user", self.user_ids, self.user_factors, self.user_bias),
                 ("item", self.item_ids, self.item_factors, self.item_bias),
             ):
-                c.write_table(f"{side}_factors/part-00000.parquet", _factor_table(ids, f, b))
-            c.commit(self._model_json())
-        write_atomic(root / "history.csv", history_csv(self.history))
-        if plot and self.history:
-            write_atomic(root / "convergence.png", plot_history(self.history))
+                write_factor_part(c.target, side, 0, ids, f, b, commit=c)
+            bounds = {"user": [0, self.n_users], "item": [0, self.n_items]}
+            c.commit({**self._model_json(), "blocks": bounds})
+        write_views(root, self.history, plot)
         return root
 
     def manifest(self) -> dict[str, Any]:
@@ -187,12 +190,10 @@ class Model:
             mu = float(meta["mu"])
         except Exception as exc:  # noqa: BLE001 - a damaged manifest: say which
             raise ModelError(f"{root / MODEL_JSON} is not a valid model manifest: {exc}") from exc
-        parts = {}
-        for side in SIDES:
-            rel = f"{side}_factors/part-00000.parquet"
-            if rel not in files:
-                raise ModelError(f"{root / MODEL_JSON} lists no {rel}")
-            parts[side] = _read_factor_table(root / (files[rel].path or rel), files[rel], rank)
+        blocks = meta.get("blocks") or {}
+        parts = {
+            side: _read_side_parts(root, files, side, blocks.get(side), rank) for side in SIDES
+        }
         return cls(
             mu=mu,
             user_ids=parts["user"][0],
@@ -432,6 +433,7 @@ _MODEL_JSON_KEYS = {
     "versions",
     "files",
     "version",
+    "blocks",
 }
 
 
@@ -477,7 +479,7 @@ def _factor_table(ids: pa.Array, factors: np.ndarray, bias: np.ndarray) -> pa.Ta
 
 
 def _read_factor_table(loc: Location, entry, rank: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    """(raw ids, factors (n, rank), biases (n,)) of one side's factor file, verified."""
+    """(raw ids, factors (n, rank), biases (n,)) of one factor file, verified."""
     t = read_table(loc, entry, error=ModelError)
     try:
         flat = t.column("factors").combine_chunks().flatten().to_numpy()
@@ -485,6 +487,61 @@ def _read_factor_table(loc: Location, entry, rank: int) -> tuple[pa.Array, np.nd
         return t.column("id").combine_chunks(), factors, t.column("bias").to_numpy()
     except (KeyError, ValueError, pa.ArrowException) as exc:
         raise ModelError(f"model file {loc} does not hold factors of rank {rank}: {exc}") from exc
+
+
+def factor_part_rel(side: str, b: int) -> str:
+    """The logical name of the factor file of block ``b`` of ``side`` in a model directory."""
+    return f"{side}_factors/part-{b:05d}.parquet"
+
+
+def write_factor_part(
+    target: Target,
+    side: str,
+    b: int,
+    ids: pa.Array,
+    factors: np.ndarray,
+    bias: np.ndarray,
+    commit: Commit | None = None,
+) -> FileEntry:
+    """Write the factor file of block ``b`` of ``side`` (raw ids, biases, factors) into a model
+    directory being committed; a worker may write it (then its entry goes back to the driver)."""
+    rel = factor_part_rel(side, b)
+    entry = target.write_table(rel, _factor_table(ids, factors, bias))
+    if commit is not None:
+        commit.add(rel, entry)
+    return entry
+
+
+def _read_side_parts(root, files, side, bounds, rank):
+    n_parts = len(bounds) - 1 if bounds else 1
+    ids, factors, bias = [], [], []
+    for b in range(n_parts):
+        rel = factor_part_rel(side, b)
+        if rel not in files:
+            raise ModelError(f"{root / MODEL_JSON} lists no {rel}")
+        i, f, c = _read_factor_table(root / (files[rel].path or rel), files[rel], rank)
+        ids.append(i)
+        factors.append(f)
+        bias.append(c)
+    if n_parts == 1:
+        return ids[0], factors[0], bias[0]
+    return pa.concat_arrays(ids), np.concatenate(factors), np.concatenate(bias)
+
+
+def write_views(root: Location, history: list[dict[str, Any]], plot: bool) -> None:
+    """``history.csv`` and ``convergence.png``: views of the history in ``model.json``, written
+    after it (not listed in it)."""
+    write_atomic(root / "history.csv", history_csv(history))
+    if plot and history:
+        write_atomic(root / "convergence.png", plot_history(history))
+
+
+def commit_model(root: Location, c: Commit, doc: dict[str, Any], plot: bool) -> Location:
+    """Write ``model.json`` (``doc``, with the files of ``c``) last: the model is in place.
+    For a model whose factor files workers wrote through ``c.target``."""
+    c.commit({"format": MODEL_FORMAT, "versions": versions(), **doc})
+    write_views(root, doc.get("history", []), plot)
+    return root
 
 
 def history_csv(history: list[dict[str, Any]]) -> str:

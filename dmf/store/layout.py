@@ -5,12 +5,17 @@ Layout (see PRODUCT.md), on a local disk or any URL (:mod:`dmf.store.storage`)::
     store/
       manifest.json          counts, mu, block boundaries, split, schema version, fingerprint,
                              and every file with its size, CRC-32 and row count (written last)
-      users.TOKEN.parquet    id (raw, int64 or string), index (int32), n_ratings (train count)
-      items.TOKEN.parquet
+      users/block=NNNNN/part-0.TOKEN.parquet     id (raw, int64 or string), index (int32),
+                             n_ratings (train count) of the users of user block b
+      items/block=NNNNN/part-0.TOKEN.parquet
       by_user/block=NNNNN/part-0.TOKEN.parquet   columns user, item (int32), rating (float32),
                              sorted by (user, item); users in [bounds[b], bounds[b+1])
       by_item/block=NNNNN/part-0.TOKEN.parquet   the same ratings, sorted by (item, user)
-      validation/part-0.TOKEN.parquet, test/part-0.TOKEN.parquet   user, item, rating[, timestamp]
+      validation/block=NNNNN/part-0.TOKEN.parquet, test/block=NNNNN/...   user, item,
+                             rating[, timestamp] of the held-out ratings of user block b
+
+Everything is partitioned by block, so that a task handling one block reads what it needs and no
+process ever needs a whole side's ids or held-out ratings.
 
 TOKEN is the version written by one ingest: the manifest maps each file's logical name (e.g.
 ``by_user/block=00000/part-0.parquet``) to its actual name. A store is committed by
@@ -27,14 +32,13 @@ so a flipped byte is an error naming the file, never a different number.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dmf.errors import StoreError
@@ -51,8 +55,9 @@ from dmf.store.storage import (
     verify_file,
 )
 
-# 2: versioned file names and a CRC-32 of every file (dmf.store.storage).
-SCHEMA_VERSION = 2
+# 3: versioned file names and a CRC-32 of every file (dmf.store.storage); id maps and held-out
+# splits partitioned by block.
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 SPLITS = ("validation", "test")
 
@@ -127,6 +132,16 @@ class StoreManifest(_Record):
 def block_relpath(side: str, b: int) -> str:
     """The logical name of block ``b`` of ``side`` (the manifest gives its actual file)."""
     return f"by_{side}/block={b:05d}/part-0.parquet"
+
+
+def id_map_relpath(side: str, b: int) -> str:
+    """The logical name of the id map of block ``b`` of ``side``."""
+    return f"{side}s/block={b:05d}/part-0.parquet"
+
+
+def split_relpath(name: str, b: int) -> str:
+    """The logical name of the held-out ratings ``name`` of user block ``b``."""
+    return f"{name}/block={b:05d}/part-0.parquet"
 
 
 @dataclass(frozen=True)
@@ -336,10 +351,12 @@ class Store:
         return sum(e.bytes for e in self.manifest.files.values())
 
     # -- id maps and held-out splits -------------------------------------------------------------
-    def id_map(self, side: str) -> pa.Table:
-        """Table (id, index, n_ratings) ordered by dense index."""
-        rel = f"{side}s.parquet"
-        return read_table(self.file(rel), self.entry(rel))
+    def id_map(self, side: str, b: int | None = None) -> pa.Table:
+        """Table (id, index, n_ratings) of block ``b`` of ``side`` (``None``: the whole side,
+        for stores whose ids fit in memory), ordered by dense index."""
+        blocks = range(self.n_blocks(side)) if b is None else [b]
+        tables = [self._read(id_map_relpath(side, k)) for k in blocks]
+        return pa.concat_tables(tables) if len(tables) != 1 else tables[0]
 
     def ids(self, side: str) -> pa.Array:
         return self.id_map(side).column("id").combine_chunks()
@@ -348,26 +365,44 @@ class Store:
         """Train rating count of every row of ``side``, shape (n_rows,)."""
         return self.id_map(side).column("n_ratings").to_numpy().astype(np.int64)
 
-    def _split_rel(self, name: str) -> str | None:
-        if name not in SPLITS:
-            raise StoreError(f"unknown split {name!r}; expected one of {SPLITS}")
-        rel = f"{name}/part-0.parquet"
-        return rel if rel in self.manifest.files else None
+    def id_map_ref(self, side: str, b: int) -> tuple[Location, FileEntry]:
+        """Where the id map of block ``b`` of ``side`` is (for a task to read it)."""
+        rel = id_map_relpath(side, b)
+        return self.file(rel), self.entry(rel)
 
-    def read_split(self, name: str) -> pa.Table:
-        """Held-out ratings of ``name`` ('validation' or 'test'); empty table if none."""
-        rel = self._split_rel(name)
-        if rel is None:
-            return RATING_SCHEMA.empty_table()
+    def _read(self, rel: str) -> pa.Table:
         return read_table(self.file(rel), self.entry(rel))
 
-    def open_split(self, name: str) -> pq.ParquetFile | None:
-        """The held-out ratings of ``name``, verified and opened for reading in batches; None
-        when the store has none."""
-        rel = self._split_rel(name)
-        if rel is None or self.n_split(name) == 0:
+    def split_blocks(self, name: str) -> list[int]:
+        """The user blocks that hold held-out ratings of ``name``."""
+        if name not in SPLITS:
+            raise StoreError(f"unknown split {name!r}; expected one of {SPLITS}")
+        files = self.manifest.files
+        return [b for b in range(self.n_blocks("user")) if split_relpath(name, b) in files]
+
+    def split_ref(self, name: str, b: int) -> tuple[Location, FileEntry] | None:
+        """Where the held-out ratings ``name`` of user block ``b`` are (None: there are none)."""
+        rel = split_relpath(name, b)
+        if rel not in self.manifest.files:
             return None
-        return open_parquet(self.file(rel), self.entry(rel))
+        return self.file(rel), self.entry(rel)
+
+    def read_split(self, name: str, b: int | None = None) -> pa.Table:
+        """Held-out ratings of ``name`` ('validation' or 'test') of user block ``b`` (``None``:
+        all of them); an empty table if none."""
+        blocks = self.split_blocks(name) if b is None else [b]
+        tables = [self._read(split_relpath(name, k)) for k in blocks if self.split_ref(name, k)]
+        if not tables:
+            return RATING_SCHEMA.empty_table()
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def iter_split(self, name: str, batch_rows: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+        """The held-out ratings of ``name``, block by block in record batches (bounded memory)."""
+        for b in self.split_blocks(name):
+            loc, entry = self.split_ref(name, b)
+            yield from open_parquet(loc, entry).iter_batches(
+                batch_size=batch_rows, columns=["user", "item", "rating"]
+            )
 
     def n_split(self, name: str) -> int:
         return self.manifest.n_split(name)
@@ -442,18 +477,29 @@ class StoreWriter:
         when the block ends."""
         return self.commit_.open(rel)
 
-    def write_id_map(self, side: str, ids: pa.Array, counts: np.ndarray) -> None:
-        table = pa.table(
-            {
-                "id": ids,
-                "index": pa.array(np.arange(len(ids), dtype=np.int32)),
-                "n_ratings": pa.array(np.asarray(counts, dtype=np.int64)),
-            }
-        )
-        self.write_table(f"{side}s.parquet", table)
+    def write_id_map(
+        self, side: str, ids: pa.Array, counts: np.ndarray, bounds: np.ndarray
+    ) -> None:
+        """The id map of ``side``, one file per block (``bounds``)."""
+        for b in range(len(bounds) - 1):
+            lo, hi = int(bounds[b]), int(bounds[b + 1])
+            table = pa.table(
+                {
+                    "id": ids.slice(lo, hi - lo),
+                    "index": pa.array(np.arange(lo, hi, dtype=np.int32)),
+                    "n_ratings": pa.array(np.asarray(counts[lo:hi], dtype=np.int64)),
+                }
+            )
+            self.write_table(id_map_relpath(side, b), table)
 
-    def write_split(self, name: str, table: pa.Table) -> None:
-        self.write_table(f"{name}/part-0.parquet", table, compression="zstd")
+    def write_split(self, name: str, table: pa.Table, user_bounds: np.ndarray) -> None:
+        """Held-out ratings ``name`` (rows sorted by user), one file per user block that has
+        some."""
+        u = table.column("user").to_numpy()
+        blk = np.searchsorted(user_bounds, u, side="right") - 1
+        for b in np.unique(blk).tolist():
+            rows = np.flatnonzero(blk == b)
+            self.write_table(split_relpath(name, b), table.take(pa.array(rows)), compression="zstd")
 
     def commit(self, manifest: dict[str, Any]) -> Store:
         """Validate the manifest and write it last: the new store is in place."""
@@ -547,19 +593,23 @@ def store_from_arrays(
             blocks[side] = {"bounds": bounds.tolist(), "nnz": nnz}
         user_ids = user_ids if user_ids is not None else pa.array(np.arange(n_users))
         item_ids = item_ids if item_ids is not None else pa.array(np.arange(n_items))
-        w.write_id_map("user", user_ids, counts["user"])
-        w.write_id_map("item", item_ids, counts["item"])
+        user_bounds = np.asarray(blocks["user"]["bounds"], dtype=np.int64)
+        w.write_id_map("user", user_ids, counts["user"], user_bounds)
+        w.write_id_map("item", item_ids, counts["item"], np.asarray(blocks["item"]["bounds"]))
         for name, (hu, hi_, hr) in held_out.items():
+            hu = np.asarray(hu, dtype=np.int32)
+            order = np.argsort(hu, kind="stable")
             w.write_split(
                 name,
                 pa.table(
                     {
-                        "user": pa.array(np.asarray(hu, dtype=np.int32)),
-                        "item": pa.array(np.asarray(hi_, dtype=np.int32)),
-                        "rating": pa.array(np.asarray(hr, dtype=np.float32)),
+                        "user": pa.array(hu[order]),
+                        "item": pa.array(np.asarray(hi_, dtype=np.int32)[order]),
+                        "rating": pa.array(np.asarray(hr, dtype=np.float32)[order]),
                     },
                     schema=RATING_SCHEMA,
                 ),
+                user_bounds,
             )
         # What the store is made of: the ratings and the raw ids they stand for (two stores of
         # the same indices but other ids are different stores).

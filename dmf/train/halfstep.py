@@ -1,13 +1,14 @@
 """One half-iteration on Dask: every block of one side solved given the other side.
 
-    users given items:  broadcast (V, c); one task per by_user block -> (U, b) of its rows
-    items given users:  broadcast (U, b); one task per by_item block -> (V, c) of its rows
+    users given items:  fixed (V, c) to the tasks; one task per by_user block -> its (U, b) file
+    items given users:  fixed (U, b) to the tasks; one task per by_item block -> its (V, c) file
 
 Two layers, as in the style guide: the function run on a worker (:func:`solve_block_task`: read
-the block, or take it from the worker's memory when blocks are cached, and call
-:func:`dmf.als.solver.solve_block`), and the orchestration of a half-step
-(:class:`HalfSteps`: broadcast the fixed side once, submit one task per block, collect the rows,
-recover from lost broadcast data). The driver holds the factor matrices, never the ratings.
+the block, or take it from the worker's memory when blocks are cached, get the fixed side, call
+:func:`dmf.als.solver.solve_block`, write the block's new rows), and the orchestration of a
+half-step (:class:`HalfSteps`). The fixed side reaches the tasks whole (broadcast) or in routed
+pieces (partitioned): :mod:`dmf.train.exchange`. The driver holds block metadata and scalars
+only: neither the ratings nor any side's factors.
 """
 
 from __future__ import annotations
@@ -24,40 +25,47 @@ import numpy as np
 # kernel (and with it SciPy's BLAS) before the task pins BLAS threads: threadpoolctl limits only
 # the libraries loaded so far.
 import dmf.als.kernels  # noqa: F401
-from dmf.als.solver import BlockSolution, augment, solve_block
+from dmf.als.solver import predict, solve_block
 from dmf.config import Config
 from dmf.dist.cluster import blas_single_thread, scheduler_workers
 from dmf.errors import TrainingError
-from dmf.store.blocks import RatingBlock
+from dmf.store.blocks import RatingBlock, other_side
 from dmf.store.layout import BlockRef, Store, read_block_file
-from dmf.train.state import Side
+from dmf.store.storage import FileEntry, Location, Target, read_table
+from dmf.train.exchange import (
+    CompactSpec,
+    FixedSide,
+    Routing,
+    assemble_fixed,
+    compact_fixed,
+    exchange_out_task,
+    remove_quietly,
+    route_in_task,
+    route_out_task,
+)
+from dmf.train.sides import (
+    SideBlockRef,
+    SideBlocks,
+    init_item_block_task,
+    read_side_block,
+    write_side_block,
+    zero_block_task,
+)
 
 log = logging.getLogger("dmf")
+
+# A fixed side is broadcast when it takes at most this share of a worker's memory_limit.
+BROADCAST_SHARE = 0.25
+# What a worker process holds before any block: Python, Dask, NumPy, Arrow, numba, LLVM, SciPy
+# (measured 230-300 MB; README, Clusters).
+WORKER_BASELINE = 300 * 2**20
+# Dask pauses a worker at 80% of its memory_limit (and kills it at 95%): a plan must stay below.
+PAUSE_FRACTION = 0.8
 
 
 # ---------------------------------------------------------------------------------------------
 # What runs on a worker
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FixedSide:
-    """The side held fixed in a half-iteration: broadcast to every worker once.
-
-    ``aug`` is :func:`dmf.als.solver.augment` of the factors, (n_rows + 1, rank + 1): built once
-    here rather than in every block task, at the size of the factors themselves.
-    """
-
-    aug: np.ndarray  # (n_rows + 1, rank + 1)
-    bias: np.ndarray  # (n_rows,)
-
-    @classmethod
-    def of(cls, side: Side) -> FixedSide:
-        return cls(augment(side.factors), side.bias)
-
-    @property
-    def factors(self) -> np.ndarray:
-        return self.aug[:-1, :-1]
-
-
 @dataclass(frozen=True)
 class SolveParams:
     mu: float
@@ -67,29 +75,90 @@ class SolveParams:
     dtype: str
 
 
+@dataclass(frozen=True)
+class BlockTarget(Target):
+    """A side version's target, for one block (the task writes ``block=NNNNN``)."""
+
+    block: int = 0
+
+
+@dataclass(frozen=True)
+class SolvedBlock:
+    """What a solve task returns: where its rows went, and its share of the objective."""
+
+    block: int
+    entry: FileEntry
+    sse: float
+    penalty: float
+    nnz: int
+
+
 def load_block(ref: BlockRef) -> RatingBlock:
     """Read a block on a worker (the task cached between iterations when caching is on)."""
     return read_block_file(ref)
 
 
+def _fixed_for(block: RatingBlock, fixed, pieces) -> tuple[RatingBlock, FixedSide]:
+    """The fixed side a block's rows are solved against, and the block with its columns in that
+    side's row numbering (the same block for a broadcast side)."""
+    if not isinstance(fixed, CompactSpec):
+        return block, fixed
+    compact = compact_fixed(fixed, pieces)
+    remapped = RatingBlock(
+        block.side, block.start, block.stop, block.indptr, compact.remap(block.cols), block.vals
+    )
+    return remapped, compact
+
+
 def solve_block_task(
-    block: RatingBlock | BlockRef, fixed: FixedSide, params: SolveParams
-) -> BlockSolution:
-    """Solve one block on a worker: ``block`` is a cached RatingBlock, or where to read it."""
+    block: RatingBlock | BlockRef,
+    fixed: FixedSide | CompactSpec,
+    pieces: list | None,
+    params: SolveParams,
+    out: BlockTarget,
+) -> SolvedBlock:
+    """Solve one block on a worker and write its rows as block ``out.block`` of the new side
+    version.
+
+    ``block``: a cached RatingBlock, or where to read it. ``fixed``: the whole fixed side
+    (broadcast), or what this block needs to assemble its compact one from ``pieces``."""
     if not isinstance(block, RatingBlock):
         block = read_block_file(block)
+    local, side = _fixed_for(block, fixed, pieces)
     with blas_single_thread():
-        return solve_block(
-            block,
-            fixed.factors,
-            fixed.bias,
+        sol = solve_block(
+            local,
+            side.factors,
+            side.bias,
             params.mu,
             params.reg,
             params.reg_bias,
             params.weighted_reg,
             params.dtype,
-            fixed_aug=fixed.aug,
+            fixed_aug=side.aug,
         )
+    entry = write_side_block(out, out.block, sol.factors, sol.bias)
+    return SolvedBlock(out.block, entry, sol.sse, sol.penalty, sol.nnz)
+
+
+def validation_task(
+    heldout: tuple[Location, FileEntry],
+    users: SideBlockRef,
+    fixed: FixedSide | CompactSpec,
+    pieces: list | None,
+    mu: float,
+) -> tuple[float, int]:
+    """Squared error and count of one user block's held-out ratings (known items only)."""
+    t = read_table(*heldout, columns=["user", "item", "rating"])
+    u = t.column("user").to_numpy().astype(np.int64) - users.start
+    i = t.column("item").to_numpy().astype(np.int64)
+    r = t.column("rating").to_numpy().astype(np.float64)
+    x = read_side_block(users)
+    if isinstance(fixed, CompactSpec):
+        fixed = compact_fixed(fixed, pieces)
+        i = fixed.remap(i)
+    pred = predict(mu, x[:, :-1], x[:, -1], fixed.factors, fixed.bias, u, i)
+    return float(np.square(r - pred).sum()), len(r)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,37 +166,41 @@ def solve_block_task(
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HalfStepResult:
-    """A solved side and its half-step's sums: squared error of the side's ratings, the side's
-    penalty, and the ratings seen."""
+    """A solved side (a new version of its files) and its half-step's sums: squared error of
+    the side's ratings, and the ratings seen."""
 
-    side: Side
+    side: SideBlocks
     sse: float
-    penalty: float
     nnz: int
 
 
 _WORKERS_DIED = (
     "Workers died while solving blocks: if the worker logs say they exceeded their memory "
-    "budget, raise cluster.memory_limit or lower blocks.target_ratings (re-ingest); each worker "
-    "also holds the other side's factors, (rows x (rank + 1)) numbers"
+    "budget, raise cluster.memory_limit or lower blocks.target_ratings (re-ingest); with "
+    "train.exchange broadcast each worker also holds the other side's factors, (rows x "
+    "(rank + 1)) numbers"
 )
 
 
 class HalfSteps:
-    """Runs half-steps of one training run on a Dask client.
+    """Runs the half-steps of one training run on a Dask client.
 
     Parameters
     ----------
     store, config, client
         The store trained on, the run's config, a ``distributed.Client``.
+    work
+        The run's directory for side versions, routing and exchange files (in the model
+        directory: every worker reaches it).
     progress_disabled
         tqdm's ``disable`` for the per-half-step progress bar.
     """
 
-    def __init__(self, store: Store, config: Config, client, progress_disabled: bool | None):
+    def __init__(self, store: Store, config: Config, client, work: Location, progress_disabled):
         self.store = store
         self.config = config
         self.client = client
+        self.work = work
         self.progress_disabled = progress_disabled
         m = config.model
         self.params = SolveParams(
@@ -141,6 +214,97 @@ class HalfSteps:
         # Task keys must be unique per run: Dask hands back the result (or error) of any live
         # task with the same key. The hex token is dropped from the dashboard's task names.
         self.token = uuid.uuid4().hex[:8]
+        self.modes: dict[str, str] = {}
+        self._routings: dict[str, Routing] = {}
+        self._assembled: tuple[str, object] | None = None  # (version url, future)
+
+    # -- the plan: broadcast or partitioned, and whether it fits ---------------------------------
+    def worker_memory(self) -> list[int]:
+        """Each worker's memory_limit in bytes (0: none set)."""
+        return [int(w.get("memory_limit") or 0) for w in scheduler_workers(self.client)]
+
+    def plan(self) -> dict[str, str]:
+        """Decide how each half-step gets its fixed side (``train.exchange``), check that each
+        worker's memory holds what the plan puts on it, and say so. Returns side -> mode."""
+        limits = [x for x in self.worker_memory() if x > 0]
+        limit = min(limits) if limits else 0
+        threads = max((w.get("nthreads", 1) for w in scheduler_workers(self.client)), default=1)
+        setting = self.config.train.exchange
+        for side in ("user", "item"):
+            fixed_bytes = self._side_bytes(other_side(side))
+            mode = setting if setting != "auto" else self._auto(side, fixed_bytes, limit, threads)
+            self.modes[side] = mode
+            need = self._need(side, mode, threads)
+            log.info(
+                "dmf: %ss given %ss: %s (the %s side is %s; each worker needs about %s of its %s)",
+                side,
+                other_side(side),
+                mode,
+                other_side(side),
+                _size(fixed_bytes),
+                _size(need),
+                _size(limit) if limit else "unlimited memory",
+            )
+            if limit and need > PAUSE_FRACTION * limit:
+                raise TrainingError(
+                    f"the {side} half-step needs about {_size(need)} per worker "
+                    f"(train.exchange {mode}: {self._explain(side, mode, threads)}), more than "
+                    f"{int(PAUSE_FRACTION * 100)}% of cluster.memory_limit ({_size(limit)}), where "
+                    "Dask pauses the worker. Raise cluster.memory_limit, lower "
+                    "blocks.target_ratings (re-ingest), use fewer threads per worker"
+                    + ("" if mode == "partitioned" else ", or set train.exchange: partitioned")
+                )
+        return self.modes
+
+    def _auto(self, side: str, fixed_bytes: int, limit: int, threads: int) -> str:
+        """Broadcast when the fixed side takes at most a quarter of a worker's memory and the
+        broadcast plan fits; else route it."""
+        if not limit:
+            return "broadcast"
+        fits = self._need(side, "broadcast", threads) <= PAUSE_FRACTION * limit
+        return "broadcast" if fits and fixed_bytes <= BROADCAST_SHARE * limit else "partitioned"
+
+    def _side_bytes(self, side: str) -> int:
+        rank = self.config.model.rank
+        itemsize = np.dtype(self.config.model.dtype).itemsize
+        return self.store.n_rows(side) * (rank + 2) * itemsize
+
+    def _task_bytes(self, side: str) -> int:
+        """A solve task's working set on the largest block of ``side``: the block read from
+        Parquet and cast for the kernel (~32 bytes a rating) and its rows' solutions."""
+        rank = self.config.model.rank
+        nnz = max(self.store.block_nnz(side), default=0)
+        bounds = self.store.bounds(side)
+        rows = int(np.diff(bounds).max()) if len(bounds) > 1 else 0
+        return 32 * nnz + 24 * rows * (rank + 1)
+
+    def _need(self, side: str, mode: str, threads: int) -> int:
+        task = self._task_bytes(side)
+        if mode == "broadcast":
+            # The assembled side, plus the same again while a worker assembles or receives it.
+            return WORKER_BASELINE + 2 * self._side_bytes(other_side(side)) + threads * task
+        rank = self.config.model.rank
+        itemsize = np.dtype(self.config.model.dtype).itemsize
+        # Compact rows: at most one per rating of the block (usually far fewer).
+        compact = max(self.store.block_nnz(side), default=0) * (rank + 2) * itemsize * 2
+        return WORKER_BASELINE + threads * (task + compact)
+
+    def _explain(self, side: str, mode: str, threads: int) -> str:
+        task = _size(self._task_bytes(side))
+        rank = self.config.model.rank
+        if mode == "broadcast":
+            fixed = _size(2 * self._side_bytes(other_side(side)))
+            return (
+                f"{fixed} for the {other_side(side)} side's {self.store.n_rows(other_side(side)):,} "
+                f"rows of rank {rank} + 1, {threads} x {task} for blocks of up to "
+                f"{max(self.store.block_nnz(side)):,} ratings, and the worker's own "
+                f"{_size(WORKER_BASELINE)}"
+            )
+        return (
+            f"{threads} x ({task} for a block of up to {max(self.store.block_nnz(side)):,} "
+            f"ratings and its compact {other_side(side)} rows of rank {rank} + 1), and the "
+            f"worker's own {_size(WORKER_BASELINE)}"
+        )
 
     # -- block caching ---------------------------------------------------------------------------
     def should_cache(self) -> bool:
@@ -149,7 +313,7 @@ class HalfSteps:
         mode = self.config.train.cache_blocks
         if mode != "auto":
             return mode == "always"
-        total_mem = sum(w.get("memory_limit") or 0 for w in scheduler_workers(self.client))
+        total_mem = sum(self.worker_memory())
         # In memory a block costs ~16 bytes a rating (int64 indptr amortised, int32 col, float32
         # value, Parquet decode temporaries); both sides are cached.
         need = 2 * 16 * self.store.n_train
@@ -175,92 +339,219 @@ class HalfSteps:
             return self.cached[side]
         return self.store.block_refs(side)
 
-    # -- one half-step ---------------------------------------------------------------------------
-    def run(self, solving: Side, fixed: Side, it: int) -> HalfStepResult:
-        """Solve every row of ``solving`` given ``fixed``; returns the new side and its sums.
+    # -- the starting point ------------------------------------------------------------------------
+    def initial_items(self) -> SideBlocks:
+        """The initial item side, drawn block by block on the workers (see
+        :func:`dmf.train.sides.init_item_block_task`)."""
+        root, tok = self._version_dir("item", 0)
+        target = Target(root, tok)
+        m = self.config.model
+        futs = [
+            self.client.submit(
+                init_item_block_task,
+                ref,
+                m,
+                target,
+                key=f"init-items-{ref.block:05d}-{self.token}",
+                pure=False,
+            )
+            for ref in self.store.block_refs("item")
+        ]
+        results = self.client.gather(futs)
+        return SideBlocks(
+            "item",
+            tuple(int(x) for x in self.store.bounds("item")),
+            m.rank,
+            m.dtype,
+            root,
+            tuple(e for e, _ in results),
+            math.fsum(p for _, p in results),
+        )
 
-        The fixed side is scattered to every worker, but Dask's active memory manager soon keeps
-        a single copy of it; if the worker holding that copy dies, the block tasks not yet done
-        are cancelled. Then the fixed side is broadcast again and only the unsolved blocks are
-        resubmitted (each block's solution is deterministic, so the result is unchanged); the
-        half-step fails only when three attempts in a row solve no block.
-        """
-        from concurrent.futures import CancelledError  # Dask's Future(s)CancelledError
+    def zero_users(self) -> SideBlocks:
+        """The user side at zero, as files (a run of no iterations keeps its starting point)."""
+        root, tok = self._version_dir("user", 0)
+        target = Target(root, tok)
+        m = self.config.model
+        futs = [
+            self.client.submit(zero_block_task, ref, m, target, pure=False)
+            for ref in self.store.block_refs("user")
+        ]
+        return SideBlocks(
+            "user",
+            tuple(int(x) for x in self.store.bounds("user")),
+            m.rank,
+            m.dtype,
+            root,
+            tuple(self.client.gather(futs)),
+            0.0,
+        )
 
+    def _version_dir(self, side: str, it: int) -> tuple[Location, str]:
+        tok = uuid.uuid4().hex[:8]
+        return self.work / side / f"h{it:05d}-{tok}", tok
+
+    # -- the fixed side ------------------------------------------------------------------------------
+    def _broadcast(self, fixed: SideBlocks):
+        """The future of the whole fixed side, assembled once per version by a task."""
+        if self._assembled is not None and self._assembled[0] == fixed.root.url:
+            return self._assembled[1]
+        if self._assembled is not None:
+            self._assembled[1].release()
+        fut = self.client.submit(
+            assemble_fixed,
+            fixed,
+            key=f"assemble-{fixed.side}s-{version_of(fixed)}-{self.token}",
+            pure=False,
+        )
+        self._assembled = (fixed.root.url, fut)
+        return fut
+
+    def _routing(self, name: str, fixed_side: str, cols_of: list) -> Routing:
+        """The routing of ``fixed_side`` to destinations whose referenced columns the callables
+        ``cols_of`` give, computed once and kept (:mod:`dmf.train.exchange`)."""
+        if name in self._routings:
+            return self._routings[name]
+        tok = uuid.uuid4().hex[:8]
+        target = Target(self.work / "routing" / f"{name}-{tok}", tok)
+        bounds = self.store.bounds(fixed_side)
+        ins = self.client.gather(
+            [
+                self.client.submit(
+                    route_in_task, c, d, bounds, target, key=f"route-in-{name}-{d:05d}-{tok}"
+                )
+                for d, c in enumerate(cols_of)
+            ]
+        )
+        outs = self.client.gather(
+            [
+                self.client.submit(
+                    route_out_task,
+                    s,
+                    int(bounds[s]),
+                    ins,
+                    target,
+                    key=f"route-out-{name}-{s:05d}-{tok}",
+                )
+                for s in range(len(bounds) - 1)
+            ]
+        )
+        routing = Routing(fixed_side, tuple(ins), tuple(outs))
+        self._routings[name] = routing
+        log.info(
+            "dmf: routed the %s side to %d destinations (%s): %d rows move per half-step",
+            fixed_side,
+            len(ins),
+            name,
+            routing.rows_moved,
+        )
+        return routing
+
+    def _exchange(self, routing: Routing, fixed: SideBlocks, it: int, tag: str):
+        """Start this half-step's exchange: one task per source block writes its pieces.
+        Returns (the exchange's directory, a function giving destination d its (spec, pieces))."""
+        tok = uuid.uuid4().hex[:8]
+        xdir = self.work / "exchange" / f"{tag}-{it:05d}-{tok}"
+        target = Target(xdir, tok)
+        futs = [
+            self.client.submit(
+                exchange_out_task,
+                fixed.ref(s),
+                routing.outblocks[s],
+                target,
+                key=f"exchange-{fixed.side}s-{it}-{s:05d}-{tok}",
+                pure=False,
+            )
+            for s in range(fixed.n_blocks)
+        ]
+
+        def for_destination(d: int):
+            ib = routing.inblocks[d]
+            srcs = [s for s in range(fixed.n_blocks) if ib.counts[s] > 0]
+            spec = CompactSpec(
+                d,
+                ib,
+                tuple(routing.outblocks[s].counts for s in srcs),
+                fixed.rank,
+                fixed.dtype,
+            )
+            return spec, [futs[s] for s in srcs]
+
+        return xdir, futs, for_destination
+
+    def _train_cols(self, side: str) -> list:
+        """Callables giving each block's referenced columns (read on the worker)."""
+        return [_BlockCols(ref) for ref in self.store.block_refs(side)]
+
+    # -- one half-step -------------------------------------------------------------------------------
+    def run(self, side: str, fixed: SideBlocks, it: int) -> HalfStepResult:
+        """Solve every row of ``side`` given the ``fixed`` side version; returns the new version
+        of ``side`` (written by the tasks) and the half-step's sums."""
         from distributed import KilledWorker
 
-        side = solving.name
-        broadcast = FixedSide.of(fixed)
-        inputs = self._block_inputs(side)
-        new = Side(
-            side, np.empty_like(solving.factors), np.empty_like(solving.bias), solving.counts
+        root, tok = self._version_dir(side, it)
+        mode = self.modes.get(side, "broadcast")
+        xdir = None
+        if mode == "broadcast":
+            fixed_arg = self._broadcast(fixed)
+            per_block = [(fixed_arg, None)] * self.store.n_blocks(side)
+        else:
+            routing = self._routing(f"{side}s", fixed.side, self._train_cols(side))
+            xdir, _, for_destination = self._exchange(routing, fixed, it, f"{side}s")
+            per_block = [for_destination(d) for d in range(self.store.n_blocks(side))]
+        try:
+            done = self._solve_blocks(side, it, root, tok, per_block)
+        except KilledWorker as exc:
+            raise TrainingError(
+                f"{side} half-step of iteration {it}: {exc}. {_WORKERS_DIED}"
+            ) from exc
+        finally:
+            if xdir is not None:
+                remove_quietly(xdir)
+        m = self.config.model
+        new = SideBlocks(
+            side,
+            tuple(int(x) for x in self.store.bounds(side)),
+            m.rank,
+            m.dtype,
+            root,
+            tuple(done[b].entry for b in range(len(done))),
+            math.fsum(d.penalty for d in done.values()),
         )
-        done: dict[int, tuple[float, float, int]] = {}  # block -> (sse, penalty, nnz)
-        attempt = fruitless = 0
-        while len(done) < len(inputs):
-            n_done = len(done)
-            try:
-                self._solve_blocks(new, it, broadcast, inputs, done, attempt)
-            except KilledWorker as exc:
-                raise TrainingError(
-                    f"{side} half-step of iteration {it}: {exc}. {_WORKERS_DIED}"
-                ) from exc
-            except (CancelledError, OSError) as exc:
-                # OSError: distributed's CommClosedError, when the broadcast (or a result) was
-                # on its way to or from a worker that died.
-                fruitless = 0 if len(done) > n_done else fruitless + 1
-                if fruitless >= 3:
-                    raise TrainingError(
-                        f"{side} half-step of iteration {it} lost its broadcast data three times "
-                        f"in a row without solving a block ({exc}). {_WORKERS_DIED}"
-                    ) from exc
-                log.warning(
-                    "dmf: %s half-step of iteration %d lost data (%s); broadcasting again for "
-                    "the %d unsolved blocks",
-                    side,
-                    it,
-                    exc,
-                    len(inputs) - len(done),
-                )
-                attempt += 1
         # fsum is exact, so the sums do not depend on the order blocks finished in.
         return HalfStepResult(
-            new,
-            sse=math.fsum(d[0] for d in done.values()),
-            penalty=math.fsum(d[1] for d in done.values()),
-            nnz=sum(d[2] for d in done.values()),
+            new, sse=math.fsum(d.sse for d in done.values()), nnz=sum(d.nnz for d in done.values())
         )
 
-    def _solve_blocks(self, new: Side, it, fixed: FixedSide, inputs, done, attempt) -> None:
-        """Broadcast ``fixed``, solve the blocks not in ``done``, record each as it completes."""
+    def _solve_blocks(self, side, it, root, tok, per_block) -> dict[int, SolvedBlock]:
+        """One solve task per block; returns each block's result as it completes."""
         from distributed import wait
         from tqdm.auto import tqdm
 
-        side = new.name
-        [fixed_fut] = self.client.scatter([fixed], broadcast=True, hash=False)
+        inputs = self._block_inputs(side)
         futures = {
             self.client.submit(
                 solve_block_task,
                 blk,
-                fixed_fut,
+                fixed,
+                pieces,
                 self.params,
-                key=f"solve-{side}s-{it}-{b:05d}-{self.token}"
-                + (f"-retry{attempt}" if attempt else ""),
+                BlockTarget(root, tok, b),
+                key=f"solve-{side}s-{it}-{b:05d}-{self.token}",
                 retries=self.config.train.retries,
                 pure=False,
             ): b
-            for b, blk in enumerate(inputs)
-            if b not in done
+            for b, (blk, (fixed, pieces)) in enumerate(zip(inputs, per_block, strict=True))
         }
         bar = tqdm(
-            total=len(inputs),
-            initial=len(done),
+            total=len(futures),
             desc=f"iter {it} {side}s",
             unit="block",
             leave=False,
             disable=self.progress_disabled,
             file=sys.stderr,
         )
+        done: dict[int, SolvedBlock] = {}
         pending = set(futures)
         try:
             while pending:
@@ -274,16 +565,49 @@ class HalfSteps:
                     self._warn_stall(side, it, len(pending))
                     continue
                 for fut in finished:
-                    sol: BlockSolution = fut.result()
-                    new.factors[sol.start : sol.start + sol.n_rows] = sol.factors
-                    new.bias[sol.start : sol.start + sol.n_rows] = sol.bias
-                    done[futures[fut]] = (sol.sse, sol.penalty, sol.nnz)
+                    res: SolvedBlock = fut.result()
+                    done[res.block] = res
                     bar.update(1)
                     pending.discard(fut)
                     fut.release()
         finally:
             bar.close()
-            fixed_fut.release()
+        return done
+
+    # -- validation RMSE, blockwise ---------------------------------------------------------------
+    def validation(self, users: SideBlocks, items: SideBlocks) -> float | None:
+        """RMSE of the validation ratings under (users, items), one task per user block."""
+        blocks = self.store.split_blocks("validation")
+        if not blocks or self.store.n_split("validation") == 0:
+            return None
+        if self.modes.get("user", "broadcast") == "broadcast":
+            fixed_arg = self._broadcast(items)
+            per_block = {b: (fixed_arg, None) for b in blocks}
+            xdir = None
+        else:
+            cols = [_HeldoutCols(self.store.split_ref("validation", b)) for b in blocks]
+            routing = self._routing("validation", "item", cols)
+            xdir, _, for_destination = self._exchange(routing, items, 0, "validation")
+            per_block = {b: for_destination(k) for k, b in enumerate(blocks)}
+        try:
+            futs = [
+                self.client.submit(
+                    validation_task,
+                    self.store.split_ref("validation", b),
+                    users.ref(b),
+                    *per_block[b],
+                    self.store.mu,
+                    key=f"validate-{version_of(users)}-{b:05d}-{self.token}",
+                    pure=False,
+                )
+                for b in blocks
+            ]
+            parts = self.client.gather(futs)
+        finally:
+            if xdir is not None:
+                remove_quietly(xdir)
+        n = sum(p[1] for p in parts)
+        return math.sqrt(math.fsum(p[0] for p in parts) / n) if n else None
 
     def _warn_stall(self, side: str, it: int, n_pending: int) -> None:
         """No block finished for a while: say so, and whether Dask paused workers for memory
@@ -303,3 +627,36 @@ class HalfSteps:
             if paused
             else "",
         )
+
+
+@dataclass(frozen=True)
+class _BlockCols:
+    """The columns a rating block references (called on a worker)."""
+
+    ref: BlockRef
+
+    def __call__(self) -> np.ndarray:
+        return read_block_file(self.ref).cols
+
+
+@dataclass(frozen=True)
+class _HeldoutCols:
+    """The items a user block's held-out ratings reference (called on a worker)."""
+
+    ref: tuple[Location, FileEntry]
+
+    def __call__(self) -> np.ndarray:
+        return read_table(*self.ref, columns=["item"]).column("item").to_numpy()
+
+
+def version_of(side: SideBlocks) -> int:
+    """The iteration a side version belongs to, from its directory's name ``hNNNNN-TOKEN``."""
+    return int(side.root.name.split("-")[0][1:])
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover

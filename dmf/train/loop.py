@@ -4,10 +4,16 @@ One iteration is the same half-step twice with the roles swapped (:mod:`dmf.trai
 users given items, then items given users. :class:`Trainer` puts the pieces together:
 
 - :meth:`Trainer.run` checks the run can start (:meth:`Trainer._preflight`), starts fresh or
-  resumes from the newest checkpoint (:meth:`Trainer._start`), runs the iterations
-  (:meth:`Trainer._iterate`), and saves the model (:meth:`Trainer._save`);
+  resumes from the newest checkpoint (:meth:`Trainer._start`), plans how each half-step gets its
+  fixed side (:meth:`dmf.train.halfstep.HalfSteps.plan`), runs the iterations
+  (:meth:`Trainer._iterate`), and saves the model (:meth:`Trainer._save`), its factor files
+  written by the workers;
 - :class:`Stopping` holds the stopping rules: early stopping on validation RMSE (keeping the
   best model) and the objective's tolerance.
+
+The driver holds metadata and scalars only: each side is a version of block files in the model
+directory's ``work/`` (:mod:`dmf.train.sides`); a checkpoint names the versions it needs, and
+versions that nothing names any more are deleted as training goes.
 """
 
 from __future__ import annotations
@@ -20,49 +26,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from dmf.als.kernels import warm_up
-from dmf.als.solver import predict
 from dmf.config import Config, TrainConfig
 from dmf.dist.cluster import maybe_connect
 from dmf.errors import CheckpointError, ConfigError, ModelError, TrainingError
-from dmf.model.model import MODEL_JSON, Model, check_replaceable
+from dmf.model.model import MODEL_JSON, Model, check_replaceable, commit_model, factor_part_rel
 from dmf.store.layout import MANIFEST, Store
-from dmf.store.storage import Location, preflight
+from dmf.store.storage import Commit, Location, preflight, read_manifest
 from dmf.train.checkpoint import (
+    STATE,
     describe_mismatch,
-    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
     remove_checkpoints,
     write_checkpoint,
 )
 from dmf.train.halfstep import HalfSteps
-from dmf.train.state import TrainState, initial_state, train_counts
+from dmf.train.sides import check_side_file, export_block_task
+from dmf.train.state import TrainState
+
+# Where a model directory keeps the side versions of its training (dmf.train.sides).
+WORK = "work"
+# 2: a checkpoint names side versions (block files in work/) instead of holding arrays.
+CHECKPOINT_FORMAT = 2
 
 log = logging.getLogger("dmf")
-
-
-def rmse_on_split(store: Store, split: str, state: TrainState) -> float | None:
-    """RMSE of held-out ratings (known users and items only), streamed in record batches."""
-    pf = store.open_split(split)
-    if pf is None:
-        return None
-    u, i = state.users, state.items
-    sse, n = 0.0, 0
-    for batch in pf.iter_batches(batch_size=1 << 20, columns=["user", "item", "rating"]):
-        r = batch.column(2).to_numpy().astype(np.float64)
-        pred = predict(
-            store.mu,
-            u.factors,
-            u.bias,
-            i.factors,
-            i.bias,
-            batch.column(0).to_numpy(),
-            batch.column(1).to_numpy(),
-        )
-        sse += float(np.square(r - pred).sum())
-        n += len(r)
-    return math.sqrt(sse / n) if n else None
 
 
 @dataclass
@@ -95,7 +83,7 @@ class Stopping:
         es = self.config.early_stopping
         if es is not None and val is not None:
             if self.best is None or val < self.best.rmse - es.min_delta:
-                self.best = Best(val, it, state.copy())
+                self.best = Best(val, it, state)  # immutable: its files are kept (GC)
             elif it - self.best.iteration >= es.patience:
                 self.reason = (
                     "early stopping: no better validation RMSE since iteration "
@@ -128,10 +116,10 @@ class Trainer:
         self.config = config
         self.client = client
         self.quiet = quiet
-        self.counts = train_counts(store)
-        self.halfsteps = HalfSteps(store, config, client, self._progress_disabled())
         self.model_dir = Location.of(config.resolve(config.output.model), config.storage.options)
         self.checkpoint_dir = self.model_dir / "checkpoints"
+        self.work = self.model_dir / WORK
+        self.halfsteps = HalfSteps(store, config, client, self.work, self._progress_disabled())
 
     def _should_cache(self) -> bool:
         return self.halfsteps.should_cache()
@@ -153,10 +141,11 @@ class Trainer:
     def run(self, resume: bool = False) -> Model:
         """Train (or continue training, with ``resume``); save the model and return it."""
         self._preflight(resume)
-        state, progress = self._start(resume)
+        self.halfsteps.plan()
         # Compile the solver kernel here (or load it from numba's disk cache), so that workers
         # on this machine load it instead of all compiling it at once.
         warm_up(self.config.model.dtype)
+        state, progress = self._start(resume)
         if self.halfsteps.should_cache():
             self.halfsteps.cache_blocks()
         state = self._iterate(state, progress)
@@ -185,20 +174,54 @@ class Trainer:
     def _start(self, resume: bool) -> tuple[TrainState, Progress]:
         """The initial state, or the newest checkpoint's when resuming."""
         progress = Progress(stopping=Stopping(self.config.train))
-        if not resume:
-            # A fresh run: checkpoints of an earlier run in this directory would be mistaken for
-            # this run's (and prune them, being newer by name).
-            remove_checkpoints(self.checkpoint_dir)
-            return initial_state(self.store, self.config.model), progress
-        found = latest_checkpoint(self.checkpoint_dir)
-        if found is None:
+        if resume:
+            found = self._latest_checkpoint()
+            if found is not None:
+                return self._resume_from(found)
             self._say(f"dmf: no checkpoint in {self.checkpoint_dir}; starting from scratch")
-            return initial_state(self.store, self.config.model), progress
-        return self._resume_from(*found)
+        # A fresh run: checkpoints of an earlier run in this directory would be mistaken for
+        # this run's (and prune them, being newer by name), and its side versions are garbage.
+        remove_checkpoints(self.checkpoint_dir)
+        self.work.remove()
+        return TrainState(None, self.halfsteps.initial_items()), progress
 
-    def _resume_from(
-        self, saved: dict[str, Any], arrays: dict[str, np.ndarray]
-    ) -> tuple[TrainState, Progress]:
+    def _latest_checkpoint(self) -> dict[str, Any] | None:
+        """The newest checkpoint whose side versions are all there and intact (every file's
+        size and checksum checked by tasks on the workers); broken newer ones are reported and
+        skipped."""
+        errors = []
+        for ckpt in reversed(list_checkpoints(self.checkpoint_dir)):
+            try:
+                saved, _ = read_checkpoint(ckpt)
+                if saved.get("format") != CHECKPOINT_FORMAT:
+                    raise CheckpointError(
+                        f"checkpoint {ckpt} was written by another version of dmf (format "
+                        f"{saved.get('format')}, not {CHECKPOINT_FORMAT}); train without --resume"
+                    )
+                self._verify_sides(ckpt, saved)
+                return saved
+            except CheckpointError as exc:
+                log.warning("dmf: skipping checkpoint: %s", exc)
+                errors.append(str(exc))
+        if errors:
+            raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
+        return None
+
+    def _verify_sides(self, ckpt: Location, saved: dict[str, Any]) -> None:
+        states = [saved["state"]] + ([saved["best"]["state"]] if saved.get("best") else [])
+        refs = [
+            ref
+            for doc in states
+            for side in TrainState.from_json(doc, self.model_dir).sides()
+            for ref in side.refs()
+        ]
+        problems = [
+            p for p in self.client.gather(self.client.map(check_side_file, refs, pure=False)) if p
+        ]
+        if problems:
+            raise CheckpointError(f"checkpoint {ckpt}: {problems[0]}")
+
+    def _resume_from(self, saved: dict[str, Any]) -> tuple[TrainState, Progress]:
         diff = describe_mismatch(saved["fingerprint"], self.fingerprint())
         if diff:
             raise CheckpointError(
@@ -210,14 +233,15 @@ class Trainer:
         stopping = Stopping(tc, reason=saved.get("stopped", ""))
         # The kept best model only matters while early stopping is on: a resumed run with early
         # stopping switched off must end with its last iteration.
-        if "best_user_factors" in arrays and tc.early_stopping is not None:
-            best = TrainState.from_arrays(arrays, self.counts, prefix="best_")
-            stopping.best = Best(saved["best_rmse"], saved["best_iteration"], best)
+        if saved.get("best") and tc.early_stopping is not None:
+            b = saved["best"]
+            best_state = TrainState.from_json(b["state"], self.model_dir)
+            stopping.best = Best(b["rmse"], b["iteration"], best_state)
         history = saved["history"]
         stopping.previous_objective = history[-1]["objective"] if history else None
         self._say(f"dmf: resuming after iteration {saved['iteration']} from {self.checkpoint_dir}")
         progress = Progress(history, stopping, saved["iteration"] + 1)
-        return TrainState.from_arrays(arrays, self.counts), progress
+        return TrainState.from_json(saved["state"], self.model_dir), progress
 
     def _iterate(self, state: TrainState, progress: Progress) -> TrainState:
         """Iterations from ``progress.next_iteration`` until the last or a stopping rule."""
@@ -229,11 +253,11 @@ class Trainer:
         while it <= tc.iterations and not stopping.reason:
             t0 = time.perf_counter()
             with span("dmf-train", f"iteration-{it}"):
-                after_users = self._half_step("user", state, it)
-                after_items = self._half_step("item", state, it)
+                state, after_users = self._half_step("user", state, it)
+                state, after_items = self._half_step("item", state, it)
+                validation = self.halfsteps.validation(state.users, state.items)
             seconds = time.perf_counter() - t0
-            state.check_finite(it)
-            rec = self._record(it, after_users, after_items, seconds, state)
+            rec = self._record(it, after_users, after_items, seconds, validation)
             progress.history.append(rec)
             self._report(rec)
             stopping.update(rec, state)
@@ -241,27 +265,29 @@ class Trainer:
                 it % tc.checkpoint_every == 0 or stopping.reason or it == tc.iterations
             ):
                 self._checkpoint(it, state, progress)
+            self._collect_garbage(state, progress)
             it += 1
         progress.next_iteration = it
         if stopping.reason:
             self._say(f"dmf: {stopping.reason}")
         return state
 
-    def _half_step(self, side: str, state: TrainState, it: int) -> dict[str, float]:
-        """Solve ``side`` given the other side; ``state`` gets the new side. Returns the
-        half-step's squared error, objective and ratings seen."""
+    def _half_step(
+        self, side: str, state: TrainState, it: int
+    ) -> tuple[TrainState, dict[str, float]]:
+        """Solve ``side`` given the other side. Returns the state with the new version of
+        ``side``, and the half-step's squared error, objective and ratings seen."""
         fixed = state.fixed_for(side)
-        res = self.halfsteps.run(state.side(side), fixed, it)
-        state.replace(res.side)
-        objective = res.sse + res.penalty + fixed.penalty(self.config.model)
-        return {"sse": res.sse, "objective": objective, "nnz": res.nnz}
+        res = self.halfsteps.run(side, fixed, it)
+        objective = res.sse + res.side.penalty + fixed.penalty
+        return state.with_side(res.side), {"sse": res.sse, "objective": objective, "nnz": res.nnz}
 
-    def _record(self, it, after_users, after_items, seconds, state) -> dict[str, Any]:
+    def _record(self, it, after_users, after_items, seconds, validation) -> dict[str, Any]:
         n_train = self.store.n_train
         return {
             "iteration": it,
             "train_rmse": math.sqrt(after_items["sse"] / n_train) if n_train else None,
-            "validation_rmse": rmse_on_split(self.store, "validation", state),
+            "validation_rmse": validation,
             "objective": after_items["objective"],
             "objective_after_user_step": after_users["objective"],
             "seconds": seconds,
@@ -269,23 +295,48 @@ class Trainer:
         }
 
     def _checkpoint(self, it: int, state: TrainState, progress: Progress) -> None:
+        """A checkpoint: a manifest naming the side versions of this state (and of the best
+        one): their files are already written."""
         stopping = progress.stopping
-        arrays = state.arrays()
         saved: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
             "fingerprint": self.fingerprint(),
             "history": progress.history,
             "stopped": stopping.reason,
+            "state": state.to_json(self.model_dir),
         }
         if stopping.best is not None:
-            arrays.update(stopping.best.state.arrays(prefix="best_"))
-            saved.update(best_rmse=stopping.best.rmse, best_iteration=stopping.best.iteration)
+            saved["best"] = {
+                "rmse": stopping.best.rmse,
+                "iteration": stopping.best.iteration,
+                "state": stopping.best.state.to_json(self.model_dir),
+            }
         write_checkpoint(
-            self.checkpoint_dir, it, arrays, saved, keep=self.config.train.keep_checkpoints
+            self.checkpoint_dir, it, {}, saved, keep=self.config.train.keep_checkpoints
         )
+
+    def _collect_garbage(self, state: TrainState, progress: Progress) -> None:
+        """Delete the side versions that neither the current state, nor the best one, nor a
+        kept checkpoint names."""
+        keep = state.roots()
+        if progress.stopping.best is not None:
+            keep |= progress.stopping.best.state.roots()
+        for ckpt in list_checkpoints(self.checkpoint_dir):
+            saved = read_manifest(ckpt, STATE, error=CheckpointError) or {}
+            for key in ("state", "best"):
+                doc = saved.get(key)
+                doc = doc.get("state") if key == "best" and doc else doc
+                if doc:
+                    keep |= TrainState.from_json(doc, self.model_dir).roots()
+        for side in ("user", "item"):
+            for name in (self.work / side).ls():
+                version = self.work / side / name
+                if version.url not in keep:
+                    version.remove()
 
     def _save(self, state: TrainState, progress: Progress, resume: bool) -> Model:
         """The model to keep (the best one under early stopping), written to the model
-        directory."""
+        directory: each block's factor file by a task on a worker, ``model.json`` last."""
         stopping = progress.stopping
         meta: dict[str, Any] = {
             "stopped": stopping.reason or "iterations",
@@ -300,27 +351,51 @@ class Trainer:
                 self._say(
                     f"dmf: keeping the model of iteration {best.iteration} (best validation RMSE)"
                 )
-        model = Model(
-            mu=self.store.mu,
-            user_ids=self.store.ids("user"),
-            item_ids=self.store.ids("item"),
-            user_factors=final.users.factors,
-            user_bias=final.users.bias,
-            item_factors=final.items.factors,
-            item_bias=final.items.bias,
-            config=self.config.to_dict(),
-            history=progress.history,
-            store_fingerprint=self.store.fingerprint,
-            store_path=str(self.store.root),
-            meta=meta,
-        )
         # The directory exists once a checkpoint is written; it is only "overwritten" if it held
         # a model before this run (and a resumed run replaces its own model).
-        model.save(
-            self.model_dir, overwrite=self._may_overwrite(resume), plot=self.config.output.plot
-        )
+        if not self._may_overwrite(resume) and (self.model_dir / MODEL_JSON).exists():
+            raise ModelError(f"model directory {self.model_dir} exists; it was not replaced")
+        final = self._complete(final)
+        m = self.config.model
+        with Commit(self.model_dir, MODEL_JSON) as c:
+            futs = [
+                self.client.submit(
+                    export_block_task,
+                    side.ref(b),
+                    self.store.id_map_ref(side.side, b),
+                    c.target,
+                    key=f"export-{side.side}s-{b:05d}-{self.halfsteps.token}",
+                    pure=False,
+                )
+                for side in final.sides()
+                for b in range(side.n_blocks)
+            ]
+            which = [(v.side, b) for v in final.sides() for b in range(v.n_blocks)]
+            for (name, b), entry in zip(which, self.client.gather(futs), strict=True):
+                c.add(factor_part_rel(name, b), entry)
+            doc = {
+                "mu": self.store.mu,
+                "rank": m.rank,
+                "n_users": self.store.n_users,
+                "n_items": self.store.n_items,
+                "dtype": m.dtype,
+                "store_fingerprint": self.store.fingerprint,
+                "store_path": str(self.store.root),
+                "config": self.config.to_dict(),
+                "history": progress.history,
+                "blocks": {s.side: list(s.bounds) for s in final.sides()},
+                **meta,
+            }
+            commit_model(self.model_dir, c, doc, self.config.output.plot)
         self._say(f"dmf: model written to {self.model_dir}")
-        return model
+        return Model.load(self.model_dir)
+
+    def _complete(self, state: TrainState) -> TrainState:
+        """A state with both sides (iterations 0: the users were never solved: zero them)."""
+        if state.users is not None:
+            return state
+        res = self.halfsteps.zero_users()
+        return state.with_side(res)
 
     def _report(self, rec: dict[str, Any]) -> None:
         val = rec["validation_rmse"]

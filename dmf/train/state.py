@@ -1,142 +1,78 @@
-"""The state of a training run: the two sides, each with its factors, biases and train counts.
+"""The state of a training run: one version of each side, as files (:mod:`dmf.train.sides`).
 
-Both half-steps take a :class:`Side` to solve and a :class:`Side` held fixed, so the user and
-the item half-steps are visibly the same code with the roles swapped:
+Both half-steps take the side to solve and the side held fixed, so the user and the item
+half-steps are visibly the same code with the roles swapped::
 
-    state.solve("user", given=state.items)   # U, b given V, c
-    state.solve("item", given=state.users)   # V, c given U, b
+    users = halfsteps.run("user", fixed=state.items, it)   # U, b given V, c
+    items = halfsteps.run("item", fixed=state.users, it)   # V, c given U, b
+
+The driver holds no factors: a :class:`TrainState` is two :class:`SideBlocks` (boundaries, file
+entries, the side's penalty term). It is also what a checkpoint records.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from dmf.als.solver import penalty_term
 from dmf.config import ModelConfig
-from dmf.errors import TrainingError
 from dmf.store.blocks import SIDES, other_side
 from dmf.store.layout import Store
-
-ARRAYS = ("factors", "bias")
-
-
-@dataclass
-class Side:
-    """One side of the model (users or items) during training.
-
-    Attributes
-    ----------
-    name : 'user' or 'item'
-    factors : ndarray, shape (n, rank), storage dtype
-    bias : ndarray, shape (n,), storage dtype
-    counts : ndarray, shape (n,), int64
-        Train ratings per row (the ALS-WR weights; 0 for rows that stay at zero).
-    """
-
-    name: str
-    factors: np.ndarray
-    bias: np.ndarray
-    counts: np.ndarray
-
-    def __post_init__(self) -> None:
-        n = len(self.counts)
-        if self.factors.shape[0] != n or self.bias.shape != (n,):
-            raise ValueError(
-                f"{self.name} side: factors {self.factors.shape}, bias {self.bias.shape} and "
-                f"counts {self.counts.shape} disagree on the number of rows"
-            )
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.counts)
-
-    def penalty(self, m: ModelConfig) -> float:
-        """This side's regularisation term of the objective."""
-        return penalty_term(
-            self.factors, self.bias, self.counts, m.reg, m.effective_reg_bias, m.weighted_reg
-        )
-
-    def copy(self) -> Side:
-        return Side(self.name, self.factors.copy(), self.bias.copy(), self.counts)
-
-    def check_finite(self, iteration: int) -> None:
-        for what in ARRAYS:
-            if not np.all(np.isfinite(getattr(self, what))):
-                raise TrainingError(
-                    f"iteration {iteration}: {self.name}_{what} has non-finite values"
-                )
+from dmf.store.storage import Location
+from dmf.train.sides import SideBlocks, initial_factors
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainState:
-    """Users and items: the model being trained."""
+    """Users and items: the model being trained (``users`` is None before the first user
+    half-step: the users start at zero and are solved first)."""
 
-    users: Side
-    items: Side
+    users: SideBlocks | None
+    items: SideBlocks
 
-    def side(self, name: str) -> Side:
+    def side(self, name: str) -> SideBlocks | None:
         return self.users if name == "user" else self.items
 
-    def fixed_for(self, name: str) -> Side:
+    def fixed_for(self, name: str) -> SideBlocks:
         """The side held fixed while ``name`` is solved."""
-        return self.side(other_side(name))
+        fixed = self.side(other_side(name))
+        if fixed is None:  # pragma: no cover - the loop solves users first
+            raise RuntimeError(f"no {other_side(name)} side to hold fixed yet")
+        return fixed
 
-    def replace(self, side: Side) -> None:
-        if side.name == "user":
-            self.users = side
-        else:
-            self.items = side
+    def with_side(self, side: SideBlocks) -> TrainState:
+        if side.side == "user":
+            return TrainState(side, self.items)
+        return TrainState(self.users, side)
 
-    def copy(self) -> TrainState:
-        return TrainState(self.users.copy(), self.items.copy())
+    def sides(self) -> list[SideBlocks]:
+        """The sides this state has, users first."""
+        return [s for s in (self.users, self.items) if s is not None]
 
-    def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
-        """The four arrays by name (``user_factors``, ...), as checkpoints store them."""
-        return {
-            f"{prefix}{s}_{what}": getattr(self.side(s), what) for s in SIDES for what in ARRAYS
-        }
+    def roots(self) -> set[str]:
+        """The directories of the versions this state uses (kept by the garbage collector)."""
+        return {s.root.url for s in (self.users, self.items) if s is not None}
+
+    def to_json(self, base: Location) -> dict[str, Any]:
+        return {s: self.side(s).to_json(base) for s in SIDES if self.side(s) is not None}
 
     @classmethod
-    def from_arrays(
-        cls, arrays: dict[str, np.ndarray], counts: dict[str, np.ndarray], prefix: str = ""
-    ) -> TrainState:
-        sides = {
-            s: Side(s, arrays[f"{prefix}{s}_factors"], arrays[f"{prefix}{s}_bias"], counts[s])
-            for s in SIDES
-        }
-        return cls(sides["user"], sides["item"])
-
-    def check_finite(self, iteration: int) -> None:
-        self.users.check_finite(iteration)
-        self.items.check_finite(iteration)
+    def from_json(cls, doc: dict[str, Any], base: Location) -> TrainState:
+        users = SideBlocks.from_json(doc["user"], base) if "user" in doc else None
+        return cls(users, SideBlocks.from_json(doc["item"], base))
 
 
 def train_counts(store: Store) -> dict[str, np.ndarray]:
-    """Train ratings per row of each side, from the store's id maps."""
+    """Train ratings per row of each side, from the store's id maps (for sides that fit in
+    memory: tests and the in-memory reference)."""
     return {s: store.counts(s) for s in SIDES}
 
 
-def initial_state(store: Store, m: ModelConfig) -> TrainState:
-    """Starting point: U = 0, b = 0 (solved first), V ~ N(0, init_scale^2/rank), c = 0.
-
-    Drawn on the driver from ``model.seed`` alone, so runs are reproducible whatever the number
-    of workers or blocks. Items with no train ratings start (and stay) at zero.
-    """
-    counts = train_counts(store)
-    dtype = np.dtype(m.dtype)
-    rng = np.random.default_rng(m.seed)
-    n_users, n_items = len(counts["user"]), len(counts["item"])
-    v = rng.normal(0.0, m.init_scale / math.sqrt(max(m.rank, 1)), size=(n_items, m.rank))
-    v[counts["item"] == 0] = 0.0
-    return TrainState(
-        Side(
-            "user",
-            np.zeros((n_users, m.rank), dtype=dtype),
-            np.zeros(n_users, dtype=dtype),
-            counts["user"],
-        ),
-        Side("item", v.astype(dtype), np.zeros(n_items, dtype=dtype), counts["item"]),
-    )
+def initial_item_factors(store: Store, m: ModelConfig) -> np.ndarray:
+    """The whole initial item factors in memory, (n_items, rank) in the storage dtype: what the
+    trainer's init tasks write block by block (for tests and small models)."""
+    v = initial_factors(0, store.n_items, m)
+    v[store.counts("item") == 0] = 0.0
+    return v.astype(m.dtype)
