@@ -248,3 +248,64 @@ def test_cli_similar(str_store, tmp_path, capsys):
     want = m.similar_items(["i2", "i5"], n=3)
     assert got.column("similar").to_pylist() == want.column("similar").to_pylist()
     assert got.num_rows == 6
+
+
+@pytest.mark.parametrize("ids", ["int", "sorted-strings", "unsorted-strings"])
+def test_a_model_read_block_by_block_answers_as_the_model_in_memory(tmp_path, client, ids):
+    """A model whose user side stays on disk (read block by block, as for a model too large for
+    one process) predicts, recommends and evaluates exactly as the same model in memory."""
+    from dmf.config import load_config
+    from dmf.model.evaluate import evaluate
+    from dmf.model.recommend import recommend_all
+    from dmf.train.loop import train
+
+    n_users, n_items = 90, 40
+    u, i, r = random_ratings(n_users, n_items, 1600, seed=21)
+    test = np.arange(len(u)) % 7 == 0
+    user_ids = {
+        "int": None,
+        "sorted-strings": pa.array([f"u{k:03d}" for k in range(n_users)]),
+        "unsorted-strings": pa.array([f"u{k}" for k in range(n_users)]),  # "u10" < "u2"
+    }[ids]
+    store = store_from_arrays(
+        tmp_path / "s", u[~test], i[~test], r[~test], n_users=n_users, n_items=n_items,
+        n_blocks=3, held_out={"test": (u[test], i[test], r[test])}, user_ids=user_ids,
+    )  # fmt: skip
+    cfg = load_config(
+        raw={
+            "model": {"rank": 4, "reg": 0.1},
+            "train": {"iterations": 2, "checkpoint_every": 0, "progress": "off"},
+            "output": {"model": str(tmp_path / "m"), "plot": False},
+        }
+    )
+    train(store, cfg, client=client, quiet=True)
+    mem = load(tmp_path / "m", in_memory=True)
+    disk = load(tmp_path / "m", in_memory=False)
+    assert not disk.users.in_memory and disk.users.n_blocks == 3
+    if ids != "unsorted-strings":
+        assert disk.users.first_ids is not None  # an id's block is found without the others
+    some = mem.user_ids.take(pa.array([0, 44, 89, 3])).to_pylist() + ["stranger"]
+    items = mem.item_ids.take(pa.array([1, 2, 3, 39, 0])).to_pylist()
+    np.testing.assert_array_equal(disk.index_of(some, "user"), mem.index_of(some, "user"))
+    np.testing.assert_array_equal(disk.predict(some, items), mem.predict(some, items))
+    assert disk.recommend(some, n=5, exclude=store).equals(mem.recommend(some, n=5, exclude=store))
+    everyone = recommend_all(disk, store, n=3, client=client)
+    assert everyone.equals(recommend_all(mem, store, n=3, client=client))
+    assert evaluate(disk, store, client=client) == evaluate(mem, store, client=client)
+    # Pairs scored block by block on the cluster (dmf predict with a model on disk).
+    from dmf.model.predict import predict_batches
+
+    pairs = pa.table(
+        {
+            "user": pa.array([str(x) for x in some] * 3),
+            "item": pa.array([str(x) for x in items[:4] + ["nope"]] * 3),
+        }
+    )
+    for policy in ("fallback", "drop"):
+        got = [p for _, p in predict_batches(disk, iter([pairs]), policy, client)][0]
+        want = mem.predict(pairs["user"], pairs["item"], policy, return_info=True)
+        np.testing.assert_array_equal(got.known, want.known)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12)
+        assert (got.cold_users, got.cold_items) == (want.cold_users, want.cold_items)
+    assert not disk.users.in_memory  # none of the above read the whole user side
+    np.testing.assert_array_equal(disk.user_factors, mem.user_factors)  # this one does

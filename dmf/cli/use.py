@@ -76,6 +76,7 @@ def register(sub) -> None:
     p.add_argument("--pairs", required=True, help="CSV or Parquet file with columns user,item")
     p.add_argument("--out", help="output CSV or Parquet (by suffix); default: CSV on stdout")
     p.add_argument("--cold-start", choices=["fallback", "drop"], default="fallback")
+    add_cluster_args(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("similar", help="top-N most similar items (cosine of item factors)")
@@ -166,18 +167,18 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from dmf.model.model import load
+    from dmf.model.predict import predict_batches
 
     model = load(args.model)
-    types = {"user": model.user_ids.type, "item": model.item_ids.type}
+    types = {"user": model.users.id_type, "item": model.items.id_type}
     total = cold = cold_u = cold_i = 0
     batches = iter_columns(args.pairs, ["user", "item"], types, options=_options(model))
+    # A model whose users are on disk scores block by block on the cluster.
+    use_cluster = not model.users.in_memory or args.address or args.scheduler_file
 
-    def scored() -> Iterator[pa.Table]:
+    def scored(client) -> Iterator[pa.Table]:
         nonlocal total, cold, cold_u, cold_i
-        for t in batches:
-            p = model.predict(
-                t.column("user"), t.column("item"), cold_start=args.cold_start, return_info=True
-            )
+        for t, p in predict_batches(model, batches, args.cold_start, client):
             total += len(p.known)
             cold += p.cold_pairs
             cold_u += p.cold_users
@@ -192,7 +193,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 }
             )
 
-    write_stream(scored(), args.out, options=_options(model))
+    with _connect(model, args) if use_cluster else _no_cluster() as client:
+        write_stream(scored(client), args.out, options=_options(model))
     what = "dropped" if args.cold_start == "drop" else "predicted from biases"
     print(
         f"dmf predict: {total} pairs, {cold} cold-start ({cold_u} unknown users, "

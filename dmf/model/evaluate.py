@@ -39,6 +39,7 @@ from dmf.errors import InputError, StoreError
 from dmf.model.ids import check_cold_start
 from dmf.model.model import Model
 from dmf.model.scoring import ItemScorer, SeenItems, csr_rows, default_tile_users, top_n
+from dmf.model.side import PartRef, read_part
 from dmf.store.layout import MANIFEST, BlockRef, Store, read_block_file
 from dmf.store.storage import FileEntry, Location, preflight, read_table
 
@@ -101,10 +102,17 @@ class EvalUsers:
 
     start: int
     stop: int
-    factors: np.ndarray  # (stop - start, rank); zero rows for unknown users
-    bias: np.ndarray  # (stop - start,)
+    factors: np.ndarray | None  # (stop - start, rank); zero rows for unknown users
+    bias: np.ndarray | None  # (stop - start,)
     known: np.ndarray  # (stop - start,) bool
     train_block: BlockRef  # by_user/block=NNNNN
+    part: PartRef | None = None  # else: the model's factor file of these users, read by the task
+
+    def resolved(self) -> EvalUsers:
+        if self.part is None:
+            return self
+        p = read_part(self.part)
+        return EvalUsers(self.start, self.stop, p.factors, p.bias, self.known, self.train_block)
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,7 @@ def evaluate_block_task(
     users: EvalUsers, heldout: tuple[Location, FileEntry], items: EvalItems, p: EvalParams
 ):
     """Sums of squared and absolute errors and of ranking metrics over one user block."""
+    users = users.resolved()
     t = read_table(*heldout, columns=["user", "item", "rating"])
     u_all = t.column("user").to_numpy()
     i_all = t.column("item").to_numpy()
@@ -272,15 +281,16 @@ def evaluate(
 
     def users_of(b: int) -> EvalUsers:
         lo, hi = int(bounds[b]), int(bounds[b + 1])
-        if u_map is None:
-            f, bias = model.user_factors[lo:hi], model.user_bias[lo:hi]
+        users = model.users
+        if u_map is None and not users.in_memory and users.n_blocks == store.n_blocks("user"):
+            # The model's own store: its block files are the store's blocks; the task reads one.
             known = u_has[lo:hi]
-        else:
-            rows = u_map[lo:hi]
-            known = rows >= 0
-            f = np.where(known[:, None], model.user_factors[np.maximum(rows, 0)], 0)
-            bias = np.where(known, model.user_bias[np.maximum(rows, 0)], 0)
-            f = f.astype(model.user_factors.dtype)
+            return EvalUsers(lo, hi, None, None, known, store.block_ref("user", b), users.parts[b])
+        rows = np.arange(lo, hi) if u_map is None else u_map[lo:hi]
+        known = u_has[lo:hi] if u_map is None else rows >= 0
+        f, bias = users.rows(np.maximum(rows, 0))
+        f = np.where(known[:, None], f, 0).astype(users.dtype)
+        bias = np.where(known, bias, 0).astype(users.dtype)
         return EvalUsers(lo, hi, f, bias, known, store.block_ref("user", b))
 
     preflight(client, reads=[store.root / MANIFEST])

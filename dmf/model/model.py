@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from dmf.model import predict as _uses
 from dmf.model.ids import IdIndex, IndexMaps, as_id_array, store_index_maps
 from dmf.model.plot import plot_history
 from dmf.model.recommend import recommend_all
+from dmf.model.side import IN_MEMORY_BYTES, ModelSide, factor_part_rel, factor_table
 from dmf.store.layout import Store
 from dmf.store.storage import (
     Commit,
@@ -48,7 +48,6 @@ from dmf.store.storage import (
     entries_of,
     leftovers,
     read_manifest,
-    read_table,
     verify_file,
     write_atomic,
 )
@@ -83,9 +82,12 @@ def versions() -> dict[str, str]:
     }
 
 
-@dataclass
 class Model:
     """A biased matrix-factorization model: r_hat(i, j) = mu + b_i + c_j + u_i . v_j.
+
+    Each side (:attr:`users`, :attr:`items`) is a :class:`dmf.model.side.ModelSide`: in memory,
+    or the block files of a model directory read block by block when it is too large for one
+    process (:meth:`load`). The arrays below read the whole side when accessed.
 
     Attributes
     ----------
@@ -99,31 +101,82 @@ class Model:
     item_bias : ndarray, shape (n_items,)
     """
 
-    mu: float
-    user_ids: pa.Array = field(repr=False)
-    item_ids: pa.Array = field(repr=False)
-    user_factors: np.ndarray = field(repr=False)
-    user_bias: np.ndarray = field(repr=False)
-    item_factors: np.ndarray = field(repr=False)
-    item_bias: np.ndarray = field(repr=False)
-    config: dict[str, Any] = field(default_factory=dict, repr=False)
-    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
-    store_fingerprint: str = ""
-    store_path: str = ""
-    meta: dict[str, Any] = field(default_factory=dict, repr=False)
-    _index: dict[str, IdIndex] = field(default_factory=dict, init=False, repr=False, compare=False)
+    def __init__(
+        self,
+        mu: float,
+        user_ids: pa.Array | None = None,
+        item_ids: pa.Array | None = None,
+        user_factors: np.ndarray | None = None,
+        user_bias: np.ndarray | None = None,
+        item_factors: np.ndarray | None = None,
+        item_bias: np.ndarray | None = None,
+        config: dict[str, Any] | None = None,
+        history: list[dict[str, Any]] | None = None,
+        store_fingerprint: str = "",
+        store_path: str = "",
+        meta: dict[str, Any] | None = None,
+        *,
+        users: ModelSide | None = None,
+        items: ModelSide | None = None,
+    ):
+        self.mu = float(mu)
+        self.users = users or ModelSide.from_arrays("user", user_ids, user_factors, user_bias)
+        self.items = items or ModelSide.from_arrays("item", item_ids, item_factors, item_bias)
+        self.config = config or {}
+        self.history = history or []
+        self.store_fingerprint = store_fingerprint
+        self.store_path = store_path
+        self.meta = meta or {}
+
+    def side(self, name: str) -> ModelSide:
+        return self.users if name == "user" else self.items
+
+    # -- the arrays (a whole side each) -------------------------------------------------------
+    @property
+    def user_ids(self) -> pa.Array:
+        return self.users.ids
+
+    @property
+    def item_ids(self) -> pa.Array:
+        return self.items.ids
+
+    @property
+    def user_factors(self) -> np.ndarray:
+        return self.users.factors
+
+    @property
+    def user_bias(self) -> np.ndarray:
+        return self.users.bias
+
+    @property
+    def item_factors(self) -> np.ndarray:
+        return self.items.factors
+
+    @property
+    def item_bias(self) -> np.ndarray:
+        return self.items.bias
 
     @property
     def rank(self) -> int:
-        return int(self.user_factors.shape[1])
+        return self.items.rank
 
     @property
     def n_users(self) -> int:
-        return len(self.user_bias)
+        return self.users.n_rows
 
     @property
     def n_items(self) -> int:
-        return len(self.item_bias)
+        return self.items.n_rows
+
+    @property
+    def dtype(self) -> str:
+        return self.items.dtype
+
+    def __repr__(self) -> str:
+        return (
+            f"Model(rank={self.rank}, users={self.n_users:,}, items={self.n_items:,}, "
+            f"mu={self.mu:.4f}, iterations={len(self.history)})"
+        )
 
     # -- persistence -----------------------------------------------------------------------------
     def save(
@@ -135,17 +188,15 @@ class Model:
     ) -> Location:
         """Write the model directory (a local path or a URL; ``options`` for its filesystem):
         the factor files, then ``model.json`` last. Checkpoints already in it are kept. Returns
-        its location."""
+        its location. (A model trained by dmf is already saved, its factor files written block
+        by block by the workers.)"""
         root = Location.of(path, options)
         if not overwrite and (root / MODEL_JSON).exists():
             raise ModelError(f"model directory {root} exists; pass overwrite=True to replace it")
         check_replaceable(root)
         with Commit(root, MODEL_JSON) as c:
-            for side, ids, f, b in (
-                ("user", self.user_ids, self.user_factors, self.user_bias),
-                ("item", self.item_ids, self.item_factors, self.item_bias),
-            ):
-                write_factor_part(c.target, side, 0, ids, f, b, commit=c)
+            for side in (self.users, self.items):
+                write_factor_part(c.target, side.name, 0, side.ids, side.factors, side.bias, c)
             bounds = {"user": [0, self.n_users], "item": [0, self.n_items]}
             c.commit({**self._model_json(), "blocks": bounds})
         write_views(root, self.history, plot)
@@ -162,7 +213,7 @@ class Model:
             "rank": self.rank,
             "n_users": self.n_users,
             "n_items": self.n_items,
-            "dtype": str(self.user_factors.dtype),
+            "dtype": self.dtype,
             "store_fingerprint": self.store_fingerprint,
             "store_path": self.store_path,
             "config": self.config,
@@ -172,9 +223,24 @@ class Model:
         }
 
     @classmethod
-    def load(cls, path: str | Path | Location, options: dict[str, Any] | None = None) -> Model:
-        """Read a model directory written by :meth:`save`, every file checked against
-        ``model.json``."""
+    def load(
+        cls,
+        path: str | Path | Location,
+        options: dict[str, Any] | None = None,
+        in_memory: bool | None = None,
+    ) -> Model:
+        """Read a model directory written by :meth:`save` or by training.
+
+        Parameters
+        ----------
+        path, options
+            The directory (local path or URL) and its filesystem's options.
+        in_memory
+            Read every factor file now (True), never (False: blocks are read on demand), or
+            (None) each side whose factors take at most
+            :data:`dmf.model.side.IN_MEMORY_BYTES`. Every file read is checked against
+            ``model.json``.
+        """
         root = Location.of(path, options)
         meta = read_manifest(root, MODEL_JSON, error=ModelError)
         if meta is None:
@@ -188,31 +254,36 @@ class Model:
             files = entries_of(meta)
             rank = int(meta["rank"])
             mu = float(meta["mu"])
+            dtype = str(meta.get("dtype", "float32"))
+            n = {"user": int(meta["n_users"]), "item": int(meta["n_items"])}
         except Exception as exc:  # noqa: BLE001 - a damaged manifest: say which
             raise ModelError(f"{root / MODEL_JSON} is not a valid model manifest: {exc}") from exc
         blocks = meta.get("blocks") or {}
-        parts = {
-            side: _read_side_parts(root, files, side, blocks.get(side), rank) for side in SIDES
-        }
+        first = meta.get("first_ids") or {}
+        sides = {}
+        for name in SIDES:
+            side = ModelSide.from_files(
+                name, root, files, blocks.get(name, [0, n[name]]), rank, dtype, first.get(name)
+            )
+            if in_memory or (in_memory is None and side.nbytes <= IN_MEMORY_BYTES):
+                side.load()
+            sides[name] = side
         return cls(
             mu=mu,
-            user_ids=parts["user"][0],
-            item_ids=parts["item"][0],
-            user_factors=parts["user"][1],
-            user_bias=parts["user"][2],
-            item_factors=parts["item"][1],
-            item_bias=parts["item"][2],
             config=meta.get("config", {}),
             history=meta.get("history", []),
             store_fingerprint=meta.get("store_fingerprint", ""),
             store_path=meta.get("store_path", ""),
             meta={k: v for k, v in meta.items() if k not in _MODEL_JSON_KEYS},
+            users=sides["user"],
+            items=sides["item"],
         )
 
     # -- ids -----------------------------------------------------------------------------------
     @property
     def user_index(self) -> IdIndex:
-        """The user ids with a lookup built on first use (:class:`dmf.model.ids.IdIndex`)."""
+        """The user ids with a lookup built on first use (:class:`dmf.model.ids.IdIndex`); the
+        whole side's ids: for models whose ids fit in memory."""
         return self._id_index("user")
 
     @property
@@ -220,9 +291,10 @@ class Model:
         return self._id_index("item")
 
     def _id_index(self, side: str) -> IdIndex:
-        if side not in self._index:
-            self._index[side] = IdIndex(self.user_ids if side == "user" else self.item_ids)
-        return self._index[side]
+        s = self.side(side)
+        if s._index is None:
+            s._index = IdIndex(s.ids)
+        return s._index
 
     def as_ids(self, ids: Any, side: str) -> pa.Array:
         """Raw ids as an Arrow array of this model's ``side`` id type (cast when needed).
@@ -235,18 +307,19 @@ class Model:
             versa.
         side : 'user' or 'item'
         """
-        return as_id_array(ids, self._id_index(side).type, side)
+        return as_id_array(ids, self.side(side).id_type, side)
 
     def index_of(self, ids: Any, side: str) -> np.ndarray:
         """Dense indices of raw ``ids``, shape (n,), int64; -1 for ids the model does not know.
 
-        Vectorised, on a lookup built once per model, never a Python loop over the ids.
+        Vectorised, on a lookup built once per model (or per block of a side on disk), never a
+        Python loop over the ids.
         """
-        return self._id_index(side).index_of(self.as_ids(ids, side))
+        return self.side(side).index_of(self.as_ids(ids, side))
 
     def store_maps(self, store: Store) -> IndexMaps:
         """``store``'s dense indices as this model's (None where they are the same)."""
-        return store_index_maps(self.user_index, self.item_index, self.store_fingerprint, store)
+        return store_index_maps(self.users, self.items, self.store_fingerprint, store)
 
     def solve_params(self) -> dict[str, Any]:
         """The regularisation the model was trained with (``config['model']``): reg, reg_bias,
@@ -259,7 +332,7 @@ class Model:
             "reg": mc.reg,
             "reg_bias": mc.effective_reg_bias,
             "weighted_reg": mc.weighted_reg,
-            "dtype": str(self.user_factors.dtype),
+            "dtype": self.dtype,
         }
 
     # -- using the model (see dmf.model.predict and dmf.model.recommend) -------------------------
@@ -269,15 +342,27 @@ class Model:
         An index of -1 is an unknown user or item: its bias and factors count as zero, which is
         the cold-start fallback (mu + c_j, mu + b_i, or mu).
         """
-        return predict(
-            self.mu,
-            self.user_factors,
-            self.user_bias,
-            self.item_factors,
-            self.item_bias,
-            users,
-            items,
-        )
+        users = np.asarray(users, dtype=np.int64)
+        items = np.asarray(items, dtype=np.int64)
+        if self.users.in_memory and self.items.in_memory:
+            return predict(
+                self.mu,
+                self.user_factors,
+                self.user_bias,
+                self.item_factors,
+                self.item_bias,
+                users,
+                items,
+            )
+        # A side on disk: only the rows of the indices given, read from their blocks.
+        ku, ki = users >= 0, items >= 0
+        uf, ub = self.users.rows(users[ku])
+        vf, vb = self.items.rows(items[ki])
+        u_rows = np.full(len(users), -1)
+        u_rows[ku] = np.arange(int(ku.sum()))
+        i_rows = np.full(len(items), -1)
+        i_rows[ki] = np.arange(int(ki.sum()))
+        return predict(self.mu, uf, ub, vf, vb, u_rows, i_rows)
 
     def predict(
         self,
@@ -434,6 +519,7 @@ _MODEL_JSON_KEYS = {
     "files",
     "version",
     "blocks",
+    "first_ids",
 }
 
 
@@ -467,33 +553,6 @@ def model_leftovers(root: Location) -> list[str]:
     return leftovers(root, MODEL_JSON, read_manifest(root, MODEL_JSON, error=ModelError), DERIVED)
 
 
-def _factor_table(ids: pa.Array, factors: np.ndarray, bias: np.ndarray) -> pa.Table:
-    # A list column (not fixed-size: Arrow has no fixed-size list of 0 for rank-0 models).
-    n, rank = factors.shape
-    flat = pa.array(np.ascontiguousarray(factors).reshape(-1))
-    # int64 offsets: n * rank passes 2^31 for large models (40M users at rank 64).
-    offsets = pa.array(np.arange(n + 1, dtype=np.int64) * rank)
-    return pa.table(
-        {"id": ids, "bias": pa.array(bias), "factors": pa.LargeListArray.from_arrays(offsets, flat)}
-    )
-
-
-def _read_factor_table(loc: Location, entry, rank: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    """(raw ids, factors (n, rank), biases (n,)) of one factor file, verified."""
-    t = read_table(loc, entry, error=ModelError)
-    try:
-        flat = t.column("factors").combine_chunks().flatten().to_numpy()
-        factors = flat.reshape(len(t), rank)
-        return t.column("id").combine_chunks(), factors, t.column("bias").to_numpy()
-    except (KeyError, ValueError, pa.ArrowException) as exc:
-        raise ModelError(f"model file {loc} does not hold factors of rank {rank}: {exc}") from exc
-
-
-def factor_part_rel(side: str, b: int) -> str:
-    """The logical name of the factor file of block ``b`` of ``side`` in a model directory."""
-    return f"{side}_factors/part-{b:05d}.parquet"
-
-
 def write_factor_part(
     target: Target,
     side: str,
@@ -506,26 +565,10 @@ def write_factor_part(
     """Write the factor file of block ``b`` of ``side`` (raw ids, biases, factors) into a model
     directory being committed; a worker may write it (then its entry goes back to the driver)."""
     rel = factor_part_rel(side, b)
-    entry = target.write_table(rel, _factor_table(ids, factors, bias))
+    entry = target.write_table(rel, factor_table(ids, factors, bias))
     if commit is not None:
         commit.add(rel, entry)
     return entry
-
-
-def _read_side_parts(root, files, side, bounds, rank):
-    n_parts = len(bounds) - 1 if bounds else 1
-    ids, factors, bias = [], [], []
-    for b in range(n_parts):
-        rel = factor_part_rel(side, b)
-        if rel not in files:
-            raise ModelError(f"{root / MODEL_JSON} lists no {rel}")
-        i, f, c = _read_factor_table(root / (files[rel].path or rel), files[rel], rank)
-        ids.append(i)
-        factors.append(f)
-        bias.append(c)
-    if n_parts == 1:
-        return ids[0], factors[0], bias[0]
-    return pa.concat_arrays(ids), np.concatenate(factors), np.concatenate(bias)
 
 
 def write_views(root: Location, history: list[dict[str, Any]], plot: bool) -> None:
@@ -554,6 +597,9 @@ def history_csv(history: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def load(path: str | Path | Location, options: dict[str, Any] | None = None) -> Model:
-    """Load a saved model directory (``dmf.load``): a local path or a URL."""
-    return Model.load(path, options)
+def load(
+    path: str | Path | Location, options: dict[str, Any] | None = None, in_memory=None
+) -> Model:
+    """Load a saved model directory (``dmf.load``): a local path or a URL (see
+    :meth:`Model.load`)."""
+    return Model.load(path, options, in_memory)

@@ -8,16 +8,18 @@ model, so a call costs what its own ids cost.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
-from dmf.als.solver import solve_block
+from dmf.als.solver import predict, solve_block
 from dmf.errors import InputError, ModelError
 from dmf.model.ids import check_cold_start
 from dmf.model.scoring import SeenItems, recommend_rows
+from dmf.model.side import Part, read_part
 from dmf.store.blocks import RatingBlock
 
 if TYPE_CHECKING:
@@ -61,6 +63,76 @@ def predict_pairs(
     if not return_info:
         return scores
     return Prediction(scores, known, int((u < 0).sum()), int((i < 0).sum()))
+
+
+@dataclass(frozen=True)
+class _Items:
+    """The item side a scoring task needs (broadcast once)."""
+
+    factors: np.ndarray
+    bias: np.ndarray
+    mu: float
+
+
+def score_block_task(part: Part, users: pa.Array, items: np.ndarray, side: _Items):
+    """Scores of (user, item) pairs whose users can only be in this block (runs on a worker):
+    the users' rows are looked up in the block's ids; -1 where the user is not there. Returns
+    (scores, user found)."""
+    local = part.index_of(users)
+    found = local >= 0
+    scores = predict(side.mu, part.factors, part.bias, side.factors, side.bias, local, items)
+    return scores, found
+
+
+def predict_batches(
+    model: Model, batches: Iterator[pa.Table], cold_start: str = "fallback", client=None
+) -> Iterator[tuple[pa.Table, Prediction]]:
+    """Predictions for a stream of (user, item) tables, each in its rows' order.
+
+    With a model whose users are on disk and a client, each batch's pairs go to one task per
+    user block they can be in, on the worker that holds that block's factor file in memory
+    (read once, kept as a Dask future): the driver never holds the user side. Otherwise each
+    batch is :meth:`Model.predict`."""
+    check_cold_start(cold_start)
+    users = model.users
+    if client is None or users.in_memory or users.first_ids is None:
+        for t in batches:
+            yield t, predict_pairs(model, t.column("user"), t.column("item"), cold_start, True)
+        return
+    [side_f] = client.scatter(
+        [_Items(model.item_factors, model.item_bias, model.mu)], broadcast=True, hash=False
+    )
+    parts: dict[int, Any] = {}
+    for t in batches:
+        u = model.as_ids(t.column("user"), "user")
+        i = model.index_of(t.column("item"), "item")
+        blk = users._candidate_blocks(u)
+        scores = np.full(len(u), model.mu, dtype=np.float64)
+        known_u = np.zeros(len(u), dtype=bool)
+        futs = {}
+        for b in np.unique(blk[blk >= 0]).tolist():
+            if b not in parts:
+                parts[b] = client.submit(read_part, users.parts[b], pure=False)
+            sel = np.flatnonzero(blk == b)
+            futs[b] = (sel, client.submit(score_block_task, parts[b], u.take(pa.array(sel)),
+                                          i[sel], side_f, pure=False))  # fmt: skip
+        for sel, fut in futs.values():
+            s, found = fut.result()
+            scores[sel], known_u[sel] = s, found
+        # Unknown users: mu + c_j (or mu): what predict gives an index of -1.
+        cold = ~known_u
+        scores[cold] = predict(
+            model.mu, np.zeros((1, model.rank)), np.zeros(1), model.item_factors,
+            model.item_bias, np.full(int(cold.sum()), -1), i[cold],
+        )  # fmt: skip
+        known = known_u & (i >= 0)
+        info = Prediction(
+            scores[known] if cold_start == "drop" else scores,
+            known,
+            int((~known_u).sum()),
+            int((i < 0).sum()),
+        )
+        yield t, info
 
 
 def fold_in(model: Model, items: Any, ratings: Any) -> tuple[np.ndarray, float]:

@@ -31,8 +31,9 @@ import pyarrow.parquet as pq
 from dmf.dist.cluster import blas_single_thread
 from dmf.dist.tasks import run_windowed
 from dmf.errors import InputError, ModelError
-from dmf.model.ids import IdIndex, check_cold_start, inverse_map
+from dmf.model.ids import check_cold_start, inverse_map
 from dmf.model.scoring import SeenItems, csr_rows, recommend_rows
+from dmf.model.side import PartRef, read_part
 from dmf.store.layout import MANIFEST, BlockRef, Store, read_block_file
 from dmf.store.storage import (
     Commit,
@@ -79,12 +80,59 @@ class ItemSide:
 
 
 @dataclass(frozen=True)
+class UserRows:
+    """Some users' factors (m, rank), biases (m,) and raw ids (m,): in hand, or rows ``local`` of
+    a model's factor file, read by the task (a model whose users do not fit in one process)."""
+
+    factors: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    ids: pa.Array | None = None
+    part: PartRef | None = None
+    local: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.local) if self.part is not None else len(self.bias)
+
+    def resolve(self) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+        if self.part is None:
+            return self.factors, self.bias, self.ids
+        p = read_part(self.part)
+        return p.factors[self.local], p.bias[self.local], p.ids.take(pa.array(self.local))
+
+    def slice(self, a: int, size: int) -> UserRows:
+        if self.part is not None:
+            return UserRows(part=self.part, local=self.local[a : a + size])
+        return UserRows(
+            self.factors[a : a + size], self.bias[a : a + size], self.ids.slice(a, size)
+        )
+
+
+def model_rows(model: Model, sel: np.ndarray) -> list[tuple[np.ndarray, UserRows]]:
+    """The model users ``sel`` (sorted dense indices) as :class:`UserRows`, one per model block
+    they fall in (one in all for users in memory); each with the positions in ``sel`` it
+    covers."""
+    users = model.users
+    if users.in_memory:
+        return [
+            (
+                np.arange(len(sel)),
+                UserRows(users.factors[sel], users.bias[sel], users.take_ids(sel)),
+            )
+        ]
+    blk = users.block_of(sel)
+    out = []
+    for b in np.unique(blk).tolist():
+        pos = np.flatnonzero(blk == b)
+        local = sel[pos] - int(users.bounds[b])
+        out.append((pos, UserRows(part=users.parts[b], local=local)))
+    return out
+
+
+@dataclass(frozen=True)
 class UserPart:
     """The users of one task: their rows in the model, and where their seen items are."""
 
-    factors: np.ndarray  # (m, rank)
-    bias: np.ndarray  # (m,)
-    ids: pa.Array  # (m,) raw ids
+    users: UserRows
     # Train ratings of these users: the store block and each user's row in it (-1: no train
     # ratings there, e.g. a user the store does not have). None: exclude nothing.
     block: BlockRef | None = None
@@ -92,7 +140,7 @@ class UserPart:
 
 
 def _seen_for_part(part: UserPart, item_map: np.ndarray | None) -> SeenItems:
-    m = len(part.bias)
+    m = len(part.users)
     if part.block is None:
         return SeenItems.none(m)
     blk = read_block_file(part.block)
@@ -125,11 +173,12 @@ def recommend_block_task(
     and returns its manifest entry.
     """
     seen = _seen_for_part(part, item_map)
+    factors, bias, ids = part.users.resolve()
     with blas_single_thread():
         row, rank, item, score = recommend_rows(
-            part.factors, part.bias, items.factors, items.bias, items.mu, n, seen, tile_users
+            factors, bias, items.factors, items.bias, items.mu, n, seen, tile_users
         )
-    table = recs_table(part.ids.take(pa.array(row)), rank, items.ids.take(pa.array(item)), score)
+    table = recs_table(ids.take(pa.array(row)), rank, items.ids.take(pa.array(item)), score)
     if out_file is None:
         return table
     target, rel = out_file
@@ -140,13 +189,13 @@ def recommend_block_task(
 # Orchestration
 # ---------------------------------------------------------------------------------------------
 def _parts(model: Model, user_idx: np.ndarray, store: Store | None) -> list[UserPart]:
-    """Split the model users ``user_idx`` (sorted) into one part per store user block."""
+    """Split the model users ``user_idx`` (sorted) into one part per store user block (and per
+    model block, for a model whose users are read from their block files)."""
     if store is None:
         return [
-            UserPart(model.user_factors[sel], model.user_bias[sel], model.user_index.take(sel))
-            for sel in (
-                user_idx[a : a + _CHUNK_USERS] for a in range(0, len(user_idx), _CHUNK_USERS)
-            )
+            UserPart(rows)
+            for a in range(0, len(user_idx), _CHUNK_USERS)
+            for _, rows in model_rows(model, user_idx[a : a + _CHUNK_USERS])
         ]
     maps = model.store_maps(store)
     sidx = user_idx if maps.user is None else inverse_map(maps.user, model.n_users)[user_idx]
@@ -164,28 +213,19 @@ def _parts(model: Model, user_idx: np.ndarray, store: Store | None) -> list[User
         if lo == hi:
             continue
         sel = user_idx[lo:hi]
-        rows = np.where(sidx[lo:hi] >= 0, sidx[lo:hi] - bounds[b], -1)
-        parts.append(
-            UserPart(
-                model.user_factors[sel],
-                model.user_bias[sel],
-                model.user_index.take(sel),
-                store.block_ref("user", b),
-                rows.astype(np.int64),
-            )
-        )
+        rows = np.where(sidx[lo:hi] >= 0, sidx[lo:hi] - bounds[b], -1).astype(np.int64)
+        for pos, users in model_rows(model, sel):
+            parts.append(UserPart(users, store.block_ref("user", b), rows[pos]))
     return parts
 
 
 def _split_part(part: UserPart, size: int) -> list[UserPart]:
-    m = len(part.bias)
+    m = len(part.users)
     if m <= size:
         return [part]
     return [
         UserPart(
-            part.factors[a : a + size],
-            part.bias[a : a + size],
-            part.ids.slice(a, size),
+            part.users.slice(a, size),
             part.block,
             None if part.rows_in_block is None else part.rows_in_block[a : a + size],
         )
@@ -253,7 +293,7 @@ def recommend_all(
     if wanted is None:
         user_idx, cold_ids = np.arange(model.n_users, dtype=np.int64), None
     else:
-        idx = model.user_index.index_of(wanted)
+        idx = model.users.index_of(wanted)
         user_idx = np.unique(idx[idx >= 0])
         unknown = wanted.filter(pa.array(idx < 0))
         cold_ids = pc.unique(unknown) if cold_start == "fallback" and len(unknown) else None
@@ -347,8 +387,9 @@ def _run_parts(client, parts, items, n, tile_users, item_map, files) -> list:
 
 def _in_given_order(table: pa.Table, wanted: pa.Array) -> pa.Table:
     """Rows ordered as the caller listed the users, then by rank."""
-    first = pc.unique(wanted)
-    pos = IdIndex(first).index_of(table.column("user"))
+    first = pc.unique(wanted)  # may hold a null: an id that is no id of the model's type
+    users = table.column("user").combine_chunks()
+    pos = pc.index_in(users, value_set=first).fill_null(-1).to_numpy(zero_copy_only=False)
     order = np.lexsort((table.column("rank").to_numpy(), pos))
     return table.take(pa.array(order))
 

@@ -42,7 +42,7 @@ from dmf.train.checkpoint import (
     write_checkpoint,
 )
 from dmf.train.halfstep import HalfSteps
-from dmf.train.sides import check_side_file, export_block_task
+from dmf.train.sides import check_side_file, export_block_task, first_ids
 from dmf.train.state import TrainState
 
 # Where a model directory keeps the side versions of its training (dmf.train.sides).
@@ -371,8 +371,15 @@ class Trainer:
                 for b in range(side.n_blocks)
             ]
             which = [(v.side, b) for v in final.sides() for b in range(v.n_blocks)]
-            for (name, b), entry in zip(which, self.client.gather(futs), strict=True):
-                c.add(factor_part_rel(name, b), entry)
+            exported = self.client.gather(futs)
+            for (name, b), e in zip(which, exported, strict=True):
+                c.add(factor_part_rel(name, b), e.entry)
+            firsts = {
+                side.side: first_ids(
+                    [e for (n, _), e in zip(which, exported, strict=True) if n == side.side]
+                )
+                for side in final.sides()
+            }
             doc = {
                 "mu": self.store.mu,
                 "rank": m.rank,
@@ -384,6 +391,7 @@ class Trainer:
                 "config": self.config.to_dict(),
                 "history": progress.history,
                 "blocks": {s.side: list(s.bounds) for s in final.sides()},
+                "first_ids": {k: v for k, v in firsts.items() if v is not None},
                 **meta,
             }
             commit_model(self.model_dir, c, doc, self.config.output.plot)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from dmf.als.solver import penalty_term
 from dmf.config import ModelConfig
@@ -218,16 +219,41 @@ def check_side_file(ref: SideBlockRef) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Exported:
+    """A factor file written by :func:`export_block_task`, and what lookups need of its ids."""
+
+    entry: FileEntry
+    first_id: Any  # the block's first and last raw ids (None for an empty block)
+    last_id: Any
+    ids_sorted: bool
+
+
 def export_block_task(
     ref: SideBlockRef, ids: tuple[Location, FileEntry], target: Target
-) -> FileEntry:
+) -> Exported:
     """Write block ``ref.block`` of a side as the model's factor file of that block: raw ids
     (from the store's id map of the block), biases, factors."""
     x = read_side_block(ref)
-    id_map = read_table(*ids, columns=["id"])
-    return write_factor_part(
-        target, ref.side, ref.block, id_map.column("id").combine_chunks(), x[:, :-1], x[:, -1]
-    )
+    raw = read_table(*ids, columns=["id"]).column("id").combine_chunks()
+    entry = write_factor_part(target, ref.side, ref.block, raw, x[:, :-1], x[:, -1])
+    if len(raw) == 0:
+        return Exported(entry, None, None, True)
+    ordered = len(raw) < 2 or pc.all(pc.less(raw.slice(0, len(raw) - 1), raw.slice(1))).as_py()
+    return Exported(entry, raw[0].as_py(), raw[len(raw) - 1].as_py(), bool(ordered))
+
+
+def first_ids(exported: list[Exported]) -> list | None:
+    """Each block's first raw id, when the ids are sorted across the whole side (what a model
+    needs to find an id's block without reading every block); None otherwise."""
+    blocks = [e for e in exported if e.first_id is not None]
+    if not all(e.ids_sorted for e in exported):
+        return None
+    if any(a.last_id >= b.first_id for a, b in zip(blocks, blocks[1:], strict=False)):
+        return None
+    if len(blocks) != len(exported):
+        return None  # an empty block has no first id to place it by
+    return [e.first_id for e in exported]
 
 
 def zero_block_task(ref: BlockRef, m: ModelConfig, target: Target) -> FileEntry:
