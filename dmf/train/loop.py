@@ -280,7 +280,14 @@ class Trainer:
         fixed = state.fixed_for(side)
         res = self.halfsteps.run(side, fixed, it)
         objective = res.sse + res.side.penalty + fixed.penalty
-        return state.with_side(res.side), {"sse": res.sse, "objective": objective, "nnz": res.nnz}
+        return state.with_side(res.side), {
+            "sse": res.sse,
+            "objective": objective,
+            "nnz": res.nnz,
+            "exchange": res.mode,
+            "bytes_moved": res.bytes_moved,
+            "seconds": res.seconds,
+        }
 
     def _record(self, it, after_users, after_items, seconds, validation) -> dict[str, Any]:
         n_train = self.store.n_train
@@ -292,6 +299,10 @@ class Trainer:
             "objective_after_user_step": after_users["objective"],
             "seconds": seconds,
             "ratings_per_second": n_train / seconds if seconds > 0 else None,
+            # How each half-step got its fixed side, and the factor bytes it moved.
+            "exchange": {"user": after_users["exchange"], "item": after_items["exchange"]},
+            "bytes_moved": {"user": after_users["bytes_moved"], "item": after_items["bytes_moved"]},
+            "half_step_seconds": {"user": after_users["seconds"], "item": after_items["seconds"]},
         }
 
     def _checkpoint(self, it: int, state: TrainState, progress: Progress) -> None:
