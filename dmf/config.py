@@ -77,6 +77,10 @@ class DataConfig(Section):
     out_of_range: Literal["error", "drop", "clip"] = "error"
     batch_rows: int = Field(default=1_000_000, ge=1)
     """Rows per streaming batch; memory use of ingest scales with this, not with the input."""
+    id_partition_rows: int = Field(default=5_000_000, ge=1)
+    """Rows per user-id range: ingest ranks user ids range by range, one task per range, so
+    no process holds every raw id (:mod:`dmf.data.idpartition`). A task's memory scales with
+    this; the store is the same whatever its value."""
 
 
 class SynthConfig(Section):

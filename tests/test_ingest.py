@@ -20,7 +20,7 @@ import pytest
 from dmf.cli import main
 from dmf.config import load_config
 from dmf.data.ingest import ingest
-from dmf.errors import ConfigError, StoreError
+from dmf.errors import ConfigError, InputError, StoreError
 from dmf.store.layout import Store
 
 
@@ -161,10 +161,13 @@ def test_target_ratings_sets_block_count(tmp_path, csv_file, rows):
     check_block_files(store)
 
 
-def test_string_ids_round_trip(tmp_path):
+@pytest.mark.parametrize("id_partition_rows", [None, 97])
+def test_string_ids_round_trip(tmp_path, id_partition_rows):
     rows = make_rows(string_ids=True, seed=3)
     f = write_csv(tmp_path / "s.csv", rows)
-    store = ingest(cfg_for(tmp_path, str(f), split={"method": "none"}), progress=False)
+    data = {} if id_partition_rows is None else {"id_partition_rows": id_partition_rows}
+    cfg = cfg_for(tmp_path, str(f), split={"method": "none"}, data=data)
+    store = ingest(cfg, progress=False)
     assert store.ids("user").type == pa.string()
     assert store_triples(store)["by_user"] == sorted((u, i, float(r)) for u, i, r, _ in rows)
     assert store.ids("user").to_pylist() == sorted({u for u, *_ in rows})
@@ -195,20 +198,33 @@ def test_split_same_across_batch_sizes_and_cluster(tmp_path, client, method):
         "split": {"method": method, "validation": 0.1, "test": 0.15, "seed": 7},
         "blocks": {"n_blocks": 3},
     }
+    # One user-id range (store b), or many ranked by separate tasks (a: ~15, c: ~5 on the
+    # cluster): the dense indices are the global ranks of the raw ids either way.
     stores = [
-        run_store(tmp_path, "a", str(f), data={"batch_rows": 37}, **sections),
+        run_store(
+            tmp_path, "a", str(f), data={"batch_rows": 37, "id_partition_rows": 100}, **sections
+        ),
         run_store(tmp_path, "b", str(f), data={"batch_rows": 1_000_000}, **sections),
-        run_store(tmp_path, "c", str(f), client=client, data={"batch_rows": 200}, **sections),
+        run_store(
+            tmp_path,
+            "c",
+            str(f),
+            client=client,
+            data={"batch_rows": 200, "id_partition_rows": 300},
+            **sections,
+        ),
     ]
     first = store_triples(stores[0])
     assert first["test"] and first["validation"]
     for s in stores[1:]:
         assert store_triples(s) == first
-        # Identical block contents, not just equal sets.
+        assert s.manifest.blocks == stores[0].manifest.blocks
+        # Identical block contents and id maps, not just equal sets.
         for side in ("user", "item"):
             for ref in stores[0].block_refs(side):
                 a, b = Path(ref.location), Path(s.block_path(side, ref.block))
                 assert pq.read_table(a).equals(pq.read_table(b))
+            assert s.id_map(side).equals(stores[0].id_map(side))
 
 
 @pytest.mark.parametrize("method", ["random", "user"])
@@ -289,8 +305,9 @@ def test_temporal_without_timestamp_names_the_key(tmp_path, rows):
         ingest(cfg, progress=False)
 
 
+@pytest.mark.parametrize("id_partition_rows", [None, 1])
 @pytest.mark.parametrize("policy", ["last", "mean"])
-def test_duplicate_policies(tmp_path, policy):
+def test_duplicate_policies(tmp_path, policy, id_partition_rows):
     rows = [
         (1, 10, 1.0, 300),
         (2, 10, 2.0, 100),
@@ -299,13 +316,25 @@ def test_duplicate_policies(tmp_path, policy):
         (3, 11, 5.0, 1),
     ]
     f = write_csv(tmp_path / "d.csv", rows)
-    store = run_store(tmp_path, "s", str(f), split={"method": "none"}, data={"duplicates": policy})
+    # With one row per batch and per user-id range, a user's rows meet only in pass 3: input
+    # order must survive the passes before it.
+    data = {"duplicates": policy}
+    if id_partition_rows is not None:
+        data.update(id_partition_rows=id_partition_rows, batch_rows=1)
+    store = run_store(tmp_path, "s", str(f), split={"method": "none"}, data=data)
     got = dict(((u, i), r) for u, i, r in store_triples(store)["by_user"])
     if policy == "last":
         assert got == {(1, 10): 1.0, (2, 10): 4.0, (3, 11): 5.0}
     else:
         assert got == {(1, 10): 2.0, (2, 10): 3.0, (3, 11): 5.0}
     assert store.manifest.dropped.duplicates_merged == 2
+
+
+def test_duplicate_error_names_the_raw_ids_from_any_user_range(tmp_path):
+    rows = [(f"u{k:03d}", f"i{k % 7}", 3.0, k) for k in range(300)] + [("u123", "i4", 1.0, 9)]
+    f = write_csv(tmp_path / "d.csv", rows)
+    with pytest.raises(InputError, match="user 'u123' rated item 'i4' more than once"):
+        run_store(tmp_path, "s", str(f), data={"duplicates": "error", "id_partition_rows": 20})
 
 
 def test_invalid_and_out_of_range_policies_are_counted(tmp_path, capsys):
@@ -494,7 +523,7 @@ def test_killed_ingest_leaves_no_store_and_keeps_the_old_one(tmp_path, caplog):
         )
         # Kill it as soon as its spill files appear (it is still reading).
         deadline = time.time() + 60
-        while not list(store_dir.glob(".scratch-*/p1/*.bin")) and time.time() < deadline:
+        while not list(store_dir.glob(".scratch-*/p1/*.arrow")) and time.time() < deadline:
             time.sleep(0.01)
         time.sleep(0.2)
         os.kill(proc.pid, signal.SIGKILL)
@@ -573,9 +602,12 @@ def test_tasks_run_twice_give_the_same_store(tmp_path, monkeypatch):
     rows = make_rows(nnz=1500, seed=9)
     f = write_csv(tmp_path / "r.csv", rows)
     sections = {"split": {"method": "user", "test": 0.2}, "blocks": {"n_blocks": 3}}
+    # Several user-id ranges, so that every kind of task runs.
+    sections["data"] = {"id_partition_rows": 400}
     once = store_triples(run_store(tmp_path, "once", str(f), **sections))
     for name in (
-        "ingest_bucket_chunk",
+        "ingest_group_chunk",
+        "ingest_rank_range",
         "ingest_split_bucket",
         "ingest_user_block",
         "ingest_item_block",
@@ -589,3 +621,21 @@ def test_tasks_run_twice_give_the_same_store(tmp_path, monkeypatch):
         twice.__name__ = real.__name__
         monkeypatch.setattr(ing, name, twice)
     assert store_triples(run_store(tmp_path, "twice", str(f), **sections)) == once
+
+
+def test_temporal_cutoffs_do_not_depend_on_the_batching(tmp_path, monkeypatch):
+    # The timestamp sample is trimmed as it grows, at points that depend on the batch size; the
+    # cutoffs come from its rows of smallest hash only, which do not.
+    import dmf.data.ingest as ing
+
+    monkeypatch.setattr(ing, "TEMPORAL_SAMPLE", 50)
+    rows = make_rows(nnz=1500, seed=11)
+    f = write_csv(tmp_path / "r.csv", rows)
+    split = {"method": "temporal", "validation": 0.1, "test": 0.2}
+    stores = [
+        run_store(tmp_path, name, str(f), split=split, data={"batch_rows": b})
+        for name, b in (("small", 7), ("large", 1_000_000))
+    ]
+    cutoffs = [s.manifest.split.cutoffs for s in stores]
+    assert cutoffs[0] == cutoffs[1]
+    assert store_triples(stores[0]) == store_triples(stores[1])

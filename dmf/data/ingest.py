@@ -1,31 +1,36 @@
 """Ingest: raw ratings (any size) -> a store, in bounded memory.
 
-The pipeline (memory is bounded by one batch or one block, plus the id maps)::
+The pipeline (memory is bounded by one batch, one user range or one block; the driver holds the
+item side's id map, small, and never the user side's)::
 
-    pass 1  driver      read batches; clean (policies for invalid, out-of-range ratings); give
-                        ids provisional codes and count rows per code; spill (code, code,
-                        rating[, t]) chunks to disk. Id maps are then ranked: the dense index of
-                        an id is the rank of the raw id.
-    pass 2  per chunk   remap codes -> dense indices; bucket rows by *fine* user bucket
-                        (contiguous users, about 1/4 of a block's ratings).
-    pass 3  per bucket  sort by (user, item); merge duplicates (policy); split off validation and
-                        test rows (hash of (user, item, seed), per-user ranks, or timestamps);
-                        spill train rows; return exact train counts per user and item.
-            driver      block boundaries: dmf.store.balanced_bounds over those train counts.
-    pass 4  per user    gather its buckets; write by_user; route rows to item-block spill.
-            block
-    pass 5  per item    stable sort by item (rows arrive sorted by user); write by_item.
-            block
+    pass 1   driver      read batches; clean (policies for invalid, out-of-range ratings); give
+                         items provisional codes; keep a bounded sample of the user ids; spill
+                         (raw user id, item code, rating[, t]) chunks to disk. The item map is
+                         then ranked: the dense index of an id is the rank of the raw id.
+    pass 2   per chunk   group rows by user range (the sample's quantiles cut the user ids into
+             per range   ranges of about ``data.id_partition_rows`` rows); per range, rank its
+                         distinct user ids (dense index = range offset + rank, so the global
+                         rank: :mod:`dmf.data.idpartition`), then bucket its rows by *fine*
+                         user bucket (contiguous users, about 1/4 of a block's ratings).
+    pass 3   per bucket  sort by (user, item); merge duplicates (policy); split off validation
+                         and test rows (hash of (user, item, seed), per-user ranks, or
+                         timestamps); spill train rows and exact train counts per user and item.
+             driver      block boundaries over those counts (the user side's read only where a
+                         boundary falls: :func:`dmf.store.layout.balanced_bounds_chunked`).
+    pass 4   per user    gather its buckets; write by_user and the block's id map; route rows to
+             block       item-block spill.
+    pass 5   per item    stable sort by item (rows arrive sorted by user); write by_item.
+             block
 
-Passes 2-5 run one task per chunk, bucket or block: on the Dask cluster when a client is given,
+The tasks of passes 2-5 (:mod:`dmf.data.passes`) run on the Dask cluster when a client is given,
 else on a local thread pool. Tasks read and write spill files under the store writer's scratch
 prefix (:attr:`dmf.store.layout.StoreWriter.scratch`), on the store's own filesystem: a hidden
 directory inside a local store, a prefix of an ``s3://`` one, so workers on other machines, with
 no directory in common, reach it. Every file goes through :class:`dmf.store.storage.Location`.
 Every decision depends only on dense indices, ratings and timestamps, so the result is the same
-whatever the batch size or the number of workers. Each task returns a small typed record
-(:class:`BucketSplit`, :class:`BlockWritten`), and the driver checks the totals between passes
-(no row lost with a spill file).
+whatever the batch size, the number of user ranges or the number of workers. Each task returns a
+small typed record, and the driver checks the totals between passes (no row lost with a spill
+file).
 
 The store is committed by :class:`dmf.store.layout.StoreWriter` (a
 :class:`dmf.store.storage.Commit`): workers write block files under versioned names through its
@@ -39,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fnmatch
 import hashlib
 import json
 import logging
@@ -55,13 +59,33 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dmf import __version__
 from dmf.config import BlocksConfig, Config, DataConfig, SplitConfig
-from dmf.data.hashing import U64, bits, mix64, mix64_int, pair_hash, pair_hash64, unit_float
+from dmf.data.hashing import U64, mix64, mix64_int, pair_hash
 from dmf.data.idmap import IdMapper, make_mapper
+from dmf.data.idpartition import IdSample
+from dmf.data.passes import (
+    BlockWritten,
+    Bucket,
+    BucketSplit,
+    DuplicateFound,
+    Routing,
+    SplitPlan,
+    UserRanges,
+    id_file,
+    ingest_group_chunk,
+    ingest_item_block,
+    ingest_rank_range,
+    ingest_split_bucket,
+    ingest_user_block,
+    range_dir,
+    read_user_counts,
+)
 from dmf.data.readers import Batch, IdTypeMismatch, InputSpec, iter_batches, resolve_inputs
+from dmf.data.spill import block_table, read_spills, spill_files, write_table_file
 from dmf.dist.tasks import progress_disabled, run_tasks
 from dmf.errors import ConfigError, InputError, StoreError
 from dmf.store.layout import (
@@ -69,15 +93,14 @@ from dmf.store.layout import (
     SPLITS,
     BlockLayout,
     DroppedRows,
-    FileEntry,
     SplitRecord,
     Store,
     StoreManifest,
     StoreWriter,
     balanced_bounds,
-    block_relpath,
+    balanced_bounds_chunked,
+    id_map_relpath,
     split_relpath,
-    write_block_file,
 )
 from dmf.store.storage import (
     Location,
@@ -93,114 +116,6 @@ log = logging.getLogger("dmf")
 
 # Rows kept in the bounded sample of timestamps that sets the temporal split's cutoffs.
 TEMPORAL_SAMPLE = 1 << 20
-
-
-def stable_order(key: np.ndarray, kmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stable argsort of non-negative int64 ``key`` (all below ``kmax``), and the sorted keys.
-
-    When key and row number fit in 63 bits together, they are packed into one int64 and sorted
-    by value (numpy's SIMD sort, several times faster than a stable argsort); ties keep their
-    input order because the row number is the low bits.
-    """
-    n = len(key)
-    ib, kb = bits(n), bits(kmax)
-    if kb + ib <= 63:
-        packed = (key.astype(np.int64) << np.int64(ib)) | np.arange(n, dtype=np.int64)
-        packed.sort()
-        return packed & np.int64((1 << ib) - 1), packed >> np.int64(ib)
-    order = np.argsort(key, kind="stable")
-    return order, key[order]
-
-
-# -- spill files ----------------------------------------------------------------------------------
-# A spill file holds n rows as consecutive columns: int32 a, int32 b, float32 rating[, int64 t].
-# Spill files live under the store writer's scratch prefix, on the store's filesystem, and are
-# read and written through Location (a local file, or an object of s3://...).
-
-
-def _write_arrays(loc: Location, *arrays: np.ndarray) -> None:
-    """Write the arrays' bytes one after the other to the file ``loc``."""
-    with loc.open("wb") as f:
-        for x in arrays:
-            f.write(memoryview(np.ascontiguousarray(x)).cast("B"))
-
-
-def _write_spill(loc: Location, a: np.ndarray, b: np.ndarray, r: np.ndarray, t=None) -> None:
-    cols = [
-        np.ascontiguousarray(a, dtype=np.int32),
-        np.ascontiguousarray(b, dtype=np.int32),
-        np.ascontiguousarray(r, dtype=np.float32),
-    ]
-    if t is not None:
-        cols.append(np.ascontiguousarray(t, dtype=np.int64))
-    _write_arrays(loc, *cols)
-
-
-def _spill_files(d: Location, pattern: str) -> list[Location]:
-    """The spill files directly in ``d`` whose names match ``pattern``, sorted by name (none
-    when ``d`` does not exist)."""
-    return [d / name for name in d.ls() if fnmatch.fnmatchcase(name, pattern)]
-
-
-def _read_spills(paths: list[Location], has_t: bool):
-    """Concatenate spill files (in the given order) into (a, b, r, t-or-None).
-
-    Each file is read whole (one GET on an object store, no separate size request), then its
-    columns are copied out: the raw bytes of a bucket or block are held once, briefly, next to
-    its arrays.
-    """
-    row = 12 + (8 if has_t else 0)
-    raws = []
-    for p in paths:
-        raw = np.frombuffer(p.read_bytes(), dtype=np.uint8)
-        if len(raw) % row:
-            raise StoreError(f"ingest: spill file {p} is truncated ({len(raw)} bytes)")
-        raws.append(raw)
-    sizes = [len(raw) // row for raw in raws]
-    n = int(sum(sizes))
-    a = np.empty(n, np.int32)
-    b = np.empty(n, np.int32)
-    r = np.empty(n, np.float32)
-    t = np.empty(n, np.int64) if has_t else None
-    at = 0
-    for raw, m in zip(raws, sizes, strict=True):
-        a[at : at + m] = raw[: 4 * m].view(np.int32)
-        b[at : at + m] = raw[4 * m : 8 * m].view(np.int32)
-        r[at : at + m] = raw[8 * m : 12 * m].view(np.float32)
-        if has_t:
-            t[at : at + m] = raw[12 * m : 20 * m].view(np.int64)
-        at += m
-    return a, b, r, t
-
-
-def _buckets(blk: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stable order grouping rows by their block ``blk`` (int16/int32), and block b's range
-    ``order[cuts[b]:cuts[b+1]]``."""
-    # A stable sort of 16-bit integers is a radix sort in numpy: linear time.
-    order = np.argsort(blk, kind="stable")
-    cuts = np.searchsorted(blk[order], np.arange(nb + 1))
-    return order, cuts
-
-
-def _spill_by_block(
-    blk: np.ndarray, nb: int, base: Location, dirs: str, name: str, u, i, r, t=None
-) -> None:
-    """Write the rows of each block b (``blk`` gives every row's block) to the spill file
-    ``base / dirs.format(b) / name``; blocks without rows get no file."""
-    order, cuts = _buckets(blk, nb)
-    for b in range(nb):
-        lo, hi = cuts[b], cuts[b + 1]
-        if hi > lo:
-            sel = order[lo:hi]
-            d = base / dirs.format(b)
-            _write_spill(d / name, u[sel], i[sel], r[sel], None if t is None else t[sel])
-
-
-def block_table(bounds: np.ndarray) -> np.ndarray:
-    """The block of every row, shape (bounds[-1],): a gather is faster than a searchsorted."""
-    nb = len(bounds) - 1
-    dt = np.int16 if nb < 2**15 else np.int32
-    return np.repeat(np.arange(nb, dtype=dt), np.diff(bounds))
 
 
 # -- pass 1 ---------------------------------------------------------------------------------------
@@ -305,9 +220,9 @@ class _RatingPolicies:
 class _TemporalSample:
     """A bounded sample of the kept rows' timestamps, which sets a temporal split's cutoffs.
 
-    Row n of the input (0-based) is hashed (splitmix64 of n and the split seed); the sample keeps
-    the rows of the ``size`` smallest hashes or a few more, so it is the same whatever the
-    batching.
+    Row n of the input (0-based) is hashed (splitmix64 of n and the split seed); the sample holds
+    the rows of the ``size`` smallest hashes and up to ``size`` more (trimmed as it grows);
+    :meth:`timestamps` gives the first ``size`` only, so it is the same whatever the batching.
     """
 
     def __init__(self, seed: int, size: int):
@@ -329,40 +244,67 @@ class _TemporalSample:
             m = self.h < self.thresh
             self.h, self.t = self.h[m], self.t[m]
 
+    def timestamps(self) -> np.ndarray:
+        """The timestamps of the rows of the ``size`` smallest hashes."""
+        if len(self.h) <= self.size:
+            return self.t
+        return self.t[np.argpartition(self.h, self.size)[: self.size]]
+
 
 class _ChunkSpill:
     """Pass 1's output: rows gathered into chunks of at least ``rows`` rows (the last may have
-    fewer), each spilled to a file ``cNNNNNN.bin`` in ``directory``."""
+    fewer), each spilled as an Arrow IPC file ``cNNNNNN.arrow`` in ``directory``: raw user ids
+    (ranked by pass 2), item codes, ratings and timestamps."""
 
-    def __init__(self, directory: Location, rows: int):
+    def __init__(self, directory: Location, rows: int, schema: pa.Schema):
         self.directory = directory
         self.rows = rows
+        self.schema = schema
         self.paths: list[Location] = []
         self.buf: list[tuple] = []
         self.buffered = 0
 
-    def add(self, uc: np.ndarray, ic: np.ndarray, r: np.ndarray, t: np.ndarray | None) -> None:
-        self.buf.append((uc, ic, r, t))
-        self.buffered += len(uc)
+    def add(self, users: pa.Array, ic: np.ndarray, r: np.ndarray, t: np.ndarray | None) -> None:
+        self.buf.append((users, ic, r, t))
+        self.buffered += len(ic)
         if self.buffered >= self.rows:
             self.flush()
 
     def flush(self) -> None:
         if not self.buf:
             return
-        path = self.directory / f"c{len(self.paths):06d}.bin"
-        cat = [np.concatenate(c) if c[0] is not None else None for c in zip(*self.buf, strict=True)]
-        _write_spill(path, *cat)
+        users, ic, r, t = zip(*self.buf, strict=True)
+        ic = np.concatenate(ic).astype(np.int32, copy=False)
+        cols = [pa.concat_arrays(users), pa.array(ic), pa.array(np.concatenate(r))]
+        if t[0] is not None:
+            cols.append(pa.array(np.concatenate(t)))
+        path = self.directory / f"c{len(self.paths):06d}.arrow"
+        write_table_file(path, pa.Table.from_arrays(cols, schema=self.schema))
         self.paths.append(path)
         self.buf, self.buffered = [], 0
 
 
+def _chunk_schema(user_type: str, has_t: bool) -> pa.Schema:
+    fields = [
+        ("user", pa.string() if user_type == "string" else pa.int64()),
+        ("item", pa.int32()),
+        ("rating", pa.float32()),
+    ]
+    return pa.schema(fields + ([("timestamp", pa.int64())] if has_t else []))
+
+
 @dataclass
 class _Pass1:
-    """What pass 1 read: the provisional id codes, the chunks, the counts."""
+    """What pass 1 read: the item codes, a sample of the user ids, the chunks, the counts.
 
-    users: IdMapper
+    Items get provisional codes on the driver (:class:`IdMapper`): the item side is the small
+    one (500k items against a billion users). Users keep their raw ids, ranked range by range
+    in pass 2 (:mod:`dmf.data.idpartition`): the driver never holds them all."""
+
     items: IdMapper
+    user_sample: IdSample
+    schema: pa.Schema
+    """Of the chunks (:func:`_chunk_schema`)."""
     chunks: list[Location]
     policies: _RatingPolicies
     rows_read: int = 0
@@ -371,7 +313,8 @@ class _Pass1:
     """Temporal split: the sampled timestamps (:class:`_TemporalSample`)."""
 
     def encode(self, bt: Batch, keep: np.ndarray, r: np.ndarray) -> tuple:
-        """(user codes, item codes, ratings, timestamps or None) of the rows ``keep``."""
+        """(user ids, item codes, ratings, timestamps or None) of the rows ``keep``; offers the
+        user ids to the sample."""
         t = bt.timestamp
         if not keep.all():
             mask = pa.array(keep)
@@ -381,7 +324,7 @@ class _Pass1:
         else:
             users, items = bt.user, bt.item
         try:
-            uc = self.users.encode(users)
+            _refuse_nul(users)
             ic = self.items.encode(items)
         except ValueError as exc:  # an id the map cannot hold (a NUL byte in a string id)
             raise InputError(
@@ -389,46 +332,58 @@ class _Pass1:
                 f"{bt.colnames.get('user', 'user')!r} or item column "
                 f"{bt.colnames.get('item', 'item')!r}: {exc}"
             ) from exc
-        self.rows_kept += len(uc)
-        return uc, ic, r, t
+        self.user_sample.add(self.rows_read + np.flatnonzero(keep), users)
+        self.rows_kept += len(ic)
+        return users, ic, r, t
+
+
+def _refuse_nul(ids: pa.Array) -> None:
+    """String ids are text: one with a NUL byte is refused (on both sides, as the item side's
+    :class:`IdMapper` must)."""
+    if pa.types.is_string(ids.type) and pc.any(pc.match_substring(ids, "\x00")).as_py():
+        raise ValueError("an id contains a NUL byte")
 
 
 def _pass1(spec: InputSpec, config: Config, spill: Location, progress: bool | None) -> _Pass1:
-    """Pass 1: read every batch, apply the rating policies, give ids provisional codes, and spill
-    the rows in chunks."""
+    """Pass 1: read every batch, apply the rating policies, give items provisional codes, and
+    spill the rows in chunks."""
     from tqdm import tqdm  # here, not at the top: keeps the CLI light
 
     sp = config.split
     temporal = sp.method == "temporal" and (sp.test or sp.validation)
     sample = _TemporalSample(sp.seed, TEMPORAL_SAMPLE) if temporal else None
     policies = _RatingPolicies(config.data)
-    chunks = _ChunkSpill(spill / "p1", spec.batch_rows)
     res: _Pass1 | None = None
+    chunks: _ChunkSpill | None = None
     bar = tqdm(
         desc="ingest: reading", unit=" rows", unit_scale=True, disable=progress_disabled(progress)
     )
     try:
         for bt in _prefetch(iter_batches(spec)):
             if res is None:  # the first batch settles the id types
+                schema = _chunk_schema(spec.id_types["user"], spec.has_timestamp)
+                chunks = _ChunkSpill(spill / "p1", spec.batch_rows, schema)
                 res = _Pass1(
-                    make_mapper(spec.id_types["user"]),
                     make_mapper(spec.id_types["item"]),
+                    IdSample(sp.seed),
+                    schema,
                     chunks.paths,
                     policies,
                 )
             keep, r = policies.apply(bt)
             if sample is not None:
                 sample.add(res.rows_read, keep, bt.timestamp)
+            users, ic, r, t = res.encode(bt, keep, r)
             res.rows_read += len(bt)
-            uc, ic, r, t = res.encode(bt, keep, r)
-            chunks.add(uc, ic, r.astype(np.float32), t)
+            chunks.add(users, ic, r.astype(np.float32), t)
             bar.update(len(bt))
-        chunks.flush()
+        if chunks is not None:
+            chunks.flush()
     finally:
         bar.close()
     _check_rows_left(res, spec)
     if sample is not None:
-        res.sample_t = sample.t
+        res.sample_t = sample.timestamps()
     return res
 
 
@@ -457,118 +412,10 @@ def _read_input(spec: InputSpec, config: Config, spill: Location, progress: bool
     raise InputError("cannot settle the id types of the input")  # pragma: no cover
 
 
-# -- what the tasks of passes 2-5 are given and return --------------------------------------------
+# -- the passes, as the driver runs them ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Remap:
-    """Pass 2's tables, sent to every worker once."""
-
-    user_index: np.ndarray
-    """Dense index of every pass-1 user code, int32."""
-    item_index: np.ndarray
-    """Dense index of every pass-1 item code, int32."""
-    bucket_of_user: np.ndarray
-    """Fine bucket of every dense user index (:func:`block_table`)."""
-    n_buckets: int
-
-
-@dataclass(frozen=True)
-class Routing:
-    """Pass 4's table, sent to every worker once: where each item's ratings go."""
-
-    block_of_item: np.ndarray
-    """Item block of every dense item index (:func:`block_table`)."""
-    n_blocks: int
-
-
-@dataclass(frozen=True)
-class DuplicateFound:
-    """Pass 3 under ``data.duplicates: error``: a bucket holds a (user, item) pair more than
-    once. Nothing of the bucket was spilled."""
-
-    bucket: int
-    user: int
-    """Dense index of the user of the bucket's first repeated pair."""
-    item: int
-    n_duplicates: int
-    """Repeated (user, item) rows in the bucket."""
-
-
-@dataclass(frozen=True)
-class BucketSplit:
-    """Pass 3's result for one fine bucket of users: train counts and held-out counts."""
-
-    bucket: int
-    n_in: int
-    """Rows read from pass 2's spill files."""
-    merged: int
-    """Rows removed by merging duplicates (``data.duplicates``)."""
-    user_counts: np.ndarray
-    """Train ratings of each user of the bucket, shape (stop - start,)."""
-    item_counts_file: Location
-    """Train ratings per item, as int32 items then int32 counts: a file, not the result, so
-    that hundreds of results of n_items entries each do not all pass through the scheduler.
-    The driver folds it in as the result arrives, and deletes it."""
-    rating_sum: float
-    """Sum of the train ratings, in float64."""
-    n_validation: int
-    n_test: int
-
-
-@dataclass(frozen=True)
-class BlockWritten:
-    """Passes 4 and 5: one block file of the store, written by a task."""
-
-    side: str
-    block: int
-    rel: str
-    """Path of the file in the store."""
-    entry: FileEntry
-    nnz: int
-
-
-# -- pass 2: remap and bucket (tasks of passes 2-5 run on workers or threads) ---------------------
-
-
-def ingest_bucket_chunk(chunk: Location, c: int, spill: Location, has_t: bool, remap: Remap) -> int:
-    """Pass 2: remap one pass-1 chunk to dense indices and split it by fine user bucket;
-    returns the number of rows."""
-    uc, ic, r, t = _read_spills([chunk], has_t)
-    u = remap.user_index[uc]
-    i = remap.item_index[ic]
-    _spill_by_block(
-        remap.bucket_of_user[u],
-        remap.n_buckets,
-        spill / "p2",
-        "u{:06d}",
-        f"c{c:06d}.bin",
-        u,
-        i,
-        r,
-        t,
-    )
-    # The chunk is deleted by the driver once the whole pass is done: Dask may run a task
-    # twice (a worker died before its result arrived), and a rerun must find its input.
-    return len(u)
-
-
-# -- pass 3: duplicates and the split -------------------------------------------------------------
-
-
-@dataclass
-class _SplitPlan:
-    """How pass 3 splits: ``split``'s settings, and a temporal split's cutoffs."""
-
-    method: str
-    validation: float
-    test: float
-    seed: int
-    cut_validation: int = 0  # temporal: validation if t >= cut_validation (and not test)
-    cut_test: int = 0  # temporal: test if t >= cut_test
-
-
-def _temporal_plan(plan: _SplitPlan, sample: np.ndarray) -> _SplitPlan:
+def _temporal_plan(plan: SplitPlan, sample: np.ndarray) -> SplitPlan:
     big = np.iinfo(np.int64).max
     s = np.sort(sample)
 
@@ -585,183 +432,10 @@ def _temporal_plan(plan: _SplitPlan, sample: np.ndarray) -> _SplitPlan:
     return plan
 
 
-def _split_plan(sp: SplitConfig, sample_t: np.ndarray | None) -> _SplitPlan:
+def _split_plan(sp: SplitConfig, sample_t: np.ndarray | None) -> SplitPlan:
     """The split of pass 3; a temporal split's cutoffs come from pass 1's timestamp sample."""
-    plan = _SplitPlan(sp.method, sp.validation, sp.test, sp.seed)
+    plan = SplitPlan(sp.method, sp.validation, sp.test, sp.seed)
     return plan if sample_t is None else _temporal_plan(plan, sample_t)
-
-
-def _split_masks(
-    plan: _SplitPlan, u: np.ndarray, i: np.ndarray, t, start: int, stop: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(validation, test) boolean masks over rows sorted by (user, item) without duplicates."""
-    n = len(u)
-    if plan.method == "none" or n == 0 or (plan.validation == 0 and plan.test == 0):
-        z = np.zeros(n, dtype=bool)
-        return z, z
-    if plan.method == "temporal":
-        test = t >= plan.cut_test
-        return (t >= plan.cut_validation) & ~test, test
-    h = pair_hash64(u, i, plan.seed)
-    if plan.method == "random":
-        x = unit_float(h)
-        test = x < plan.test
-        return (x < plan.test + plan.validation) & ~test, test
-    # method "user": each user's ratings ranked by hash; the first k_test are test, the next
-    # k_validation validation; at least one rating stays in train.
-    # Order each user's ratings by the top 16 bits of the hash, ties by item (the rows are
-    # sorted by (user, item) and the sort is stable): the same order whatever the bucket.
-    hk = (h >> U64(48)).astype(np.int64)
-    key = ((u.astype(np.int64) - start) << np.int64(16)) | hk
-    order, _ = stable_order(key, (stop - start) << 16)
-    us = u[order]
-    first = np.searchsorted(us, us, side="left")
-    rank = np.arange(n) - first
-    n_u = np.bincount(u - start, minlength=stop - start)[us - start]
-    k_t = np.minimum(np.floor(plan.test * n_u + 0.5), n_u - 1)
-    k_v = np.clip(np.minimum(np.floor(plan.validation * n_u + 0.5), n_u - 1 - k_t), 0, None)
-    test = np.empty(n, dtype=bool)
-    val = np.empty(n, dtype=bool)
-    test[order] = rank < k_t
-    val[order] = (rank >= k_t) & (rank < k_t + k_v)
-    return val, test
-
-
-def _merge_duplicates(u, i, r, t, order: np.ndarray, dup: np.ndarray, policy: str):
-    """One row per (user, item) under ``policy`` ('last' or 'mean'), in (user, item) order.
-
-    ``order`` sorts the rows by (user, item), stably; ``dup[k]`` says sorted row k + 1 repeats
-    sorted row k.
-    """
-    starts = np.flatnonzero(np.r_[True, ~dup])
-    sizes = np.diff(np.r_[starts, len(order)])
-    if policy == "last":
-        if t is not None:
-            # The latest timestamp wins, then the latest in input order (the sort is stable).
-            ts = t[order]
-            tmax = np.repeat(np.maximum.reduceat(ts, starts), sizes)
-            pos = np.where(ts == tmax, np.arange(len(ts)), -1)
-            keep = order[np.maximum.reduceat(pos, starts)]
-        else:
-            keep = order[starts + sizes - 1]
-        return u[keep], i[keep], r[keep], (t[keep] if t is not None else None)
-    # mean
-    rs = np.add.reduceat(r[order].astype(np.float64), starts) / sizes
-    first = order[starts]
-    t = np.maximum.reduceat(t[order], starts) if t is not None else None
-    return u[first], i[first], rs.astype(np.float32), t
-
-
-def _counts_of(i: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct items of ``i`` and their counts; sparse, as a dense bincount costs n_items
-    per bucket."""
-    if n_items <= 8 * max(len(i), 1):
-        ic = np.bincount(i, minlength=n_items)
-        items = np.flatnonzero(ic)
-        return items, ic[items]
-    return np.unique(i, return_counts=True)
-
-
-def ingest_split_bucket(
-    b: int,
-    start: int,
-    stop: int,
-    spill: Location,
-    has_t: bool,
-    n_items: int,
-    duplicates: str,
-    plan: _SplitPlan,
-) -> BucketSplit | DuplicateFound:
-    """Pass 3: sort one bucket of users by (user, item), merge duplicates, split off held-out
-    rows, and spill the train rows; return exact train counts."""
-    u, i, r, t = _read_spills(_spill_files(spill / "p2" / f"u{b:06d}", "c*.bin"), has_t)
-    n_in = len(u)
-    key = (u.astype(np.int64) - start) * max(n_items, 1) + i
-    order, ks = stable_order(key, (stop - start) * max(n_items, 1))
-    del key
-    dup = ks[1:] == ks[:-1]
-    del ks
-    if not dup.any():
-        u, i, r = u[order], i[order], r[order]
-        t = t[order] if t is not None else None
-    elif duplicates == "error":
-        k = int(np.flatnonzero(dup)[0])
-        return DuplicateFound(b, int(u[order[k]]), int(i[order[k]]), int(dup.sum()))
-    else:
-        u, i, r, t = _merge_duplicates(u, i, r, t, order, dup, duplicates)
-    del order
-    merged = n_in - len(u)
-
-    val, test = _split_masks(plan, u, i, t, start, stop)
-    for name, m in (("validation", val), ("test", test)):
-        if m.any():
-            hd = spill / "held" / name
-            _write_spill(hd / f"u{b:06d}.bin", u[m], i[m], r[m], None if t is None else t[m])
-    train = ~(val | test)
-    u, i, r = u[train], i[train], r[train]
-    _write_spill(spill / "p3" / f"u{b:06d}.bin", u, i, r)
-    items, item_counts = _counts_of(i, n_items)
-    counts_file = spill / "p3" / f"counts-{b:06d}.bin"
-    _write_arrays(counts_file, items.astype(np.int32), item_counts.astype(np.int32))
-    return BucketSplit(
-        bucket=b,
-        n_in=n_in,
-        merged=merged,
-        user_counts=np.bincount(u - start, minlength=stop - start),
-        item_counts_file=counts_file,
-        rating_sum=float(r.astype(np.float64).sum()),
-        n_validation=int(val.sum()),
-        n_test=int(test.sum()),
-    )
-
-
-# -- passes 4 and 5: the block files --------------------------------------------------------------
-
-
-def ingest_user_block(
-    b: int,
-    start: int,
-    stop: int,
-    buckets: list[int],
-    spill: Location,
-    target: Target,
-    routing: Routing,
-) -> BlockWritten:
-    """Pass 4: gather one user block's train rows from its split buckets (each sorted by
-    (user, item), in user order), write by_user, and route the rows to item-block spill."""
-    paths = [spill / "p3" / f"u{f:06d}.bin" for f in buckets]
-    u, i, r, _ = _read_spills(paths, False)
-    # Buckets at the edges may hold users of the neighbouring blocks.
-    inside = (u >= start) & (u < stop)
-    if not inside.all():
-        u, i, r = u[inside], i[inside], r[inside]
-    entry = write_block_file(target, "user", b, u, i, r)
-    _spill_by_block(
-        routing.block_of_item[i],
-        routing.n_blocks,
-        spill / "p4",
-        "i{:06d}",
-        f"u{b:06d}.bin",
-        u,
-        i,
-        r,
-    )
-    return BlockWritten("user", b, block_relpath("user", b), entry, len(u))
-
-
-def ingest_item_block(
-    k: int, start: int, stop: int, spill: Location, target: Target
-) -> BlockWritten:
-    """Pass 5: sort one item block's train ratings by (item, user) and write by_item."""
-    u, i, r, _ = _read_spills(_spill_files(spill / "p4" / f"i{k:06d}", "u*.bin"), False)
-    # Pieces come in user-block order, each sorted by user: a stable sort by item alone
-    # leaves every item's ratings sorted by user.
-    order, _ = stable_order(i.astype(np.int64) - start, stop - start)
-    entry = write_block_file(target, "item", k, i[order], u[order], r[order])
-    return BlockWritten("item", k, block_relpath("item", k), entry, len(u))
-
-
-# -- the passes, as the driver runs them ----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -799,7 +473,7 @@ class _Run:
 
 @dataclass(frozen=True)
 class _IdMap:
-    """One side's id map, ranked after pass 1 (:meth:`IdMapper.finish`)."""
+    """The item side's id map, ranked after pass 1 (:meth:`IdMapper.finish`)."""
 
     index: np.ndarray
     """Dense index of every pass-1 code, int32 (-1: unused)."""
@@ -810,11 +484,26 @@ class _IdMap:
 
 
 @dataclass(frozen=True)
+class _Users:
+    """The user side after pass 2: its ranges and fine buckets (the driver holds no id)."""
+
+    ranges: UserRanges
+    buckets: list[Bucket]
+    fine: np.ndarray
+    """Dense index of every bucket's first user, and the number of users last."""
+    n_rows: int
+    """Rows ranked (all of pass 1's)."""
+
+    @property
+    def n_users(self) -> int:
+        return int(self.ranges.offsets[-1])
+
+
+@dataclass(frozen=True)
 class _SplitTotals:
     """Pass 3 summed over all fine buckets."""
 
-    user_counts: np.ndarray
-    """Train ratings per user, int64."""
+    results: list[BucketSplit]
     item_counts: np.ndarray
     """Train ratings per item, int64."""
     n_in: int
@@ -823,37 +512,73 @@ class _SplitTotals:
 
     @property
     def n_train(self) -> int:
-        return int(self.user_counts.sum())
+        return sum(r.n_train for r in self.results)
 
 
-def _fine_bounds(user_rows: np.ndarray, blocks: BlocksConfig) -> np.ndarray:
-    """Boundaries of the fine buckets of users pass 3 works on, about a quarter of a block's
-    ratings each; block boundaries are then drawn over the exact train counts it returns."""
-    total_rows = int(user_rows.sum())
-    share = blocks.target_ratings if blocks.n_blocks is None else -(-total_rows // blocks.n_blocks)
-    return balanced_bounds(user_rows, max(1, share // 4))
+def _n_ranges(rows_kept: int, data: DataConfig) -> int:
+    """User ranges of pass 2: about ``data.id_partition_rows`` rows each."""
+    return max(1, -(-rows_kept // data.id_partition_rows))
 
 
-def _bucket_pass(run: _Run, chunks: list[Location], users: _IdMap, items: _IdMap, fine) -> int:
-    """Pass 2: remap every chunk to dense indices and bucket it by fine user bucket; returns
-    the number of rows bucketed."""
-    remap = run.broadcast(Remap(users.index, items.index, block_table(fine), len(fine) - 1))
-    n_bucketed = run.tasks(
-        ingest_bucket_chunk,
-        [(c, j, run.spill, run.has_t) for j, c in enumerate(chunks)],
-        "ingest: bucketing",
-        {"remap": remap},
+def _fine_share(rows: int, blocks: BlocksConfig) -> int:
+    """Ratings of a fine bucket of users, about a quarter of a block's; block boundaries are
+    drawn over the exact train counts pass 3 returns."""
+    share = blocks.target_ratings if blocks.n_blocks is None else -(-rows // blocks.n_blocks)
+    return max(1, share // 4)
+
+
+def _range_pass(run: _Run, p1: _Pass1, items: _IdMap, config: Config) -> _Users:
+    """Pass 2: group pass 1's rows by user range, then rank each range and bucket its rows."""
+    splitters = p1.user_sample.splitters(_n_ranges(p1.rows_kept, config.data))
+    n_ranges = len(splitters) + 1
+    if n_ranges == 1:
+        inputs = [list(p1.chunks)]
+    else:
+        run.tasks(
+            ingest_group_chunk,
+            [(c, j, run.spill, splitters) for j, c in enumerate(p1.chunks)],
+            "ingest: user ranges",
+        )
+        # Inputs of a pass are deleted only once every task of the pass is done: Dask may run
+        # a task twice (a worker died before its result arrived), and a rerun must find its
+        # input. Peak spill space is two passes' worth.
+        (run.spill / "p1").remove()
+        inputs = [spill_files(range_dir(run.spill, p), "c*.arrow") for p in range(n_ranges)]
+    item_index = run.broadcast(items.index)
+    share = _fine_share(p1.rows_kept, config.blocks)
+    ranked = run.tasks(
+        ingest_rank_range,
+        [(p, files, run.spill, p1.schema) for p, files in enumerate(inputs)],
+        "ingest: user ids",
+        {"item_index": item_index, "fine_share": share},
     )
-    # Inputs of a pass are deleted only once every task of the pass is done (see
-    # ingest_bucket_chunk): peak spill space is two passes' worth.
-    (run.spill / "p1").remove()
-    return sum(n_bucketed)
+    (run.spill / ("p1" if n_ranges == 1 else "ranges")).remove()
+    offsets = np.concatenate([[0], np.cumsum([r.n_users for r in ranked])]).astype(np.int64)
+    buckets = [
+        Bucket(
+            run.spill / "p2" / f"r{r.range:05d}-{f:06d}",
+            int(off + r.fine[f]),
+            int(off + r.fine[f + 1]),
+            int(off),
+        )
+        for r, off in zip(ranked, offsets[:-1], strict=True)
+        for f in range(len(r.fine) - 1)
+    ]
+    fine = np.array([b.start for b in buckets] + [int(offsets[-1])], dtype=np.int64)
+    files = [id_file(run.spill, p) for p in range(n_ranges)]
+    log.info("dmf ingest: %d users in %d id range(s)", int(offsets[-1]), n_ranges)
+    return _Users(
+        UserRanges(offsets, files, p1.schema.field("user").type),
+        buckets,
+        fine,
+        sum(r.n_rows for r in ranked),
+    )
 
 
 def _split_pass(
-    run: _Run, fine: np.ndarray, users: _IdMap, items: _IdMap, duplicates: str, plan: _SplitPlan
+    run: _Run, users: _Users, items: _IdMap, duplicates: str, plan: SplitPlan
 ) -> _SplitTotals:
-    """Pass 3: per fine bucket, sort, merge duplicates and split; sum the train counts."""
+    """Pass 3: per fine bucket, sort, merge duplicates and split; sum the item counts."""
     n_items = len(items.ids)
     item_counts = np.zeros(n_items, dtype=np.int64)
 
@@ -866,14 +591,13 @@ def _split_pass(
         return res
 
     args = [
-        (f, int(fine[f]), int(fine[f + 1]), run.spill, run.has_t, n_items, duplicates, plan)
-        for f in range(len(fine) - 1)
+        (g, b, run.spill, run.has_t, n_items, duplicates, plan) for g, b in enumerate(users.buckets)
     ]
     results = run.tasks(ingest_split_bucket, args, "ingest: split", on_result=fold_items)
     (run.spill / "p2").remove()
     _check_no_duplicates(results, users, items)
     return _SplitTotals(
-        user_counts=np.concatenate([r.user_counts for r in results]).astype(np.int64),
+        results=results,
         item_counts=item_counts,
         n_in=sum(r.n_in for r in results),
         merged=int(sum(r.merged for r in results)),
@@ -881,18 +605,37 @@ def _split_pass(
     )
 
 
+def _user_bounds(users: _Users, split: _SplitTotals, blocks: BlocksConfig) -> np.ndarray:
+    """User block boundaries over the exact train counts, reading only the buckets' count
+    files in which a boundary falls (:func:`balanced_bounds_chunked`)."""
+    res = split.results
+    return balanced_bounds_chunked(
+        users.fine[:-1],
+        np.array([r.n_train for r in res], dtype=np.int64),
+        users.n_users,
+        lambda g: read_user_counts(res[g].user_counts_file),
+        blocks.target_ratings,
+        blocks.n_blocks,
+    )
+
+
 def _user_block_pass(
-    run: _Run, user_bounds: np.ndarray, fine: np.ndarray, item_bounds: np.ndarray
+    run: _Run, user_bounds: np.ndarray, users: _Users, item_bounds: np.ndarray
 ) -> list[BlockWritten]:
-    """Pass 4: per user block, gather its buckets, write by_user, route rows to item blocks."""
+    """Pass 4: per user block, gather its buckets, write by_user and its id map, route rows to
+    item blocks."""
     routing = run.broadcast(Routing(block_table(item_bounds), len(item_bounds) - 1))
+    ranges = run.broadcast(users.ranges)
+    fine = users.fine
     args = []
     for b in range(len(user_bounds) - 1):
         lo, hi = int(user_bounds[b]), int(user_bounds[b + 1])
         first = int(np.searchsorted(fine, lo, side="right")) - 1
         last = int(np.searchsorted(fine, hi, side="left"))
-        args.append((b, lo, hi, list(range(first, last)), run.spill, run.target))
-    return run.tasks(ingest_user_block, args, "ingest: user blocks", {"routing": routing})
+        args.append((b, lo, hi, list(range(first, last)), int(fine[first]), run.spill, run.target))
+    return run.tasks(
+        ingest_user_block, args, "ingest: user blocks", {"routing": routing, "ranges": ranges}
+    )
 
 
 def _item_block_pass(run: _Run, item_bounds: np.ndarray) -> list[BlockWritten]:
@@ -908,26 +651,27 @@ def _item_block_pass(run: _Run, item_bounds: np.ndarray) -> list[BlockWritten]:
 
 
 def _check_no_duplicates(
-    results: list[BucketSplit | DuplicateFound], users: _IdMap, items: _IdMap
+    results: list[BucketSplit | DuplicateFound], users: _Users, items: _IdMap
 ) -> None:
     """After pass 3 under ``data.duplicates: error``: no (user, item) pair came twice."""
     dup = [r for r in results if isinstance(r, DuplicateFound)]
     if dup:
         u, i = dup[0].user, dup[0].item
         total = sum(r.n_duplicates for r in dup)
+        user = users.ranges.ids(u, u + 1)[0].as_py()
         raise InputError(
-            f"duplicate ratings: user {users.ids[u].as_py()!r} rated item "
+            f"duplicate ratings: user {user!r} rated item "
             f"{items.ids[i].as_py()!r} more than once ({total} repeated (user, item) rows in "
             f"all); data.duplicates is 'error': set it to 'last' (keep the latest by "
             f"timestamp, then input order) or 'mean'"
         )
 
 
-def _check_split(split: _SplitTotals, n_bucketed: int, spill: Location, sp: SplitConfig) -> None:
-    """After pass 3: every bucketed row was read, and some train ratings are left."""
-    if split.n_in != n_bucketed:
+def _check_split(split: _SplitTotals, users: _Users, spill: Location, sp: SplitConfig) -> None:
+    """After pass 3: every row ranked was read, and some train ratings are left."""
+    if split.n_in != users.n_rows:
         raise StoreError(
-            f"ingest: the split pass read {split.n_in} rows of the {n_bucketed} bucketed; "
+            f"ingest: the split pass read {split.n_in} rows of the {users.n_rows} ranked; "
             f"spill files in {spill} went missing"
         )
     if split.n_train == 0:
@@ -995,7 +739,8 @@ def fingerprint(config: Config, spec: InputSpec) -> str:
     for f in spec.files:
         h.update(json.dumps(_file_identity(f.path)).encode())
     cfg = config.to_dict()
-    data = {k: v for k, v in cfg["data"].items() if k != "batch_rows"}
+    # Settings that change how ingest runs, never what it writes.
+    data = {k: v for k, v in cfg["data"].items() if k not in ("batch_rows", "id_partition_rows")}
     h.update(
         json.dumps(
             {"data": data, "split": cfg["split"], "blocks": cfg["blocks"]}, sort_keys=True
@@ -1070,26 +815,26 @@ def _write_store(
         run = _Run(client, progress, w.scratch, w.target, spec.has_timestamp)
         with _timed(timings, "read"):
             p1 = _read_input(spec, config, run.spill, progress)
-            users, items = _IdMap(*p1.users.finish()), _IdMap(*p1.items.finish())
-            fine = _fine_bounds(users.rows, config.blocks)
+            items = _IdMap(*p1.items.finish())
             plan = _split_plan(config.split, p1.sample_t)
-        with _timed(timings, "bucket"):
-            n_bucketed = _bucket_pass(run, p1.chunks, users, items, fine)
+        with _timed(timings, "user_ids"):
+            users = _range_pass(run, p1, items, config)
         with _timed(timings, "split"):
-            split = _split_pass(run, fine, users, items, config.data.duplicates, plan)
-            _check_split(split, n_bucketed, run.spill, config.split)
+            split = _split_pass(run, users, items, config.data.duplicates, plan)
+            _check_split(split, users, run.spill, config.split)
             bl = config.blocks
-            user_bounds = balanced_bounds(split.user_counts, bl.target_ratings, bl.n_blocks)
+            user_bounds = _user_bounds(users, split, bl)
             item_bounds = balanced_bounds(split.item_counts, bl.target_ratings, bl.n_blocks)
         with _timed(timings, "user_blocks"):
-            by_user = _user_block_pass(run, user_bounds, fine, item_bounds)
+            by_user = _user_block_pass(run, user_bounds, users, item_bounds)
         with _timed(timings, "item_blocks"):
             by_item = _item_block_pass(run, item_bounds)
         with _timed(timings, "finish"):
             for res in by_user + by_item:
                 w.add_file(res.rel, res.entry)
+            for res in by_user:
+                w.add_file(id_map_relpath("user", res.block), res.id_map)
             _check_blocks(by_user, by_item, split.n_train, run.spill)
-            w.write_id_map("user", users.ids, split.user_counts, user_bounds)
             w.write_id_map("item", items.ids, split.item_counts, item_bounds)
             held = {
                 name: _write_held(w, run.spill, name, run.has_t, user_bounds) for name in SPLITS
@@ -1100,7 +845,7 @@ def _write_store(
             "user": BlockLayout(bounds=user_bounds.tolist(), nnz=[r.nnz for r in by_user]),
             "item": BlockLayout(bounds=item_bounds.tolist(), nnz=[r.nnz for r in by_item]),
         }
-        manifest = _manifest(config, spec, p1, plan, split, held, blocks, timings)
+        manifest = _manifest(config, spec, p1, plan, split, users.n_users, held, blocks, timings)
         return w.commit(manifest)
 
 
@@ -1158,7 +903,7 @@ def _write_held(
 ) -> int:
     """Stream one held-out split's pieces (in user order) into one file per user block,
     ``name/block=NNNNN/part-0.parquet`` (blocks without held-out ratings get none)."""
-    paths = _spill_files(spill / "held" / name, "u*.bin")
+    paths = spill_files(spill / "held" / name, "u*.bin")
     fields = [("user", pa.int32()), ("item", pa.int32()), ("rating", pa.float32())]
     if has_t:
         fields.append(("timestamp", pa.int64()))
@@ -1166,7 +911,7 @@ def _write_held(
     out = _HeldWriter(w, name, schema)
     try:
         for p in paths:
-            u, i, r, t = _read_spills([p], has_t)
+            u, i, r, t = read_spills([p], has_t)
             cols = [pa.array(u), pa.array(i), pa.array(r)] + ([pa.array(t)] if has_t else [])
             table = pa.Table.from_arrays(cols, schema=schema)
             # Rows are in user order: cut them where user blocks end.
@@ -1215,8 +960,9 @@ def _manifest(
     config: Config,
     spec: InputSpec,
     p1: _Pass1,
-    plan: _SplitPlan,
+    plan: SplitPlan,
     split: _SplitTotals,
+    n_users: int,
     held: dict[str, int],
     blocks: dict[str, BlockLayout],
     timings: dict[str, float],
@@ -1227,7 +973,7 @@ def _manifest(
     n_total = n_train + held["validation"] + held["test"]
     temporal = sp.method == "temporal" and p1.sample_t is not None
     return {
-        "n_users": len(split.user_counts),
+        "n_users": n_users,
         "n_items": len(split.item_counts),
         "n_train": n_train,
         "n_validation": held["validation"],

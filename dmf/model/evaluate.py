@@ -273,7 +273,6 @@ def evaluate(
     maps = model.store_maps(store)
     u_map, i_map = maps.user, maps.item
     # On the model's own store, a user or item without train ratings is a cold start too.
-    u_has = store.counts("user") > 0 if maps.same else None
     i_has = store.counts("item") > 0 if maps.same else None
     items = EvalItems(model.item_factors, model.item_bias, model.mu, i_map, i_has, store.n_items)
     params = EvalParams(k, threshold, cold_start, ranking, tile_users)
@@ -282,12 +281,14 @@ def evaluate(
     def users_of(b: int) -> EvalUsers:
         lo, hi = int(bounds[b]), int(bounds[b + 1])
         users = model.users
+        # Block by block: the driver never holds a count per user of the whole side.
+        u_has = store.counts("user", b) > 0 if maps.same else None
         if u_map is None and not users.in_memory and users.n_blocks == store.n_blocks("user"):
             # The model's own store: its block files are the store's blocks; the task reads one.
-            known = u_has[lo:hi]
+            known = u_has
             return EvalUsers(lo, hi, None, None, known, store.block_ref("user", b), users.parts[b])
         rows = np.arange(lo, hi) if u_map is None else u_map[lo:hi]
-        known = u_has[lo:hi] if u_map is None else rows >= 0
+        known = u_has if u_map is None else rows >= 0
         f, bias = users.rows(np.maximum(rows, 0))
         f = np.where(known[:, None], f, 0).astype(users.dtype)
         bias = np.where(known, bias, 0).astype(users.dtype)

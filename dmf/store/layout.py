@@ -32,7 +32,7 @@ so a flipped byte is an error naming the file, never a different number.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -185,6 +185,22 @@ def write_block_file(
         row_group_size=1 << 20,
         use_dictionary=False,
     )
+
+
+def write_id_map_file(
+    target: Target, side: str, b: int, ids: pa.Array, start: int, counts: np.ndarray
+) -> FileEntry:
+    """Write the id map of block ``b`` of ``side``: raw ``ids`` of dense indices ``start``,
+    ``start + 1``, ... and their train ``counts``. Returns the file's manifest entry (used on
+    the driver or on workers)."""
+    table = pa.table(
+        {
+            "id": ids,
+            "index": pa.array(np.arange(start, start + len(ids), dtype=np.int32)),
+            "n_ratings": pa.array(np.asarray(counts, dtype=np.int64)),
+        }
+    )
+    return target.write_table(id_map_relpath(side, b), table)
 
 
 def read_block_file(ref: BlockRef) -> RatingBlock:
@@ -361,9 +377,10 @@ class Store:
     def ids(self, side: str) -> pa.Array:
         return self.id_map(side).column("id").combine_chunks()
 
-    def counts(self, side: str) -> np.ndarray:
-        """Train rating count of every row of ``side``, shape (n_rows,)."""
-        return self.id_map(side).column("n_ratings").to_numpy().astype(np.int64)
+    def counts(self, side: str, b: int | None = None) -> np.ndarray:
+        """Train rating count of every row of block ``b`` of ``side`` (``None``: the whole
+        side), shape (rows,)."""
+        return self.id_map(side, b).column("n_ratings").to_numpy().astype(np.int64)
 
     def id_map_ref(self, side: str, b: int) -> tuple[Location, FileEntry]:
         """Where the id map of block ``b`` of ``side`` is (for a task to read it)."""
@@ -480,17 +497,14 @@ class StoreWriter:
     def write_id_map(
         self, side: str, ids: pa.Array, counts: np.ndarray, bounds: np.ndarray
     ) -> None:
-        """The id map of ``side``, one file per block (``bounds``)."""
+        """The id map of ``side``, one file per block (``bounds``), for a side whose ids are
+        in memory (ingest writes the user side's from workers: :func:`write_id_map_file`)."""
         for b in range(len(bounds) - 1):
             lo, hi = int(bounds[b]), int(bounds[b + 1])
-            table = pa.table(
-                {
-                    "id": ids.slice(lo, hi - lo),
-                    "index": pa.array(np.arange(lo, hi, dtype=np.int32)),
-                    "n_ratings": pa.array(np.asarray(counts[lo:hi], dtype=np.int64)),
-                }
+            entry = write_id_map_file(
+                self.target, side, b, ids.slice(lo, hi - lo), lo, counts[lo:hi]
             )
-            self.write_table(id_map_relpath(side, b), table)
+            self.add_file(id_map_relpath(side, b), entry)
 
     def write_split(self, name: str, table: pa.Table, user_bounds: np.ndarray) -> None:
         """Held-out ratings ``name`` (rows sorted by user), one file per user block that has
@@ -520,6 +534,16 @@ def _holds_more_than_leftovers(root: Location) -> bool:
     return (root / MANIFEST).exists() or len(leftovers(root, MANIFEST, None)) < len(root.files())
 
 
+def _block_shares(n: int, total: int, target: int, n_blocks: int | None) -> np.ndarray:
+    """The multiples of the share at which :func:`balanced_bounds` cuts, float64."""
+    if n_blocks is not None:
+        nb = max(1, min(n_blocks, n))
+    else:
+        nb = max(1, min(n, int(np.ceil(total / max(target, 1)))))
+    share = max(total / nb, 1.0)
+    return share * np.arange(1, nb)
+
+
 def balanced_bounds(counts: np.ndarray, target: int, n_blocks: int | None = None) -> np.ndarray:
     """Contiguous block boundaries over rows whose train counts are ``counts``.
 
@@ -531,17 +555,45 @@ def balanced_bounds(counts: np.ndarray, target: int, n_blocks: int | None = None
     if n == 0:
         return np.array([0, 0], dtype=np.int64)
     cum = np.cumsum(counts, dtype=np.int64)
-    total = int(cum[-1])
-    if n_blocks is not None:
-        nb = max(1, min(n_blocks, n))
-        share = max(total / nb, 1.0)
-    else:
-        nb = max(1, min(n, int(np.ceil(total / max(target, 1)))))
-        share = max(total / nb, 1.0)
+    shares = _block_shares(n, int(cum[-1]), target, n_blocks)
     # Cut after the first row at which the cumulative count reaches each multiple of share.
-    cuts = np.searchsorted(cum, share * np.arange(1, nb), side="left") + 1
+    cuts = np.searchsorted(cum, shares, side="left") + 1
+    return _bounds_of_cuts(cuts, n)
+
+
+def _bounds_of_cuts(cuts: np.ndarray, n: int) -> np.ndarray:
     bounds = np.unique(np.concatenate([[0], np.clip(cuts, 1, n), [n]]))
     return bounds.astype(np.int64)
+
+
+def balanced_bounds_chunked(
+    starts: np.ndarray,
+    totals: np.ndarray,
+    n: int,
+    counts_of: Callable[[int], np.ndarray],
+    target: int,
+    n_blocks: int | None = None,
+) -> np.ndarray:
+    """:func:`balanced_bounds` of counts held in chunks, never all at once.
+
+    Chunk k holds the counts of rows ``starts[k]`` to ``starts[k + 1]`` (or ``n``), summing to
+    ``totals[k]``; ``counts_of(k)`` reads them. Only the chunks in which a cut falls are read.
+    The result is exactly ``balanced_bounds(concatenated counts, target, n_blocks)``.
+    """
+    if n == 0:
+        return np.array([0, 0], dtype=np.int64)
+    ends = np.cumsum(totals, dtype=np.int64)
+    shares = _block_shares(n, int(ends[-1]) if len(ends) else 0, target, n_blocks)
+    # The first row whose cumulative count reaches a share lies in the first chunk whose
+    # cumulative total does; within it, the same search over the chunk's own cumulative counts.
+    chunk = np.searchsorted(ends, shares, side="left")
+    cuts = np.full(len(shares), n + 1, dtype=np.int64)
+    for k in np.unique(chunk[chunk < len(ends)]).tolist():
+        sel = chunk == k
+        before = int(ends[k] - totals[k])
+        cum = before + np.cumsum(counts_of(k), dtype=np.int64)
+        cuts[sel] = starts[k] + np.searchsorted(cum, shares[sel], side="left") + 1
+    return _bounds_of_cuts(cuts, n)
 
 
 def store_from_arrays(
