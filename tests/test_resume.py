@@ -299,7 +299,11 @@ def test_sigkill_during_checkpoint_writes_leaves_only_complete_ones(tmp_path):
     script.write_text(WRITER)
     ckpt_dir = tmp_path / "checkpoints"
     mid_write = 0
-    for delay in (0.0, 0.03, 0.07):
+    # Kill at several delays after a checkpoint completes; on a loaded machine the writer may
+    # not have started its next write yet, so go on (up to 12 kills) until one lands mid-write.
+    for attempt, delay in enumerate((0.0, 0.03, 0.07, 0.01, 0.05, 0.12) * 2):
+        if mid_write and attempt >= 3:
+            break
         proc = subprocess.Popen(
             [sys.executable, str(script), str(ckpt_dir)],
             stdout=subprocess.PIPE,
@@ -358,3 +362,23 @@ def test_resume_with_early_stopping_switched_off_keeps_the_last_model(client, tm
     fresh = train(st, load_config(raw=raw), client=client, quiet=True)
     assert "best_iteration" not in resumed.meta
     np.testing.assert_array_equal(resumed.user_factors, fresh.user_factors)
+
+
+def test_a_finished_run_keeps_only_what_resume_needs(store, client, tmp_path):
+    """After the model is written, work/ holds the side versions the kept checkpoints name and
+    nothing else (no routing, no exchange pieces); with no checkpoints, no work/ at all."""
+    raw = raw_config(store, tmp_path / "a", 3)
+    raw["train"].update(exchange="partitioned", keep_checkpoints=1)
+    train(store, load_config(raw=raw), client=client, quiet=True)
+    work = tmp_path / "a" / "work"
+    assert sorted(p.name for p in work.iterdir()) == ["item", "user"]
+    [ckpt] = list_checkpoints(tmp_path / "a" / "checkpoints")
+    state = json.loads((Path(ckpt) / "state.json").read_text())["state"]
+    named = {state[side]["root"].split("/", 1)[1] for side in ("user", "item")}
+    assert {f"{d.parent.name}/{d.name}" for d in work.glob("*/h*")} == named
+
+    raw = raw_config(store, tmp_path / "b", 2)
+    raw["train"].update(exchange="partitioned", checkpoint_every=0)
+    train(store, load_config(raw=raw), client=client, quiet=True)
+    assert not (tmp_path / "b" / "work").exists()
+    assert (tmp_path / "b" / "model.json").is_file()

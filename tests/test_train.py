@@ -266,6 +266,21 @@ def test_partitioned_exchange_gives_the_broadcast_model_to_the_last_bit(tmp_path
         np.testing.assert_array_equal(getattr(b, k), getattr(a, k), err_msg=k)
     for key in ("objective", "objective_after_user_step", "train_rmse", "validation_rmse"):
         assert [h[key] for h in b.history] == [h[key] for h in a.history], key
+    # Bytes moved: both modes read and write the same side files; beyond them, a broadcast
+    # copies the whole fixed side to the other solving worker (2 workers), a routed half-step
+    # writes and reads back each destination's distinct fixed rows, counted here from the store.
+    itemsize = np.dtype(a.user_factors.dtype).itemsize
+    row = (a.rank + 1) * itemsize
+    for side, fixed in (("user", "item"), ("item", "user")):
+        distinct = sum(
+            len(np.unique(store.read_block(side, r.block).cols)) for r in store.block_refs(side)
+        )
+        n_fixed = store.n_rows(fixed)
+        for ha, hb in zip(a.history, b.history, strict=True):
+            assert (ha["exchange"][side], hb["exchange"][side]) == ("broadcast", "partitioned")
+            broadcast_copy = n_fixed * (row + itemsize)
+            routed = 2 * distinct * row
+            assert hb["bytes_moved"][side] - ha["bytes_moved"][side] == routed - broadcast_copy
 
 
 def test_auto_exchange_chooses_by_the_workers_memory(tmp_path, caplog):

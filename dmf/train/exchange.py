@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dmf.als.solver import augment
 from dmf.errors import TrainingError
 from dmf.store.storage import FileEntry, Location, Target, crc32, read_verified
 from dmf.train.sides import SideBlockRef, SideBlocks, read_side_block
@@ -76,17 +75,28 @@ class FixedSide:
         return pos.astype(np.int32)
 
 
-def _fixed_from_rows(x: np.ndarray, rows: np.ndarray | None) -> FixedSide:
-    factors, bias = x[:, :-1], x[:, -1]
-    return FixedSide(augment(np.ascontiguousarray(factors)), np.ascontiguousarray(bias), rows)
+def _augmented(n: int, width: int, dtype) -> np.ndarray:
+    """Room for ``n`` fixed rows as block files store them ([factors, bias], ``width`` values),
+    plus :func:`dmf.als.solver.augment`'s zero row: filled in place, then augmented in place by
+    :func:`_fixed_in_place`, so a side is held once, not three times (rows, factors, aug)."""
+    return np.empty((n + 1, width), dtype=dtype)
+
+
+def _fixed_in_place(x: np.ndarray, rows: np.ndarray | None) -> FixedSide:
+    """``x[:-1]`` holds [factors, bias] rows: take the biases out, and make ``x`` the augmented
+    rows [v_j, 1] plus a zero row (exactly :func:`dmf.als.solver.augment` of the factors)."""
+    bias = x[:-1, -1].copy()
+    x[:-1, -1] = 1.0
+    x[-1] = 0.0
+    return FixedSide(x, bias, rows)
 
 
 def assemble_fixed(side: SideBlocks) -> FixedSide:
     """The whole fixed side from its block files (a task: broadcast mode)."""
-    x = np.empty((side.n_rows, side.rank + 1), dtype=side.dtype)
+    x = _augmented(side.n_rows, side.rank + 1, side.dtype)
     for ref in side.refs():
         x[ref.start : ref.stop] = read_side_block(ref)
-    return _fixed_from_rows(x, None)
+    return _fixed_in_place(x, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,8 +204,9 @@ def exchange_out_task(ref: SideBlockRef, out: OutBlock, target: Target) -> Piece
     x = read_side_block(ref)
     local = np.frombuffer(read_verified(out.location, out.entry, TrainingError), dtype=_INT32)
     rows = np.ascontiguousarray(x[local])
-    data = rows.tobytes()
-    row_bytes = x.shape[1] * x.itemsize
+    del x
+    data = memoryview(rows).cast("B")  # no copy: the block's rows and the gathered ones, no more
+    row_bytes = rows.shape[1] * rows.itemsize
     cuts = np.concatenate([[0], np.cumsum(out.counts)]) * row_bytes
     crcs = np.array(
         [crc32(data[cuts[d] : cuts[d + 1]]) for d in range(len(out.counts))], dtype=np.int64
@@ -223,7 +234,7 @@ def compact_fixed(spec: CompactSpec, pieces: list[Pieces]) -> FixedSide:
     ib = spec.inblock
     rows = np.frombuffer(read_verified(ib.location, ib.entry, TrainingError), dtype=_INT64)
     width = spec.rank + 1
-    x = np.empty((len(rows), width), dtype=spec.dtype)
+    x = _augmented(len(rows), width, spec.dtype)
     at = 0
     for counts, piece in zip(spec.source_counts, pieces, strict=True):
         n = int(counts[spec.d])
@@ -243,7 +254,7 @@ def compact_fixed(spec: CompactSpec, pieces: list[Pieces]) -> FixedSide:
         raise TrainingError(
             f"destination {spec.d} received {at} fixed rows, its routing says {len(rows)}"
         )
-    return _fixed_from_rows(x, rows)
+    return _fixed_in_place(x, rows)
 
 
 def remove_quietly(loc: Location) -> None:

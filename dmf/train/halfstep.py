@@ -183,16 +183,15 @@ def bytes_moved(
     mode: str, fixed: SideBlocks, solved: SideBlocks, routing: Routing | None, receivers: int
 ) -> int:
     """Factor bytes a half-step moves, ratings aside: the fixed side's files read once, then
-    either the assembled side copied to each worker that solves blocks (broadcast), or every
-    destination's rows written to and read back from the piece files (partitioned); and the
-    solved side's files written."""
+    either the assembled side copied to each other worker that solves blocks (broadcast: the
+    worker that assembled it has it already), or every destination's rows written to and read
+    back from the piece files (partitioned); and the solved side's files written."""
     row = (fixed.rank + 1) * np.dtype(fixed.dtype).itemsize
     read_fixed = sum(f.bytes for f in fixed.files)
     written = sum(f.bytes for f in solved.files)
     if mode == "broadcast":
-        return (
-            read_fixed + receivers * fixed.n_rows * (row + np.dtype(fixed.dtype).itemsize) + written
-        )
+        copies = max(receivers - 1, 0)
+        return read_fixed + copies * fixed.n_rows * (row + np.dtype(fixed.dtype).itemsize) + written
     return read_fixed + 2 * routing.rows_moved * row + written
 
 
@@ -303,13 +302,19 @@ class HalfSteps:
     def _need(self, side: str, mode: str, threads: int) -> int:
         task = self._task_bytes(side)
         if mode == "broadcast":
-            # The assembled side, plus the same again while a worker assembles or receives it.
+            # The assembled side (held once: exchange._fixed_in_place), plus the same again
+            # while a worker receives a copy (the frames and the array).
             return WORKER_BASELINE + 2 * self._side_bytes(other_side(side)) + threads * task
         rank = self.config.model.rank
         itemsize = np.dtype(self.config.model.dtype).itemsize
-        # Compact rows: at most one per rating of the block (usually far fewer).
+        # Compact rows: at most one per rating of the block (usually far fewer), held once plus
+        # the piece being read. An exchange task holds a fixed block and the rows it sends
+        # (at most the block again).
         compact = max(self.store.block_nnz(side), default=0) * (rank + 2) * itemsize * 2
-        return WORKER_BASELINE + threads * (task + compact)
+        fixed_bounds = self.store.bounds(other_side(side))
+        fixed_rows = int(np.diff(fixed_bounds).max()) if len(fixed_bounds) > 1 else 0
+        send = 2 * fixed_rows * (rank + 1) * itemsize
+        return WORKER_BASELINE + threads * max(task + compact, send)
 
     def _explain(self, side: str, mode: str, threads: int) -> str:
         task = _size(self._task_bytes(side))
@@ -335,11 +340,22 @@ class HalfSteps:
         mode = self.config.train.cache_blocks
         if mode != "auto":
             return mode == "always"
-        total_mem = sum(self.worker_memory())
+        memory = self.worker_memory()
+        total_mem = sum(memory)
         # In memory a block costs ~16 bytes a rating (int64 indptr amortised, int32 col, float32
         # value, Parquet decode temporaries); both sides are cached.
         need = 2 * 16 * self.store.n_train
-        return total_mem > 0 and need < 0.5 * total_mem
+        if not (total_mem > 0 and need < 0.5 * total_mem):
+            return False
+        # ... and each worker's share of the cache still fits beside what the plan puts there.
+        limit = min(x for x in memory if x > 0)
+        share = need / len(memory)
+        threads = max((w.get("nthreads", 1) for w in scheduler_workers(self.client)), default=1)
+        return all(
+            self._need(side, self.modes.get(side, "broadcast"), threads) + share
+            <= PAUSE_FRACTION * limit
+            for side in ("user", "item")
+        )
 
     def cache_blocks(self) -> None:
         """Load every block once into worker memory, as tasks (recomputed if a worker dies)."""

@@ -149,7 +149,9 @@ class Trainer:
         if self.halfsteps.should_cache():
             self.halfsteps.cache_blocks()
         state = self._iterate(state, progress)
-        return self._save(state, progress, resume)
+        model = self._save(state, progress, resume)
+        self._tidy_work()
+        return model
 
     def _preflight(self, resume: bool) -> None:
         """Refuse a run that cannot end well, now rather than after hours of training."""
@@ -334,11 +336,26 @@ class Trainer:
             keep |= progress.stopping.best.state.roots()
         for ckpt in list_checkpoints(self.checkpoint_dir):
             saved = read_manifest(ckpt, STATE, error=CheckpointError) or {}
-            for key in ("state", "best"):
-                doc = saved.get(key)
-                doc = doc.get("state") if key == "best" and doc else doc
-                if doc:
-                    keep |= TrainState.from_json(doc, self.model_dir).roots()
+            keep |= _roots_named(saved, self.model_dir)
+        self._remove_versions_but(keep)
+
+    def _tidy_work(self) -> None:
+        """Once the model is written: keep of ``work/`` only the side versions a kept checkpoint
+        names (what ``--resume`` needs); the routing, the exchange files and every other
+        version go (at model scale, gigabytes beside the model's own files)."""
+        keep: set[str] = set()
+        for ckpt in list_checkpoints(self.checkpoint_dir):
+            saved = read_manifest(ckpt, STATE, error=CheckpointError) or {}
+            keep |= _roots_named(saved, self.model_dir)
+        if not keep:
+            self.work.remove()
+            return
+        for name in self.work.ls():
+            if name not in ("user", "item"):
+                (self.work / name).remove()
+        self._remove_versions_but(keep)
+
+    def _remove_versions_but(self, keep: set[str]) -> None:
         for side in ("user", "item"):
             for name in (self.work / side).ls():
                 version = self.work / side / name
@@ -427,6 +444,17 @@ class Trainer:
     def _say(self, msg: str) -> None:
         if not self.quiet:
             print(msg, file=sys.stderr, flush=True)
+
+
+def _roots_named(saved: dict[str, Any], model_dir: Location) -> set[str]:
+    """The side versions a checkpoint's ``state.json`` names (its state, and the best one)."""
+    roots: set[str] = set()
+    for key in ("state", "best"):
+        doc = saved.get(key)
+        doc = doc.get("state") if key == "best" and doc else doc
+        if doc:
+            roots |= TrainState.from_json(doc, model_dir).roots()
+    return roots
 
 
 def train(
