@@ -426,3 +426,110 @@ class Report:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- memory and I/O over time, data kept in the pages (bench_exchange, bench_scale --model-scale) --
+class RSSTimeline(PeakRSS):
+    """A :class:`PeakRSS` that keeps every sample, so that peaks (and I/O) can be taken over a
+    window of time, e.g. one half-step.
+
+    Each sample is ``(time.time(), {pid: rss}, {pid: read_chars + write_chars})``: the second
+    map counts the bytes each process passed through read/write system calls so far (files and
+    sockets alike, page-cache hits included; ``/proc/PID/io``)."""
+
+    def __init__(self, interval: float = 0.05):
+        super().__init__(interval)
+        self.samples: list[tuple[float, dict[int, int], dict[int, int]]] = []
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        procs = [me]
+        try:
+            procs += me.children(recursive=True)
+        except psutil.Error:
+            pass
+        now = time.time()
+        rss: dict[int, int] = {}
+        io: dict[int, int] = {}
+        for p in procs:
+            try:
+                r = p.memory_info().rss
+                name = self.peaks.get(p.pid, (0, ""))[1] or " ".join(p.cmdline()[:3])[:80]
+            except psutil.Error:
+                continue
+            try:
+                c = p.io_counters()
+                io[p.pid] = int(c.read_chars + c.write_chars)
+            except (psutil.Error, AttributeError):
+                pass
+            rss[p.pid] = r
+            if r > self.peaks.get(p.pid, (0, ""))[0]:
+                self.peaks[p.pid] = (r, name)
+        self.total = max(self.total, sum(rss.values()))
+        self.samples.append((now, rss, io))
+
+    def peaks_between(self, t0: float, t1: float, pids: Iterable[int]) -> list[int]:
+        """Peak RSS of each of ``pids`` over the samples taken in [t0, t1] (0 if none)."""
+        window = [s for s in self.samples if t0 <= s[0] <= t1]
+        return [max((s[1].get(pid, 0) for s in window), default=0) for pid in pids]
+
+    def io_between(self, t0: float, t1: float, pids: Iterable[int]) -> int:
+        """Bytes the processes ``pids`` read and wrote through system calls in [t0, t1]: the
+        difference between the last sample at or before t0 and the first at or after t1."""
+        before = [s for s in self.samples if s[0] <= t0]
+        after = [s for s in self.samples if s[0] >= t1]
+        if not before or not after:
+            return 0
+        a, b = before[-1][2], after[0][2]
+        return sum(max(0, b.get(p, 0) - a.get(p, 0)) for p in pids)
+
+
+DATA_COMMENT = "<!-- bench-data {tag}\n{text}\n-->"
+
+
+def embed_data(tag: str, data: Any) -> str:
+    """``data`` as JSON inside an HTML comment (invisible on the rendered page), so that a later
+    script (e.g. paper_scale.py) reads the measured numbers back from the page itself."""
+    import json
+
+    # "--" may only appear inside JSON strings (a command line's options): escape it there, so
+    # that the comment cannot end early.
+    text = json.dumps(data, sort_keys=True, default=str).replace("--", "-\\u002d")
+    return DATA_COMMENT.format(tag=tag, text=text)
+
+
+def read_data(path: Path, tag: str) -> Any | None:
+    """The data :func:`embed_data` put in the page ``path`` under ``tag`` (None: none)."""
+    import json
+    import re
+
+    if not Path(path).is_file():
+        return None
+    m = re.search(
+        r"<!-- bench-data " + re.escape(tag) + r"\n(.*?)\n-->", Path(path).read_text(), re.S
+    )
+    return json.loads(m.group(1)) if m else None
+
+
+def read_md_table(text: str, first_header: str) -> tuple[list[str], list[list[str]]] | None:
+    """The first markdown table in ``text`` whose first header cell is ``first_header``: its
+    header cells and rows of cells (strings, as written)."""
+    lines = text.splitlines()
+    for k, line in enumerate(lines):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.lstrip().startswith("|") and cells and cells[0] == first_header:
+            header = cells
+            rows = []
+            for row in lines[k + 2 :]:
+                if not row.lstrip().startswith("|"):
+                    break
+                rows.append([c.strip() for c in row.strip().strip("|").split("|")])
+            return header, rows
+    return None
+
+
+def provenance() -> dict[str, str]:
+    """When, how and on which commit a measurement ran (for sections a page keeps across runs)."""
+    return {"date": now_utc(), "command": command_line(), "git": git_state(), "cpu": _cpu_model()}
