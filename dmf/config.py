@@ -182,8 +182,10 @@ class TrainConfig(Section):
     progress: Literal["auto", "on", "off"] = "auto"
     """Progress bars per half-iteration: ``auto`` shows them only on a terminal."""
     stall_warning: float = Field(default=600.0, gt=0)
-    """Seconds without a finished block after which a warning says whether workers are paused
-    for lack of memory (training keeps waiting)."""
+    """Seconds without a finished task (a block's solve, exchange or export) after which a
+    warning says whether workers are paused for lack of memory. Training keeps waiting, unless
+    every worker stays paused for two such periods: then it stops with an error naming
+    ``cluster.memory_limit`` (a paused worker runs nothing until its memory drops)."""
     retries: int = Field(default=2, ge=0)
     """How often Dask reruns a block task whose worker died."""
     exchange: Literal["auto", "broadcast", "partitioned"] = "auto"

@@ -31,6 +31,10 @@ class TrainingError(DmfError, FloatingPointError):
     """Training produced a non-finite value or cannot proceed."""
 
 
+class ClusterError(DmfError):
+    """The cluster cannot run the work given to it: every worker stays paused for memory."""
+
+
 class ModelError(DmfError):
     """A model directory is missing, incomplete or incompatible."""
 

@@ -379,10 +379,11 @@ def exchange_io_rates(store, rank: int, tmp: Path, repeats: int = 3) -> dict:
     from dmf.store.layout import read_block_file
     from dmf.store.storage import Location, Target
     from dmf.train.exchange import (
-        CompactSpec,
         assemble_fixed,
         compact_fixed,
+        compact_spec,
         exchange_out_task,
+        in_slices,
         route_in_task,
         route_out_task,
     )
@@ -406,7 +407,9 @@ def exchange_io_rates(store, rank: int, tmp: Path, repeats: int = 3) -> dict:
         route_in_task(lambda ref=ref: read_block_file(ref).cols, d, bounds, rt)
         for d, ref in enumerate(refs)
     ]
-    outs = [route_out_task(s, int(bounds[s]), ins, rt) for s in range(len(bounds) - 1)]
+    outs = [
+        route_out_task(s, int(bounds[s]), in_slices(ins, s), rt) for s in range(len(bounds) - 1)
+    ]
     file_bytes = sum(e.bytes for e in files)
     row = (rank + 1) * 4
     rows_moved = int(sum(int(ib.counts.sum()) for ib in ins))
@@ -430,8 +433,7 @@ def exchange_io_rates(store, rank: int, tmp: Path, repeats: int = 3) -> dict:
 
     def read_in():
         for d, ib in enumerate(ins):
-            srcs = [s for s in range(len(outs)) if ib.counts[s] > 0]
-            spec = CompactSpec(d, ib, tuple(outs[s].counts for s in srcs), rank, "float32")
+            spec, srcs = compact_spec(d, ib, outs, rank, "float32")
             compact_fixed(spec, [pieces[s] for s in srcs])
 
     t_in, _ = best(read_in)
@@ -470,7 +472,7 @@ def exchange_memory(side, ins, outs, pieces, store, rank: int) -> dict:
     import tracemalloc
 
     from dmf.store.storage import Target
-    from dmf.train.exchange import CompactSpec, assemble_fixed, compact_fixed, exchange_out_task
+    from dmf.train.exchange import assemble_fixed, compact_fixed, compact_spec, exchange_out_task
 
     def peak_of(fn) -> int:
         tracemalloc.start()
@@ -486,8 +488,7 @@ def exchange_memory(side, ins, outs, pieces, store, rank: int) -> dict:
     assemble = peak_of(lambda: assemble_fixed(side)) / (side.n_rows * plan_row)
     d = max(range(len(ins)), key=lambda k: int(ins[k].counts.sum()))
     ib = ins[d]
-    srcs = [s for s in range(len(outs)) if ib.counts[s] > 0]
-    spec = CompactSpec(d, ib, tuple(outs[s].counts for s in srcs), rank, "float32")
+    spec, srcs = compact_spec(d, ib, outs, rank, "float32")
     compact = peak_of(lambda: compact_fixed(spec, [pieces[s] for s in srcs]))
     n_compact = int(ib.counts.sum())
     src = max(range(len(outs)), key=lambda k: int(outs[k].counts.sum()))

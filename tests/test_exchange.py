@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 from dmf.als.solver import augment
+from dmf.errors import TrainingError
 from dmf.store.layout import read_block_file, store_from_arrays
 from dmf.store.storage import Location, Target
 from dmf.train.exchange import (
-    CompactSpec,
     assemble_fixed,
     compact_fixed,
+    compact_spec,
     exchange_out_task,
+    in_slices,
     route_in_task,
     route_out_task,
 )
@@ -48,15 +50,16 @@ def setup(tmp_path_factory):
         route_in_task(lambda ref=ref: read_block_file(ref).cols, d, bounds, rt)
         for d, ref in enumerate(store.block_refs("item"))
     ]
-    outs = [route_out_task(s, int(bounds[s]), ins, rt) for s in range(len(bounds) - 1)]
+    outs = [
+        route_out_task(s, int(bounds[s]), in_slices(ins, s), rt) for s in range(len(bounds) - 1)
+    ]
     xt = Target(Location.of(str(tmp / "exchange")), "t1")
     pieces = [exchange_out_task(side.ref(s), outs[s], xt) for s in range(len(outs))]
     return store, side, factors, bias, ins, outs, pieces
 
 
 def spec_of(d, ins, outs):
-    srcs = [s for s in range(len(outs)) if ins[d].counts[s] > 0]
-    return CompactSpec(d, ins[d], tuple(outs[s].counts for s in srcs), RANK, "float32"), srcs
+    return compact_spec(d, ins[d], outs, RANK, "float32")
 
 
 def peak_bytes(fn) -> int:
@@ -99,3 +102,35 @@ def test_a_fixed_side_is_held_once(setup):
     xt = Target(pieces[0].location.parent, "t2")
     # The block read (its file's bytes, then the array) and the rows it sends, once each.
     assert peak_bytes(lambda: exchange_out_task(side.ref(s), outs[s], xt)) < 2 * block + 1.2 * sent
+
+
+@pytest.mark.parametrize("where", ["rows", "checksum"])
+def test_a_flipped_byte_in_a_piece_is_an_error_naming_the_file(setup, tmp_path, where):
+    store, side, factors, bias, ins, outs, _ = setup
+    xt = Target(Location.of(str(tmp_path / "x")), "t3")
+    pieces = [exchange_out_task(side.ref(s), outs[s], xt) for s in range(len(outs))]
+    d = 3
+    spec, srcs = spec_of(d, ins, outs)
+    s, before = srcs[0], int(spec.before[0])
+    path = pieces[s].location.path
+    # Destination d's checksum sits after the rows and checksums of destinations 0..d-1.
+    at = before * pieces[s].row_bytes + 4 * d + (4 if where == "rows" else 0)
+    raw = bytearray(open(path, "rb").read())
+    raw[at] ^= 0x10
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(TrainingError, match=rf"{path}.* corrupt \(piece for destination {d}\)"):
+        compact_fixed(spec, [pieces[k] for k in srcs])
+
+
+def test_what_a_task_is_sent_grows_with_the_blocks_not_their_square(setup):
+    """A route-out task gets one slice (four scalars) per destination; a solve task one
+    (before, n) pair and one piece record per source; a piece record no array at all. Whole
+    in-blocks (an array per source each) or out-block counts (per destination each) would
+    be blocks^2 numbers per task, megabytes at a few hundred blocks."""
+    store, side, factors, bias, ins, outs, pieces = setup
+    slices = in_slices(ins, 0)
+    assert len(slices) == len(ins)
+    assert all(isinstance(v, int) for sl in slices for v in (sl.lo, sl.n, sl.crc))
+    spec, srcs = spec_of(0, ins, outs)
+    assert spec.before.shape == spec.n.shape == (len(srcs),)
+    assert not any(isinstance(v, np.ndarray) for v in vars(pieces[0]).values())

@@ -14,12 +14,26 @@ runs the same checks on a 1.5M-rating store under the same limit, not below the 
 A limit so tight that workers pause at 80% and never get below it again stalls Dask itself (seen
 at 180 MiB with 100k-rating blocks, before the compiled solver), hence the margins. A block whose working set cannot fit at
 all must end in a clear error, not a hang or a Dask exception.
+
+The model out of core (slow tests): a user side several times a worker's memory_limit, kept
+as block files while training, routed in pieces to the item half-step (``train.exchange``
+partitioned), and read block by block by evaluate and recommend. ``dmf`` runs as child
+processes against one cluster the test starts, so the driver's peak RSS is measured and the
+scheduler can tell whether a worker restarted. The issue's crash case (3M users at rank 128 on
+two 1200 MiB workers) trains to completion.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +174,468 @@ def test_block_too_big_for_a_worker_is_a_clear_error(tmp_path):
             train(store, load_config(raw=raw), client=client, quiet=True)
         assert time.perf_counter() - t0 < 30  # early: before any block is solved
     assert "blocks.target_ratings" in str(err.value) and "rank" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# A model out of core: the user side several times a worker's memory_limit
+# ---------------------------------------------------------------------------------------------
+# Rank 128 in float32 is 512 bytes of factors a user: 6.4M users make 3.05 GiB of user factors,
+# 4x a worker's 768 MiB. Each user has 2 train ratings (the Woodbury solve, cheap), one in ten a
+# test rating; 1,000 items. Blocks of ~50k ratings (25k users, 12.9 MB of a side version), 256
+# a side: the memory plan broadcasts the items (0.5 MB) to the user half-step and routes the
+# users to the item half-step. A worker starts at 231 MiB with the solver loaded.
+#
+# Measured (2 workers x 1 thread, quiet machine): 768 MiB workers, 4.5 min in all; workers
+# peaked at 404-419 MiB in training and 482 MiB in recommend; drivers at 136-471 MiB. 512 MiB
+# workers (4.3M users, 2.05 GiB of factors, the same blocks): 2.5 min; workers at 386-402 MiB in
+# training, 457-468 MiB in recommend (pausing at 80% and resuming; 455 MiB drivers). This run
+# once hung, both workers paused for good: the route-out and solve tasks carried O(blocks^2)
+# routing records, and solutions were held three times; see dmf.train.exchange.
+OOC_ITEMS = 1_000
+OOC_RANK = 128
+OOC_TARGET_RATINGS = 50_000
+
+
+def two_ratings_each(n_users, n_items, seed, test_every=10):
+    """Every user rates 2 distinct items (train); every ``test_every``-th user a third (test).
+    Ratings are mu + user bias + item bias + noise, rounded to half stars in [1, 5]."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, n_items, n_users)
+    stride = rng.integers(1, n_items // 3, n_users)
+    items = (base[:, None] + stride[:, None] * np.arange(3)) % n_items  # 3 distinct items a user
+    b = rng.normal(0, 0.5, n_users)
+    c = rng.normal(0, 0.5, n_items)
+
+    def rate(u, i):
+        r = 3.5 + b[u] + c[i] + rng.normal(0, 0.5, len(u))
+        return (np.clip(np.round(2 * r) / 2, 1, 5)).astype(np.float32)
+
+    users = np.arange(n_users, dtype=np.int64)
+    tu = np.repeat(users, 2)
+    ti = items[:, :2].reshape(-1).astype(np.int64)
+    hu = users[::test_every]
+    hi = items[::test_every, 2].astype(np.int64)
+    return (tu, ti, rate(tu, ti)), (hu, hi, rate(hu, hi))
+
+
+class PeakRSS(threading.Thread):
+    """Samples the RSS of some processes every ``interval`` seconds: the peak of each process
+    in each phase (named by :meth:`phase`)."""
+
+    def __init__(self, pids, interval=0.1):
+        import psutil
+
+        super().__init__(daemon=True)
+        self.procs = {pid: psutil.Process(pid) for pid in pids}
+        self.peaks: dict[str, dict[int, int]] = {}
+        self.current = self.peaks.setdefault("start", dict.fromkeys(pids, 0))
+        self.interval = interval
+        self.stop = threading.Event()
+
+    def phase(self, name: str) -> None:
+        self.current = self.peaks.setdefault(name, dict.fromkeys(self.procs, 0))
+
+    def peak(self) -> list[int]:
+        """Each process's peak over every phase."""
+        return [max(p[pid] for p in self.peaks.values()) for pid in self.procs]
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            peaks = self.current
+            for pid, proc in self.procs.items():
+                try:
+                    peaks[pid] = max(peaks[pid], proc.memory_info().rss)
+                except Exception:  # noqa: BLE001 - a process gone: its peak so far stays
+                    continue
+
+
+def peak_rss(pid: int) -> int:
+    """Peak RSS of a running process so far (VmHWM, bytes; 0 once it has exited).
+
+    Not getrusage's ru_maxrss, from wait4 or RUSAGE_CHILDREN: on Linux a child's ru_maxrss
+    starts from its forking parent's, here this test process, which holds the ratings arrays
+    (a dmf driver of 277 MB peak measured 1.64 GB that way). VmHWM belongs to the image the child
+    exec'd. Polled, a peak in the last poll interval before exit is missed."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def worker_states(dask_scheduler) -> list[tuple[str, int, int]]:
+    """Each worker's status, process memory and memory_limit (run on the scheduler)."""
+    return [
+        (ws.status.name, ws.memory.process, ws.memory_limit)
+        for ws in dask_scheduler.workers.values()
+    ]
+
+
+class PausedTooLong:
+    """``stalled`` for :func:`run_dmf`: every worker paused for memory for ``patience`` seconds.
+    A paused worker starts no task; when what fills it is unmanaged memory (nothing Dask could
+    spill) and no task runs to release any, it stays paused, and the run waits for ever."""
+
+    def __init__(self, client, patience: float = 90.0):
+        self.client, self.patience = client, patience
+        self.since: float | None = None
+
+    def __call__(self) -> str:
+        states = self.client.run_on_scheduler(worker_states)
+        if not states or any(status != "paused" for status, _, _ in states):
+            self.since = None
+            return ""
+        self.since = self.since or time.monotonic()
+        if time.monotonic() - self.since < self.patience:
+            return ""
+        mem = ", ".join(f"{p / MiB:.0f} of {lim / MiB:.0f} MiB" for _, p, lim in states)
+        return f"every worker paused for memory for {self.patience:.0f} s ({mem})"
+
+
+def run_dmf(
+    args, log: Path, cwd: Path, kill_when=None, timeout=1200.0, sampler=None, stalled=None
+) -> dict:
+    """Run ``python -m dmf ARGS`` as a child process; SIGKILL it as soon as ``kill_when()`` is
+    true (polled every 0.1 s). Returns its exit code, its peak RSS (:func:`peak_rss`, polled
+    every 0.1 s) and its wall time. ``stalled()``, polled every second, returns why the run
+    can no longer finish (or ''): then the child is killed and the test fails at once, rather
+    than at its timeout."""
+    env = {**os.environ, **BLAS_ENV}
+    if sampler is not None:
+        sampler.phase(log.stem)
+    t0 = time.monotonic()
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dmf", *map(str, args)],
+            cwd=cwd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        killed = False
+        last_check = t0
+        peak = 0
+        status = None
+        try:
+            while status is None:
+                peak = max(peak, peak_rss(proc.pid))
+                pid, wstatus = os.waitpid(proc.pid, os.WNOHANG)
+                if pid:
+                    status = wstatus
+                    break
+                if kill_when is not None and not killed and kill_when():
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed = True
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError(f"dmf {args[0]} ran over {timeout} s; see {log}")
+                if stalled is not None and time.monotonic() - last_check >= 1:
+                    last_check = time.monotonic()
+                    why = stalled()
+                    if why:
+                        raise AssertionError(f"dmf {args[0]} stalled: {why}; see {log}")
+                time.sleep(0.1)
+        finally:
+            if status is None:  # given up on: kill it and reap it
+                os.kill(proc.pid, signal.SIGKILL)
+                os.waitpid(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "returncode": proc.returncode,
+        "killed": killed,
+        "peak_rss": peak,
+        "seconds": time.monotonic() - t0,
+        "log": log.read_text(errors="replace"),
+    }
+
+
+def write_train_config(path: Path, store: Path, model: Path, iterations: int) -> Path:
+    import yaml
+
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "store": {"path": str(store)},
+                "model": {"rank": OOC_RANK, "reg": 0.1, "dtype": "float32", "seed": 3},
+                # Blocks streamed from disk: with cache_blocks auto the cached blocks (both sides,
+                # ~90 MB a worker here) come on top of what the memory plan counts, and a worker
+                # paused at 80% of its limit with a task queued stalls the run for good.
+                "train": {
+                    "iterations": iterations,
+                    "checkpoint_every": 1,
+                    "cache_blocks": "never",
+                    "progress": "off",
+                },
+                "output": {"model": str(model), "plot": False},
+            }
+        )
+    )
+    return path
+
+
+def assert_models_identical(a_path: Path, b_path: Path) -> None:
+    """Two models with on-disk user sides equal to the last bit, block by block (never a
+    whole side in this process), and their histories' objectives."""
+    from dmf.model.model import load
+    from dmf.model.side import read_part
+
+    a, b = load(a_path, in_memory=False), load(b_path, in_memory=False)
+    for name in ("user", "item"):
+        sa, sb = a.side(name), b.side(name)
+        assert sa.n_blocks == sb.n_blocks
+        for ref_a, ref_b in zip(sa.parts, sb.parts, strict=True):
+            pa_, pb_ = read_part(ref_a), read_part(ref_b)
+            assert pa_.ids.equals(pb_.ids)
+            np.testing.assert_array_equal(pa_.factors, pb_.factors)
+            np.testing.assert_array_equal(pa_.bias, pb_.bias)
+    for key in ("objective", "objective_after_user_step", "train_rmse"):
+        assert [h[key] for h in a.history] == [h[key] for h in b.history], key
+
+
+def check_model_out_of_core(tmp_path, n_users, n_items, limit, target_ratings) -> dict:
+    """Train with ``dmf train`` (a child process, its peak RSS measured), SIGKILL it after the
+    first checkpoint, resume; train again uninterrupted; ``dmf evaluate``; ``dmf recommend``
+    for everyone. One cluster of two workers under ``limit`` throughout, none restarted. The
+    resumed model equals the uninterrupted one to the last bit. Returns the measurements."""
+    from distributed import Client, LocalCluster
+
+    from dmf.model.model import load
+
+    times: dict[str, float] = {}
+    t0 = time.monotonic()
+    (tu, ti, tr), test = two_ratings_each(n_users, n_items, seed=5)
+    store_path = tmp_path / "store"
+    store = store_from_arrays(
+        store_path,
+        tu,
+        ti,
+        tr,
+        n_users=n_users,
+        n_items=n_items,
+        target_ratings=target_ratings,
+        held_out={"test": test},
+    )
+    times["store"] = time.monotonic() - t0
+    model_a, model_b = tmp_path / "model-a", tmp_path / "model-b"
+    cfg_a = write_train_config(tmp_path / "a.yaml", store_path, model_a, iterations=2)
+    cfg_b = write_train_config(tmp_path / "b.yaml", store_path, model_b, iterations=2)
+    runs: dict[str, dict] = {}
+    try:
+        with (
+            LocalCluster(
+                n_workers=2,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                memory_limit=limit,
+                env=BLAS_ENV,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            addr = cluster.scheduler_address
+            workers_before = client.run(os.getpid)
+            sampler = PeakRSS(list(workers_before.values()))
+            sampler.start()
+
+            def dmf(name, *args, **kwargs):
+                runs[name] = run_dmf(
+                    args,
+                    tmp_path / f"{name}.log",
+                    tmp_path,
+                    sampler=sampler,
+                    stalled=PausedTooLong(client),
+                    **kwargs,
+                )
+                return runs[name]
+
+            first_checkpoint = model_a / "checkpoints" / "iter-00001" / "state.json"
+            killed = dmf(
+                "train-killed", "train", cfg_a, "--address", addr, kill_when=first_checkpoint.exists
+            )
+            assert killed["killed"] and killed["returncode"] == -signal.SIGKILL, killed["log"]
+            assert not (model_a / "model.json").exists()  # killed before the end
+            dmf("train-resume", "train", cfg_a, "--address", addr, "--resume")
+            dmf("train-uninterrupted", "train", cfg_b, "--address", addr)
+            evaluation = tmp_path / "evaluation.json"
+            dmf("evaluate", "evaluate", model_a, "--address", addr, "--json", evaluation)
+            recs = tmp_path / "recs"
+            dmf("recommend", "recommend", model_a, "-n", 3, "--out", recs, "--address", addr)
+            sampler.stop.set()
+            sampler.join()
+            workers_after = client.run(os.getpid)
+            removed = client.run_on_scheduler(removed_workers)
+            limits = [w["memory_limit"] for w in client.scheduler_info()["workers"].values()]
+        for name, run in runs.items():
+            if name != "train-killed":
+                assert run["returncode"] == 0, f"dmf {name} failed:\n{run['log'][-5000:]}"
+        report = {
+            "user_factor_bytes": n_users * OOC_RANK * 4,
+            "memory_limit": limit,
+            "driver_peak_rss": {k: v["peak_rss"] for k, v in runs.items()},
+            "worker_peak_rss": sampler.peak(),
+            "worker_peak_rss_by_step": {k: list(v.values()) for k, v in sampler.peaks.items()},
+            "seconds": {**times, **{k: v["seconds"] for k, v in runs.items()}},
+            "blocks": [store.n_blocks("user"), store.n_blocks("item")],
+        }
+        print(json.dumps(report, indent=1))
+        # One cluster throughout: the same worker processes, none removed, none restarted.
+        assert limits == [limit, limit]
+        assert workers_after == workers_before
+        assert removed == 0
+        # The memory plan: items broadcast to the user half-step, users routed to the item one.
+        plan_log = runs["train-resume"]["log"]
+        assert "users given items: broadcast" in plan_log, plan_log[-3000:]
+        assert "items given users: partitioned" in plan_log, plan_log[-3000:]
+        assert "resuming after iteration 1" in plan_log
+        # The resumed run continues the killed one: the same model as a run never killed.
+        model = load(model_a)
+        report["users_in_memory"] = model.users.in_memory
+        assert [h["iteration"] for h in model.history] == [1, 2]
+        assert_models_identical(model_a, model_b)
+        # Evaluated every test rating, and ranked the users with a relevant one.
+        metrics = json.loads(evaluation.read_text())
+        assert metrics["n"] == len(test[0])
+        assert np.isfinite(metrics["rmse"]) and metrics["n_users_ranked"] > 0
+        # Three recommendations for every user, none an item the user rated in train.
+        import pyarrow.dataset as ds
+
+        recs_ds = ds.dataset(recs, format="parquet")
+        assert recs_ds.count_rows() == 3 * n_users
+        first = ds.dataset(sorted(recs.glob("part-*.parquet"))[0], format="parquet").to_table()
+        u = first.column("user").to_numpy()
+        i = first.column("item").to_numpy()
+        seen = set((tu * n_items + ti).tolist()[: 2 * (int(u.max()) + 1)])
+        assert not seen & set((u * n_items + i).tolist())
+        return report
+    finally:
+        for path in (store_path, model_a, model_b, tmp_path / "recs"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize(
+    ("n_users", "limit"),
+    [
+        pytest.param(6_400_000, 768 * MiB, id="768MiB"),
+        pytest.param(4_300_000, 512 * MiB, id="512MiB"),
+    ],
+)
+def test_model_out_of_core(tmp_path, n_users, limit):
+    """The issue's acceptance test: user factors at least 4x larger than each worker's
+    memory_limit, and more than twice the driver's peak RSS; train, resume after SIGKILL,
+    evaluate and recommend for everyone, with no worker restarted
+    (:func:`check_model_out_of_core`)."""
+    report = check_model_out_of_core(tmp_path, n_users, OOC_ITEMS, limit, OOC_TARGET_RATINGS)
+    assert not report["users_in_memory"]  # dmf.load keeps the user side on disk
+    assert report["user_factor_bytes"] >= 4 * limit
+    assert report["user_factor_bytes"] > 2 * max(report["driver_peak_rss"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The issue's crash case
+# ---------------------------------------------------------------------------------------------
+CRASH_USERS = 3_000_000
+CRASH_ITEMS = 2_000
+CRASH_RATINGS = 9_000_000
+CRASH_LIMIT = 1200 * MiB
+# Ingested with the default blocks (1M ratings: 9 a side, ~317k users of rank 128 each).
+# Measured: synth 2 s, ingest 2 s, train 43 s; workers peaked at 825-862 MiB of their 1200
+# MiB, the driver at 238 MiB.
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_three_million_users_at_rank_128_on_two_small_workers(tmp_path):
+    """The issue's crash case: 3M users, 2,000 items, 9M ratings (``dmf.data.synth`` then
+    ``ingest``, no split), rank 128, two workers of 1200 MiB. The user side (1.5 GB) once went
+    whole to every worker, which died (CommClosedError); now the item half-step routes it in
+    pieces, and ``dmf train`` runs to completion with no worker restarted."""
+    import yaml
+    from distributed import Client, LocalCluster
+
+    from dmf.data.ingest import ingest
+    from dmf.data.synth import synth
+    from dmf.model.model import load
+
+    raw = {
+        "synth": {
+            "enabled": True,
+            "path": str(tmp_path / "synth"),
+            "n_users": CRASH_USERS,
+            "n_items": CRASH_ITEMS,
+            "n_ratings": CRASH_RATINGS,
+            "rank": 8,
+            "user_skew": 0.0,
+            "seed": 7,
+        },
+        "split": {"method": "none"},
+        "store": {"path": str(tmp_path / "store")},
+        "model": {"rank": 128},
+        "train": {"iterations": 2, "progress": "off"},
+        "output": {"model": str(tmp_path / "model"), "plot": False},
+    }
+    config_path = tmp_path / "crash.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(config_path)
+    times = {}
+    try:
+        t0 = time.monotonic()
+        synth(cfg.synth, tmp_path / "synth", progress=False)
+        times["synth"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        store = ingest(cfg, progress=False)
+        times["ingest"] = time.monotonic() - t0
+        assert store.n_train == CRASH_RATINGS
+        with (
+            LocalCluster(
+                n_workers=2,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                memory_limit=CRASH_LIMIT,
+                env=BLAS_ENV,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            workers_before = client.run(os.getpid)
+            sampler = PeakRSS(list(workers_before.values()))
+            sampler.start()
+            run = run_dmf(
+                ["train", config_path, "--address", cluster.scheduler_address],
+                tmp_path / "train.log",
+                tmp_path,
+                sampler=sampler,
+                stalled=PausedTooLong(client),
+            )
+            sampler.stop.set()
+            sampler.join()
+            workers_after = client.run(os.getpid)
+            removed = client.run_on_scheduler(removed_workers)
+        times["train"] = run["seconds"]
+        model = load(tmp_path / "model", in_memory=False)
+        report = {
+            "users": store.n_users,
+            "items": store.n_items,
+            "ratings": store.n_train,
+            "blocks": [store.n_blocks("user"), store.n_blocks("item")],
+            "user_side_bytes": model.users.nbytes,
+            "memory_limit": CRASH_LIMIT,
+            "driver_peak_rss": run["peak_rss"],
+            "worker_peak_rss": sampler.peak(),
+            "seconds": times,
+        }
+        print(json.dumps(report, indent=1))
+        assert run["returncode"] == 0, run["log"][-5000:]
+        assert "CommClosedError" not in run["log"]
+        assert "items given users: partitioned" in run["log"], run["log"][-3000:]
+        assert workers_after == workers_before and removed == 0
+        assert [h["iteration"] for h in model.history] == [1, 2]
+        assert all(np.isfinite(h["objective"]) for h in model.history)
+        assert model.users.nbytes > CRASH_LIMIT  # a side no worker could hold whole
+    finally:
+        for name in ("synth", "store", "model"):
+            shutil.rmtree(tmp_path / name, ignore_errors=True)

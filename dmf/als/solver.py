@@ -35,15 +35,26 @@ class BlockSolution:
     """
 
     start: int
-    factors: np.ndarray  # (n_rows, rank), storage dtype
-    bias: np.ndarray  # (n_rows,), storage dtype
+    rows: np.ndarray
+    """(n_rows, rank + 1) in the storage dtype: each row's factors, then its bias (the layout of
+    a side's block file, so a solution is held once and written as it is)."""
     sse: float
     penalty: float
     nnz: int
 
     @property
+    def factors(self) -> np.ndarray:
+        """(n_rows, rank), a view of :attr:`rows`."""
+        return self.rows[:, :-1]
+
+    @property
+    def bias(self) -> np.ndarray:
+        """(n_rows,), a view of :attr:`rows`."""
+        return self.rows[:, -1]
+
+    @property
     def n_rows(self) -> int:
-        return len(self.bias)
+        return len(self.rows)
 
 
 def row_penalties(
@@ -64,9 +75,16 @@ def penalty_term(
 ) -> float:
     """lambda |U|^2 + lambda_b |b|^2 for one side (each row weighted by its count under ALS-WR)."""
     lam, lam_b = row_penalties(counts, reg, reg_bias, weighted)
-    f = factors.astype(np.float64, copy=False)
-    sq = np.einsum("ij,ij->i", f, f) if f.shape[1] else np.zeros(len(bias))
+    sq = np.zeros(len(bias))
+    if factors.shape[1]:
+        # Row by row in float64, a chunk of rows at a time: never a float64 copy of the side.
+        for lo in range(0, len(sq), _PENALTY_CHUNK):
+            f = np.ascontiguousarray(factors[lo : lo + _PENALTY_CHUNK], dtype=np.float64)
+            sq[lo : lo + len(f)] = np.einsum("ij,ij->i", f, f)
     return float(lam @ sq + lam_b @ np.square(bias.astype(np.float64)))
+
+
+_PENALTY_CHUNK = 1 << 14
 
 
 def augment(fixed_factors: np.ndarray) -> np.ndarray:
@@ -147,8 +165,6 @@ def solve_block(
             block.indptr, block.cols, block.vals, mu, fixed_factors, fixed_bias, lam, lam_b, dtype
         )
     sse = float(row_sse.sum())
-    factors = x_all[:, :rank].astype(dtype)
-    bias = x_all[:, rank].astype(dtype)
     if not (np.isfinite(sse) and np.all(np.isfinite(x_all))):
         from dmf.errors import TrainingError
 
@@ -156,8 +172,10 @@ def solve_block(
             f"non-finite solution in {block.side} block [{block.start}, {block.stop}): "
             "check the ratings for huge values, or raise reg"
         )
-    penalty = penalty_term(factors, bias, counts, reg, reg_bias, weighted_reg)
-    return BlockSolution(block.start, factors, bias, sse, penalty, block.nnz)
+    rows = x_all.astype(dtype, copy=False)  # [factors, bias] rounded to the storage dtype
+    del x_all
+    penalty = penalty_term(rows[:, :rank], rows[:, rank], counts, reg, reg_bias, weighted_reg)
+    return BlockSolution(block.start, rows, sse, penalty, block.nnz)
 
 
 def _solve_native(block, mu, fixed_bias, aug, lam, lam_b, reg, reg_bias, dtype):

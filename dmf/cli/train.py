@@ -37,7 +37,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     store = Store.open(config_location(cfg, args.store or cfg.store.path))
-    train(store, cfg, resume=args.resume, quiet=args.quiet, **cluster_kwargs(args))
+    # The model is written; this process has no use for its factors (in_memory=False reads
+    # only model.json).
+    train(store, cfg, resume=args.resume, quiet=args.quiet, in_memory=False, **cluster_kwargs(args))
     return 0
 
 

@@ -10,15 +10,26 @@ Two runners, for the two shapes of work dmf has:
   use it.
 
 Task keys read ``<name>-<k>-<token>``, so the dashboard's task stream shows what runs.
+
+:func:`gather_watched` waits for futures already submitted, and says so when nothing finishes
+(the training loop's solves, exports and routing).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
+
+from dmf.errors import ClusterError
+
+log = logging.getLogger("dmf")
+
+# Stall periods with every worker paused for memory before gather_watched gives up.
+PAUSED_STALLS = 2
 
 
 def progress_disabled(progress: bool | None) -> bool | None:
@@ -134,4 +145,65 @@ def run_windowed(
         if nxt < n_tasks:
             done.add(submit(nxt))
             nxt += 1
+    return results
+
+
+def gather_watched(
+    client,
+    futures: list,
+    what: str,
+    stall_seconds: float,
+    on_result: Callable[[int, Any], Any] | None = None,
+) -> list:
+    """The results of ``futures``, in order, waited for under watch.
+
+    When none finishes for ``stall_seconds``, log a warning naming ``what`` (e.g. "the user
+    half-step of iteration 3") and how many workers Dask has paused for memory. A paused worker
+    runs nothing until its memory drops, which may be never: when every worker stays paused
+    with nothing finishing for ``PAUSED_STALLS`` periods in a row, raise
+    :class:`dmf.errors.ClusterError` rather than hang. ``on_result(k, result)`` is called as
+    each finishes (then the future is released); its return value is kept as the result.
+    """
+    from distributed import wait
+
+    from dmf.dist.cluster import scheduler_workers
+
+    position = {f: k for k, f in enumerate(futures)}
+    results: list = [None] * len(futures)
+    pending = set(futures)
+    paused_stalls = 0
+    while pending:
+        try:
+            finished = wait(pending, timeout=stall_seconds, return_when="FIRST_COMPLETED").done
+        except TimeoutError:
+            workers = scheduler_workers(client)
+            paused = sum(w.get("status") == "paused" for w in workers)
+            paused_stalls = paused_stalls + 1 if workers and paused == len(workers) else 0
+            advice = " Raise cluster.memory_limit, or lower blocks.target_ratings (re-ingest)."
+            if paused_stalls >= PAUSED_STALLS:
+                raise ClusterError(
+                    f"all {len(workers)} workers stayed paused for memory for "
+                    f"{paused_stalls * stall_seconds:g} s while running {what}, with "
+                    f"{len(pending)} of {len(futures)} tasks unfinished (Dask runs nothing on a "
+                    f"paused worker).{advice}"
+                ) from None
+            log.warning(
+                "dmf: nothing of %s finished in the last %g s (%d of %d still to run); "
+                "%d of %d workers are paused for memory.%s",
+                what,
+                stall_seconds,
+                len(pending),
+                len(futures),
+                paused,
+                len(workers),
+                advice if paused else "",
+            )
+            continue
+        paused_stalls = 0
+        for fut in finished:
+            k = position[fut]
+            res = fut.result()
+            results[k] = on_result(k, res) if on_result is not None else res
+            pending.discard(fut)
+            fut.release()
     return results

@@ -32,6 +32,7 @@ compact rows instead of the whole fixed side.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,13 +155,39 @@ class OutBlock:
     entry: FileEntry
     counts: np.ndarray  # (n_dst,) rows of s each destination needs
 
+    @functools.cached_property
+    def starts(self) -> np.ndarray:
+        """Where each destination's rows start in the out-block, (n_dst,)."""
+        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
 
-def route_out_task(s: int, start: int, inblocks: list[InBlock], target: Target) -> OutBlock:
-    """Source ``s``'s out-block, from the s-slices of every destination's in-block."""
+
+@dataclass(frozen=True)
+class InSlice:
+    """The slice of one destination's in-block that source s needs: rows [lo, lo + n) of the
+    in-block file, and their CRC-32. A route-out task gets one per destination: O(blocks) per
+    task, where the in-blocks themselves would be O(blocks^2)."""
+
+    location: Location
+    lo: int
+    n: int
+    crc: int
+
+
+def in_slices(inblocks: list[InBlock] | tuple[InBlock, ...], s: int) -> list[InSlice]:
+    """What :func:`route_out_task` of source ``s`` reads: its slice of every in-block."""
+    return [
+        InSlice(ib.location, int(ib.offsets[s]), int(ib.counts[s]), int(ib.crcs[s]))
+        for ib in inblocks
+    ]
+
+
+def route_out_task(s: int, start: int, slices: list[InSlice], target: Target) -> OutBlock:
+    """Source ``s``'s out-block, from its slice of every destination's in-block
+    (:func:`in_slices`)."""
     parts = []
-    for d, ib in enumerate(inblocks):
-        lo, hi = ib.offsets[s], ib.offsets[s + 1]
-        raw = _range(ib.location, 8 * lo, 8 * hi, int(ib.crcs[s]), f"in-block {d}, source {s}")
+    for d, sl in enumerate(slices):
+        what = f"in-block {d}, source {s}"
+        raw = _range(sl.location, 8 * sl.lo, 8 * (sl.lo + sl.n), sl.crc, what)
         parts.append(np.frombuffer(raw, dtype=_INT64) - start)
     local = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     entry = target.write_bytes(f"out-{s:05d}.bin", local.astype(_INT32).tobytes())
@@ -191,41 +218,82 @@ class Routing:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Pieces:
-    """Source s's piece file of one half-step: the rows of its out-block, destination by
-    destination, and each destination's piece CRC-32."""
+    """Source s's piece file of one half-step: for each destination in turn, the CRC-32 of its
+    rows (4 bytes, little-endian) then its rows (out-block order). The checksums travel in the
+    file, so the record a solve task gets is the same size however many destinations there
+    are."""
 
     location: Location
-    crcs: np.ndarray  # (n_dst,)
     row_bytes: int
 
 
+# Bytes of a piece read at a time into the compact side: the only copy beside it.
+READ_CHUNK = 8 << 20
+
+
 def exchange_out_task(ref: SideBlockRef, out: OutBlock, target: Target) -> Pieces:
-    """Write the rows of fixed block ``ref`` that each destination needs, in out-block order."""
+    """Write the rows of fixed block ``ref`` that each destination needs, in out-block order,
+    each destination's preceded by their CRC-32."""
     x = read_side_block(ref)
     local = np.frombuffer(read_verified(out.location, out.entry, TrainingError), dtype=_INT32)
-    rows = np.ascontiguousarray(x[local])
-    del x
-    data = memoryview(rows).cast("B")  # no copy: the block's rows and the gathered ones, no more
-    row_bytes = rows.shape[1] * rows.itemsize
-    cuts = np.concatenate([[0], np.cumsum(out.counts)]) * row_bytes
-    crcs = np.array(
-        [crc32(data[cuts[d] : cuts[d + 1]]) for d in range(len(out.counts))], dtype=np.int64
-    )
-    entry = target.write_bytes(f"piece-{ref.block:05d}.bin", data)
-    return Pieces(target.root / entry.path, crcs, row_bytes)
+    cuts = np.concatenate([[0], np.cumsum(out.counts)])
+    with target.open(f"piece-{ref.block:05d}.bin") as w:
+        # One destination's rows gathered at a time: a row many destinations need (a popular
+        # item) is not copied for all of them at once.
+        for d in range(len(out.counts)):
+            part = memoryview(np.ascontiguousarray(x[local[cuts[d] : cuts[d + 1]]])).cast("B")
+            w.write(np.uint32(crc32(part)).astype("<u4").tobytes())
+            w.write(part)
+    return Pieces(target.root / w.entry.path, x.shape[1] * x.itemsize)
 
 
 @dataclass(frozen=True)
 class CompactSpec:
     """What solve task ``d`` needs, besides the pieces, to assemble its compact fixed side: its
-    in-block, and the out-block counts of each source block that has rows for it (in the order
-    of the pieces it is given)."""
+    in-block, and for each source block that has rows for it (in the order of the pieces it is
+    given) where its rows start in that source's piece file (``before``: rows of the
+    destinations before d) and how many there are (``n``). O(sources) per task."""
 
     d: int
     inblock: InBlock
-    source_counts: tuple[np.ndarray, ...]
+    before: np.ndarray
+    n: np.ndarray
     rank: int
     dtype: str
+
+
+def compact_spec(
+    d: int, inblock: InBlock, outblocks: list[OutBlock] | tuple[OutBlock, ...], rank: int, dtype
+) -> tuple[CompactSpec, list[int]]:
+    """Destination ``d``'s :class:`CompactSpec`, and the source blocks whose pieces it reads."""
+    srcs = [s for s in range(len(outblocks)) if inblock.counts[s] > 0]
+    before = np.array([int(outblocks[s].starts[d]) for s in srcs], dtype=np.int64)
+    n = np.array([int(outblocks[s].counts[d]) for s in srcs], dtype=np.int64)
+    return CompactSpec(d, inblock, before, n, rank, str(np.dtype(dtype))), srcs
+
+
+def _read_piece_into(piece: Pieces, d: int, before: int, out: memoryview, what: str) -> None:
+    """Destination ``d``'s rows of a piece file, read a chunk at a time into ``out`` (its
+    bytes), checked against the CRC-32 stored before them."""
+    loc = piece.location
+    start = before * piece.row_bytes + 4 * d  # the rows before, and one CRC per destination
+    try:
+        with loc.open("rb") as f:
+            f.seek(start)
+            head = f.read(4)
+            crc = 0
+            at = 0
+            while at < len(out):
+                chunk = f.read(min(READ_CHUNK, len(out) - at))
+                if not chunk:
+                    break
+                out[at : at + len(chunk)] = chunk
+                crc = crc32(chunk, crc)
+                at += len(chunk)
+    except FileNotFoundError:
+        raise TrainingError(f"{loc} is missing ({what})") from None
+    if len(head) != 4 or at != len(out) or crc != int(np.frombuffer(head, "<u4")[0]):
+        raise TrainingError(f"{loc} bytes {start}-{start + 4 + len(out)} are corrupt ({what})")
 
 
 def compact_fixed(spec: CompactSpec, pieces: list[Pieces]) -> FixedSide:
@@ -235,20 +303,14 @@ def compact_fixed(spec: CompactSpec, pieces: list[Pieces]) -> FixedSide:
     rows = np.frombuffer(read_verified(ib.location, ib.entry, TrainingError), dtype=_INT64)
     width = spec.rank + 1
     x = _augmented(len(rows), width, spec.dtype)
+    flat = memoryview(x).cast("B")
+    row_bytes = width * x.itemsize
     at = 0
-    for counts, piece in zip(spec.source_counts, pieces, strict=True):
-        n = int(counts[spec.d])
-        if n == 0:
-            continue
-        before = int(counts[: spec.d].sum())
-        raw = _range(
-            piece.location,
-            before * piece.row_bytes,
-            (before + n) * piece.row_bytes,
-            int(piece.crcs[spec.d]),
-            f"piece for destination {spec.d}",
-        )
-        x[at : at + n] = np.frombuffer(raw, dtype=spec.dtype).reshape(n, width)
+    for before, n, piece in zip(spec.before.tolist(), spec.n.tolist(), pieces, strict=True):
+        if at + n > len(rows):
+            break
+        what = f"piece for destination {spec.d}"
+        _read_piece_into(piece, spec.d, before, flat[at * row_bytes : (at + n) * row_bytes], what)
         at += n
     if at != len(rows):
         raise TrainingError(

@@ -29,17 +29,21 @@ import dmf.als.kernels  # noqa: F401
 from dmf.als.solver import predict, solve_block
 from dmf.config import Config
 from dmf.dist.cluster import blas_single_thread, scheduler_workers
+from dmf.dist.tasks import gather_watched
 from dmf.errors import TrainingError
 from dmf.store.blocks import RatingBlock, other_side
 from dmf.store.layout import BlockRef, Store, read_block_file
 from dmf.store.storage import FileEntry, Location, Target, read_table
 from dmf.train.exchange import (
+    READ_CHUNK,
     CompactSpec,
     FixedSide,
     Routing,
     assemble_fixed,
     compact_fixed,
+    compact_spec,
     exchange_out_task,
+    in_slices,
     remove_quietly,
     route_in_task,
     route_out_task,
@@ -49,7 +53,7 @@ from dmf.train.sides import (
     SideBlocks,
     init_item_block_task,
     read_side_block,
-    write_side_block,
+    write_side_rows,
     zero_block_task,
 )
 
@@ -138,7 +142,7 @@ def solve_block_task(
             params.dtype,
             fixed_aug=side.aug,
         )
-    entry = write_side_block(out, out.block, sol.factors, sol.bias)
+    entry = write_side_rows(out, out.block, sol.rows)
     return SolvedBlock(out.block, entry, sol.sse, sol.penalty, sol.nnz)
 
 
@@ -279,25 +283,50 @@ class HalfSteps:
 
     def _auto(self, side: str, fixed_bytes: int, limit: int, threads: int) -> str:
         """Broadcast when the fixed side takes at most a quarter of a worker's memory and the
-        broadcast plan fits; else route it."""
+        broadcast plan fits; else route it when that fits; else whichever needs less (and the
+        plan then says it does not fit)."""
         if not limit:
             return "broadcast"
-        fits = self._need(side, "broadcast", threads) <= PAUSE_FRACTION * limit
-        return "broadcast" if fits and fixed_bytes <= BROADCAST_SHARE * limit else "partitioned"
+        broadcast = self._need(side, "broadcast", threads)
+        if broadcast <= PAUSE_FRACTION * limit and fixed_bytes <= BROADCAST_SHARE * limit:
+            return "broadcast"
+        partitioned = self._need(side, "partitioned", threads)
+        if partitioned <= PAUSE_FRACTION * limit or partitioned <= broadcast:
+            return "partitioned"
+        return "broadcast"
 
     def _side_bytes(self, side: str) -> int:
         rank = self.config.model.rank
         itemsize = np.dtype(self.config.model.dtype).itemsize
         return self.store.n_rows(side) * (rank + 2) * itemsize
 
+    def _largest_rows(self, side: str) -> int:
+        bounds = self.store.bounds(side)
+        return int(np.diff(bounds).max()) if len(bounds) > 1 else 0
+
     def _task_bytes(self, side: str) -> int:
         """A solve task's working set on the largest block of ``side``: the block read from
-        Parquet and cast for the kernel (~32 bytes a rating) and its rows' solutions."""
+        Parquet and cast for the kernel (~32 bytes a rating), and per row its float64
+        solution, the copy in the storage dtype and its row count."""
         rank = self.config.model.rank
         nnz = max(self.store.block_nnz(side), default=0)
-        bounds = self.store.bounds(side)
-        rows = int(np.diff(bounds).max()) if len(bounds) > 1 else 0
-        return 32 * nnz + 24 * rows * (rank + 1)
+        per_row = (rank + 1) * (8 + (4 if self.config.model.dtype == "float32" else 0)) + 1
+        return 32 * nnz + self._largest_rows(side) * per_row
+
+    def _compact_bytes(self, side: str) -> int:
+        """A partitioned solve's compact fixed side: one row per distinct referenced column (at
+        most the block's ratings and the other side's rows), its row map, and a read buffer."""
+        rank = self.config.model.rank
+        itemsize = np.dtype(self.config.model.dtype).itemsize
+        rows = min(max(self.store.block_nnz(side), default=0), self.store.n_rows(other_side(side)))
+        return rows * ((rank + 2) * itemsize + 8) + READ_CHUNK
+
+    def _send_bytes(self, side: str) -> int:
+        """An exchange task's working set: the fixed block it reads and the rows it gathers
+        for one destination at a time (at most the block again)."""
+        rank = self.config.model.rank
+        itemsize = np.dtype(self.config.model.dtype).itemsize
+        return 2 * self._largest_rows(other_side(side)) * (rank + 2) * itemsize
 
     def _need(self, side: str, mode: str, threads: int) -> int:
         task = self._task_bytes(side)
@@ -305,32 +334,27 @@ class HalfSteps:
             # The assembled side (held once: exchange._fixed_in_place), plus the same again
             # while a worker receives a copy (the frames and the array).
             return WORKER_BASELINE + 2 * self._side_bytes(other_side(side)) + threads * task
-        rank = self.config.model.rank
-        itemsize = np.dtype(self.config.model.dtype).itemsize
-        # Compact rows: at most one per rating of the block (usually far fewer), held once plus
-        # the piece being read. An exchange task holds a fixed block and the rows it sends
-        # (at most the block again).
-        compact = max(self.store.block_nnz(side), default=0) * (rank + 2) * itemsize * 2
-        fixed_bounds = self.store.bounds(other_side(side))
-        fixed_rows = int(np.diff(fixed_bounds).max()) if len(fixed_bounds) > 1 else 0
-        send = 2 * fixed_rows * (rank + 1) * itemsize
-        return WORKER_BASELINE + threads * max(task + compact, send)
+        return WORKER_BASELINE + threads * max(
+            task + self._compact_bytes(side), self._send_bytes(side)
+        )
 
     def _explain(self, side: str, mode: str, threads: int) -> str:
         task = _size(self._task_bytes(side))
         rank = self.config.model.rank
+        nnz = max(self.store.block_nnz(side), default=0)
         if mode == "broadcast":
             fixed = _size(2 * self._side_bytes(other_side(side)))
             return (
                 f"{fixed} for the {other_side(side)} side's {self.store.n_rows(other_side(side)):,} "
-                f"rows of rank {rank} + 1, {threads} x {task} for blocks of up to "
-                f"{max(self.store.block_nnz(side)):,} ratings, and the worker's own "
+                f"rows of rank {rank} + 1 (held, and a copy while it arrives), {threads} x {task} "
+                f"for blocks of up to {nnz:,} ratings, and the worker's own "
                 f"{_size(WORKER_BASELINE)}"
             )
         return (
-            f"{threads} x ({task} for a block of up to {max(self.store.block_nnz(side)):,} "
-            f"ratings and its compact {other_side(side)} rows of rank {rank} + 1), and the "
-            f"worker's own {_size(WORKER_BASELINE)}"
+            f"{threads} x the larger of ({task} for a block of up to {nnz:,} ratings + "
+            f"{_size(self._compact_bytes(side))} for its compact {other_side(side)} rows of rank "
+            f"{rank} + 1) and {_size(self._send_bytes(side))} for sending a "
+            f"{other_side(side)} block's rows, and the worker's own {_size(WORKER_BASELINE)}"
         )
 
     # -- block caching ---------------------------------------------------------------------------
@@ -395,7 +419,7 @@ class HalfSteps:
             )
             for ref in self.store.block_refs("item")
         ]
-        results = self.client.gather(futs)
+        results = self.gather(futs, "the initial item factors")
         return SideBlocks(
             "item",
             tuple(int(x) for x in self.store.bounds("item")),
@@ -421,7 +445,7 @@ class HalfSteps:
             m.rank,
             m.dtype,
             root,
-            tuple(self.client.gather(futs)),
+            tuple(self.gather(futs, "the initial user factors")),
             0.0,
         )
 
@@ -453,26 +477,28 @@ class HalfSteps:
         tok = uuid.uuid4().hex[:8]
         target = Target(self.work / "routing" / f"{name}-{tok}", tok)
         bounds = self.store.bounds(fixed_side)
-        ins = self.client.gather(
+        ins = self.gather(
             [
                 self.client.submit(
                     route_in_task, c, d, bounds, target, key=f"route-in-{name}-{d:05d}-{tok}"
                 )
                 for d, c in enumerate(cols_of)
-            ]
+            ],
+            f"the routing of {fixed_side}s for {name} (which rows each block needs)",
         )
-        outs = self.client.gather(
+        outs = self.gather(
             [
                 self.client.submit(
                     route_out_task,
                     s,
                     int(bounds[s]),
-                    ins,
+                    in_slices(ins, s),
                     target,
                     key=f"route-out-{name}-{s:05d}-{tok}",
                 )
                 for s in range(len(bounds) - 1)
-            ]
+            ],
+            f"the routing of {fixed_side}s for {name} (where each block's rows go)",
         )
         routing = Routing(fixed_side, tuple(ins), tuple(outs))
         self._routings[name] = routing
@@ -505,14 +531,7 @@ class HalfSteps:
 
         def for_destination(d: int):
             ib = routing.inblocks[d]
-            srcs = [s for s in range(fixed.n_blocks) if ib.counts[s] > 0]
-            spec = CompactSpec(
-                d,
-                ib,
-                tuple(routing.outblocks[s].counts for s in srcs),
-                fixed.rank,
-                fixed.dtype,
-            )
+            spec, srcs = compact_spec(d, ib, routing.outblocks, fixed.rank, fixed.dtype)
             return spec, [futs[s] for s in srcs]
 
         return xdir, futs, for_destination
@@ -570,11 +589,10 @@ class HalfSteps:
 
     def _solve_blocks(self, side, it, root, tok, per_block) -> dict[int, SolvedBlock]:
         """One solve task per block; returns each block's result as it completes."""
-        from distributed import wait
         from tqdm.auto import tqdm
 
         inputs = self._block_inputs(side)
-        futures = {
+        futures = [
             self.client.submit(
                 solve_block_task,
                 blk,
@@ -585,9 +603,9 @@ class HalfSteps:
                 key=f"solve-{side}s-{it}-{b:05d}-{self.token}",
                 retries=self.config.train.retries,
                 pure=False,
-            ): b
+            )
             for b, (blk, (fixed, pieces)) in enumerate(zip(inputs, per_block, strict=True))
-        }
+        ]
         bar = tqdm(
             total=len(futures),
             desc=f"iter {it} {side}s",
@@ -596,28 +614,16 @@ class HalfSteps:
             disable=self.progress_disabled,
             file=sys.stderr,
         )
-        done: dict[int, SolvedBlock] = {}
-        pending = set(futures)
+
+        def finished(_k: int, res: SolvedBlock) -> SolvedBlock:
+            bar.update(1)
+            return res
+
         try:
-            while pending:
-                try:
-                    finished = wait(
-                        pending,
-                        timeout=self.config.train.stall_warning,
-                        return_when="FIRST_COMPLETED",
-                    ).done
-                except TimeoutError:
-                    self._warn_stall(side, it, len(pending))
-                    continue
-                for fut in finished:
-                    res: SolvedBlock = fut.result()
-                    done[res.block] = res
-                    bar.update(1)
-                    pending.discard(fut)
-                    fut.release()
+            solved = self.gather(futures, f"the {side} half-step of iteration {it}", finished)
         finally:
             bar.close()
-        return done
+        return {res.block: res for res in solved}
 
     # -- validation RMSE, blockwise ---------------------------------------------------------------
     def validation(self, users: SideBlocks, items: SideBlocks) -> float | None:
@@ -647,30 +653,17 @@ class HalfSteps:
                 )
                 for b in blocks
             ]
-            parts = self.client.gather(futs)
+            parts = self.gather(futs, "the validation RMSE")
         finally:
             if xdir is not None:
                 remove_quietly(xdir)
         n = sum(p[1] for p in parts)
         return math.sqrt(math.fsum(p[0] for p in parts) / n) if n else None
 
-    def _warn_stall(self, side: str, it: int, n_pending: int) -> None:
-        """No block finished for a while: say so, and whether Dask paused workers for memory
-        (a paused worker runs nothing until its memory drops, which may be never)."""
-        workers = scheduler_workers(self.client)
-        paused = sum(w.get("status") == "paused" for w in workers)
-        log.warning(
-            "dmf: no block of the %s half-step of iteration %d finished in the last %g s "
-            "(%d still to solve); %d of %d workers are paused for memory.%s",
-            side,
-            it,
-            self.config.train.stall_warning,
-            n_pending,
-            paused,
-            len(workers),
-            " Raise cluster.memory_limit, or lower blocks.target_ratings (re-ingest)."
-            if paused
-            else "",
+    def gather(self, futures: list, what: str, on_result=None) -> list:
+        """The futures' results in order, watched (:func:`dmf.dist.tasks.gather_watched`)."""
+        return gather_watched(
+            self.client, futures, what, self.config.train.stall_warning, on_result
         )
 
 

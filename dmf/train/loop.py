@@ -138,8 +138,9 @@ class Trainer:
         return self.config.output.overwrite or resume or not (self.model_dir / MODEL_JSON).exists()
 
     # -- the run -----------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> Model:
-        """Train (or continue training, with ``resume``); save the model and return it."""
+    def run(self, resume: bool = False, in_memory: bool | None = None) -> Model:
+        """Train (or continue training, with ``resume``); save the model and return it, loaded
+        with ``in_memory`` (:meth:`dmf.model.model.Model.load`)."""
         self._preflight(resume)
         self.halfsteps.plan()
         # Compile the solver kernel here (or load it from numba's disk cache), so that workers
@@ -149,9 +150,9 @@ class Trainer:
         if self.halfsteps.should_cache():
             self.halfsteps.cache_blocks()
         state = self._iterate(state, progress)
-        model = self._save(state, progress, resume)
+        self._save(state, progress, resume)
         self._tidy_work()
-        return model
+        return Model.load(self.model_dir, in_memory=in_memory)
 
     def _preflight(self, resume: bool) -> None:
         """Refuse a run that cannot end well, now rather than after hours of training."""
@@ -218,7 +219,11 @@ class Trainer:
             for ref in side.refs()
         ]
         problems = [
-            p for p in self.client.gather(self.client.map(check_side_file, refs, pure=False)) if p
+            p
+            for p in self.halfsteps.gather(
+                self.client.map(check_side_file, refs, pure=False), "the checkpoint's checks"
+            )
+            if p
         ]
         if problems:
             raise CheckpointError(f"checkpoint {ckpt}: {problems[0]}")
@@ -362,7 +367,7 @@ class Trainer:
                 if version.url not in keep:
                     version.remove()
 
-    def _save(self, state: TrainState, progress: Progress, resume: bool) -> Model:
+    def _save(self, state: TrainState, progress: Progress, resume: bool) -> None:
         """The model to keep (the best one under early stopping), written to the model
         directory: each block's factor file by a task on a worker, ``model.json`` last."""
         stopping = progress.stopping
@@ -399,7 +404,7 @@ class Trainer:
                 for b in range(side.n_blocks)
             ]
             which = [(v.side, b) for v in final.sides() for b in range(v.n_blocks)]
-            exported = self.client.gather(futs)
+            exported = self.halfsteps.gather(futs, "the model's export")
             for (name, b), e in zip(which, exported, strict=True):
                 c.add(factor_part_rel(name, b), e.entry)
             firsts = {
@@ -424,7 +429,6 @@ class Trainer:
             }
             commit_model(self.model_dir, c, doc, self.config.output.plot)
         self._say(f"dmf: model written to {self.model_dir}")
-        return Model.load(self.model_dir)
 
     def _complete(self, state: TrainState) -> TrainState:
         """A state with both sides (iterations 0: the users were never solved: zero them)."""
@@ -465,6 +469,7 @@ def train(
     address: str | None = None,
     scheduler_file: str | None = None,
     quiet: bool = False,
+    in_memory: bool | None = None,
 ) -> Model:
     """Train a model on ``store`` with ``config``; save it to ``config.output.model`` and return it.
 
@@ -478,10 +483,13 @@ def train(
         if it is a LocalCluster.
     resume
         Continue from the newest complete checkpoint in ``<output.model>/checkpoints``.
+    in_memory
+        How the returned model holds its factors (:meth:`dmf.model.model.Model.load`): by
+        default each side that takes at most 1 GiB is read into memory.
     """
     if not isinstance(store, Store):
         store = Store.open(config.resolve(store), options=config.storage.options)
     if store.n_train == 0:
         raise TrainingError(f"store {store.path} has no train ratings")
     with maybe_connect(config, client, address, scheduler_file, quiet=quiet) as c:
-        return Trainer(store, config, c, quiet=quiet).run(resume=resume)
+        return Trainer(store, config, c, quiet=quiet).run(resume=resume, in_memory=in_memory)

@@ -144,14 +144,35 @@ def write_side_block(target: Target, b: int, factors: np.ndarray, bias: np.ndarr
     x = np.empty((len(bias), factors.shape[1] + 1), dtype=factors.dtype)
     x[:, :-1] = factors
     x[:, -1] = bias
-    buf = io.BytesIO()
-    np.save(buf, x, allow_pickle=False)
-    return target.write_bytes(block_name(b), buf.getvalue())
+    return write_side_rows(target, b, x)
+
+
+def write_side_rows(target: Target, b: int, x: np.ndarray) -> FileEntry:
+    """Write block ``b`` of a side version from its (n_b, rank + 1) rows [factors, bias], as an
+    ``.npy`` file streamed in chunks (no copy of the block in memory)."""
+    with target.open(block_name(b)) as w:
+        np.lib.format.write_array(w, np.ascontiguousarray(x), allow_pickle=False)
+    return w.entry
 
 
 def read_side_block(ref: SideBlockRef) -> np.ndarray:
-    """Block ``ref`` of a side version, (n_b, rank + 1) [factors, bias], its checksum verified."""
-    x = np.load(io.BytesIO(read_verified(ref.location, ref.entry, TrainingError)))
+    """Block ``ref`` of a side version, (n_b, rank + 1) [factors, bias], its checksum verified.
+
+    The array is a read-only view of the file's bytes (read once, not copied again)."""
+    raw = read_verified(ref.location, ref.entry, TrainingError)
+    try:
+        f = io.BytesIO(raw)
+        version = np.lib.format.read_magic(f)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(f)
+        x = np.frombuffer(raw, dtype=dtype, count=math.prod(shape), offset=f.tell())
+        x = x.reshape(shape, order="F" if fortran else "C")
+    except ValueError as exc:
+        raise TrainingError(f"{ref.location}: not a side block file: {exc}") from exc
     if x.ndim != 2 or len(x) != ref.stop - ref.start:
         raise TrainingError(
             f"{ref.location}: {x.shape} is not the ({ref.stop - ref.start}, rank + 1) array of "
