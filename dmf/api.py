@@ -101,8 +101,8 @@ class ALS:
             An existing ``distributed.Client``; without one, a LocalCluster is started from the
             config's ``cluster`` section and closed at the end.
         **kwargs
-            Passed to :func:`dmf.train.train`: ``resume``, ``address``, ``scheduler_file``,
-            ``quiet``.
+            Passed to :func:`dmf.train.train`: ``resume``, ``fresh``, ``address``,
+            ``scheduler_file``, ``quiet``.
 
         Returns
         -------

@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -67,6 +68,20 @@ class DataConfig(Section):
     header: bool | Literal["auto"] = "auto"
     columns: Columns = Field(default_factory=Columns)
     compression: Literal["auto", "none", "gzip", "zstd"] = "auto"
+    id_type: Literal["auto", "int", "string"] = "auto"
+    """How raw user and item ids are read. ``auto``: a side's ids are integers when every one
+    of them, over the whole input, is a canonical integer (ASCII digits without a leading zero,
+    after an optional ``-``; ``0`` but not ``-0``, ``+1`` or ``1_0``; within int64), else the
+    exact strings: ``007`` and ``7`` are two ids, never one. Among numbers, ids written with a
+    decimal point or an exponent (``3.0``, as pandas writes a float column) are numbers, which
+    must be whole and within int64. In Parquet the column's type decides: a string column stays
+    strings. ``int``: every id must be such an integer (or a whole float in a Parquet float
+    column); the first that is not is an error naming its line or row. ``string``: every id is
+    its exact text (a Parquet integer column's in decimal)."""
+    max_id_length: int = Field(default=1024, ge=1)
+    """Longest string id accepted, in UTF-8 bytes; a longer one is an error naming its line or
+    row (integer ids are held in 8 bytes whatever their digits). The item side's id map lives
+    on the driver and grows with the total length of the item ids."""
     duplicates: Literal["error", "last", "mean"] = "error"
     """Policy for repeated (user, item) pairs: fail, keep the latest by timestamp (then by input
     order), or average them."""
@@ -117,6 +132,9 @@ class StoreConfig(Section):
     path: str = "runs/store"
     overwrite: bool = False
     """Replace an existing store. Without it, writing into a non-empty directory is refused."""
+    force: bool = False
+    """Replace the store even while training runs hold claims on it (``_claims/``); those runs
+    then fail when they next read it. Without it, ingest refuses, naming the runs."""
 
 
 class SplitConfig(Section):
@@ -194,6 +212,11 @@ class TrainConfig(Section):
     reference, routed through files, so a worker never holds a whole side), or ``auto``:
     broadcast when the side takes at most a quarter of a worker's memory_limit. Either gives
     the same model, to the last bit."""
+    lease_seconds: float = Field(default=60.0, gt=0)
+    """Lifetime of a run's leases without a heartbeat: its exclusive lease on the model
+    directory (``_writer.lease``) and its claim on the store (``_claims/``), refreshed every
+    third of this. A killed run's model directory can be taken over this long after it died
+    (:mod:`dmf.store.lease`)."""
 
 
 class JobqueueConfig(Section):
@@ -269,6 +292,10 @@ class KubernetesConfig(Section):
     """Seconds to wait for the scheduler pod and its service to be up."""
 
 
+# The smallest cluster.memory_limit a worker can start in.
+MIN_WORKER_MEMORY = 256 * 2**20
+
+
 class ClusterConfig(Section):
     kind: Literal["local", "address", "scheduler_file", "jobqueue", "kubernetes"] = "local"
     """``local``: start an embedded LocalCluster; ``address`` / ``scheduler_file``: attach to a
@@ -279,7 +306,8 @@ class ClusterConfig(Section):
     threads_per_worker: int = Field(default=1, ge=1)
     """Dask threads per worker; each runs one block task with one BLAS thread."""
     memory_limit: str | int = "auto"
-    """Per worker, e.g. "4GiB"; ``auto`` shares the machine's memory between workers."""
+    """Per worker, e.g. "4GiB"; ``auto`` shares the machine's memory between workers. At least
+    256 MiB: a worker process with dmf's solver loaded takes 230-300 MB before any work."""
     processes: bool = True
     """``local``: workers are processes (``false``: threads of the dmf process)."""
     dashboard_address: str | None = "127.0.0.1:8787"
@@ -311,6 +339,24 @@ class ClusterConfig(Section):
     """``kind: jobqueue``: the batch system and its options."""
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     """``kind: kubernetes``: image, namespace, resources and environment of the pods."""
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, value: str | int) -> str | int:
+        if value == "auto" or value == 0:
+            return value
+        from dask.utils import parse_bytes
+
+        try:
+            n = parse_bytes(value)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{value!r} is not a size such as 4GiB or 512MiB") from exc
+        if n < MIN_WORKER_MEMORY:
+            raise ValueError(
+                f"{value!r} is below 256 MiB: a dmf worker process takes 230-300 MB with the "
+                "solver loaded, before any work (Dask would restart it again and again)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _kind_needs(self) -> ClusterConfig:
@@ -396,9 +442,37 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
+# Limits of a config: its file's size, and its values once YAML aliases are expanded (a few
+# nested aliases, an "alias bomb", expand a small file into billions of values).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """YAML ``text`` (from ``where``) through ``yaml.safe_load``, refused when its aliases
+    expand it past :data:`MAX_CONFIG_VALUES` values."""
+    doc = yaml.safe_load(text)
+    seen = 0
+    stack = [doc]
+    while stack:
+        x = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{where} expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases "
+                "repeated inside each other?); a dmf config is a few hundred"
+            )
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return doc
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text, f"--set value {text[:40]!r}")
     except yaml.YAMLError:
         return text
 
@@ -479,8 +553,13 @@ def load_config(
         source = str(p)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {p} has {p.stat().st_size:,} bytes; a dmf config is at most "
+                f"{MAX_CONFIG_BYTES:,}"
+            )
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = load_yaml(p.read_text(), f"config file {p}") or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):

@@ -41,3 +41,8 @@ class ModelError(DmfError):
 
 class DownloadError(DmfError):
     """A dataset download failed or did not match its checksum."""
+
+
+class LeaseError(DmfError):
+    """A model directory or store is in use by another run (the message names it: host, pid,
+    since when), or a run lost its lease on one."""

@@ -1,6 +1,10 @@
-"""Raw ids -> dense indices: IdIndex against Arrow's own exact lookup, and the store index maps."""
+"""Raw ids -> dense indices: IdIndex against Arrow's own exact lookup, the store index maps, and
+ingest's string id map (ranks in byte order, hash collisions, memory)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +14,9 @@ from conftest import random_ratings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dmf.data.idmap as idmap_mod
 import dmf.model.ids as ids_mod
+from dmf.data.idmap import StrIdMapper
 from dmf.model.ids import IdIndex, as_id_array, hash_strings, inverse_map, store_index_maps
 from dmf.store.layout import store_from_arrays
 
@@ -113,3 +119,85 @@ def test_store_index_maps_own_store_and_another(tmp_path):
 def test_as_id_array_refuses_what_cannot_be_an_id():
     with pytest.raises(Exception, match="cannot be read"):
         as_id_array([1.5], pa.int64(), "user")
+
+
+# -- ingest's string id map (dmf.data.idmap) ---------------------------------------------------
+
+
+def map_batches(batches):
+    """Each batch's codes, then finish(), from a fresh StrIdMapper."""
+    m = StrIdMapper()
+    codes = [m.encode(pa.array(b, type=pa.string())) for b in batches]
+    return codes, m.finish()
+
+
+def check_mapper(batches):
+    """Dense indices are the ranks of the ids in UTF-8 byte order, counts are rows per id, and
+    equal ids get one code, different ids different ones."""
+    codes, (index_of_code, ids, counts) = map_batches(batches)
+    every = [x for b in batches for x in b]
+    expect = sorted(set(every), key=lambda x: x.encode())
+    assert ids.type == pa.string() and ids.to_pylist() == expect
+    rank = {x: k for k, x in enumerate(expect)}
+    got = [int(index_of_code[c]) for cs in codes for c in cs]
+    assert got == [rank[x] for x in every]
+    assert counts.tolist() == [every.count(x) for x in expect]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.text(min_size=1, max_size=8), max_size=20), max_size=6))
+def test_string_id_map_ranks_ids_in_byte_order(batches):
+    check_mapper(batches)
+
+
+def test_string_id_map_with_colliding_hashes(monkeypatch):
+    """Hashes shared by a known and a new id, or by two new ones: never a merged id."""
+    batches = [["b", "a", "b"], ["c", "a", "d", "e"], ["e", "f", "a", "zz"], ["g"]]
+    monkeypatch.setattr(idmap_mod, "hash_strings", lambda a: np.zeros(len(a), dtype=np.uint64))
+    check_mapper(batches)
+    # Distinct hashes at first, then a new id hashing like a known one.
+    monkeypatch.setattr(
+        idmap_mod,
+        "hash_strings",
+        lambda a: np.array([7 if s in ("a", "imposter") else 100 + ord(s[0]) for s in
+                            a.to_pylist()], dtype=np.uint64),
+    )  # fmt: skip
+    check_mapper([["a", "b"], ["b", "imposter", "c"], ["c", "a", "imposter"]])
+
+
+_LONG_ID_INGEST = """
+import resource, sys
+from pathlib import Path
+from dmf.config import load_config
+from dmf.data.ingest import ingest
+
+d = Path(sys.argv[1])
+lines = ["user,item,rating"] + [f"{k % 50},item-{k},3.0" for k in range(2000)]
+lines.append(f"7,{'x' * (1 << 20)},4.0")
+(d / "r.csv").write_text("\\n".join(lines) + "\\n")
+cfg = load_config(raw={
+    "data": {"source": str(d / "r.csv"), "max_id_length": 2 << 20},
+    "split": {"method": "none"},
+    "store": {"path": str(d / "store")},
+})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+store = ingest(cfg, progress=False)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(store.n_items, len(max(store.ids("item").to_pylist(), key=len)), (after - before) // 1024)
+"""
+
+
+def test_one_long_item_id_costs_its_own_length(tmp_path):
+    """2,000 short item ids and one of 1 MiB: the driver's id map grows with the ids' total
+    length, not their number times the longest (a fixed-width array would take 2 GiB). Peak RSS
+    of a fresh process, measured around the ingest."""
+    out = subprocess.run(
+        [sys.executable, "-c", _LONG_ID_INGEST, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout.split()
+    n_items, longest, extra_mib = (int(x) for x in out)
+    assert n_items == 2001 and longest == 1 << 20
+    assert extra_mib < 200, f"ingest peaked {extra_mib} MiB above the process before it"

@@ -250,3 +250,117 @@ def test_string_id_with_a_nul_byte_is_an_error(tmp_path):
     )
     with pytest.raises(InputError, match="NUL byte"):
         ingest(cfg, progress=False)
+
+
+# -- raw ids: data.id_type, canonical integers, data.max_id_length ---------------------------
+
+PADDED = ["user,item,rating", "007,10,4.0", "7,10,3.0", "0007,11,2.0", "8,12,1.0"]
+
+
+@pytest.mark.parametrize("id_type", ["auto", "string"])
+@pytest.mark.parametrize("id_partition_rows", [None, 1])
+def test_zero_padded_ids_are_distinct_users(tmp_path, id_type, id_partition_rows):
+    """'007', '7' and '0007' are three users, never user 7 three times; the user side is ranked
+    range by range on workers (one range per row here), with the same exact strings."""
+    f = write(tmp_path, PADDED)
+    data = {"id_type": id_type}
+    if id_partition_rows is not None:
+        data["id_partition_rows"] = id_partition_rows
+    store = run(tmp_path, f, **data)
+    assert store.ids("user").type == pa.string()
+    assert store.ids("user").to_pylist() == ["0007", "007", "7", "8"]
+    assert store.n_train == 4
+    assert store.ids("item").to_pylist() == (
+        [10, 11, 12] if id_type == "auto" else ["10", "11", "12"]
+    )
+
+
+def test_zero_padded_id_is_an_error_under_id_type_int(tmp_path):
+    f = write(tmp_path, PADDED)
+    with pytest.raises(InputError) as e:
+        run(tmp_path, f, id_type="int")
+    msg = str(e.value)
+    assert f"{f}, line 2, column 'user' (data.columns.user): id '007' is not a plain integer" in msg
+    assert "data.id_type" in msg
+    no_store_left(tmp_path)
+
+
+def test_id_type_int_names_the_line_of_the_first_id_that_is_not_an_integer(tmp_path):
+    lines = ["user,item,rating"] + [f"{k},{k % 5},3.0" for k in range(700)]
+    lines[650] = "abc,3,3.0"
+    f = write(tmp_path, lines)
+    with pytest.raises(InputError, match=rf"{f}, line 651, column 'user'.*'abc' is not a plain"):
+        run(tmp_path, f, id_type="int", batch_rows=100)
+    # auto reads them all as strings instead, "abc" coming after the sniffed lines and batches.
+    store = run(tmp_path, f, batch_rows=100)
+    assert store.ids("user").type == pa.string() and "abc" in store.ids("user").to_pylist()
+
+
+@pytest.mark.parametrize("odd", ["１", "1_0", "+1", "-0", "0x1F", " 1"])
+def test_integers_python_or_arrow_would_accept_are_string_ids_under_auto(tmp_path, odd):
+    """Fullwidth digits, underscores (Python's int() takes both), a '+', '-0' or hex (Arrow's
+    parser takes these): not canonical integers, so the side is read as strings, exactly."""
+    f = write(tmp_path, ["user,item,rating", "1,10,4.0", f"{odd},10,3.0", "31,11,2.0"])
+    store = run(tmp_path, f)
+    assert sorted(store.ids("user").to_pylist()) == sorted(["1", odd, "31"])
+    assert store.ids("item").to_pylist() == [10, 11]
+
+
+def test_integers_beyond_int64(tmp_path):
+    big = "9223372036854775808"  # 2^63: canonical, but no int64 holds it
+    f = write(
+        tmp_path, ["user,item,rating", "1,10,4.0", f"{big},10,3.0", "-9223372036854775808,11,1"]
+    )
+    assert run(tmp_path, f).ids("user").to_pylist() == ["-9223372036854775808", "1", big]
+    with pytest.raises(InputError, match=rf"line 3, column 'user'.*'{big}' is outside the int64"):
+        run(tmp_path / "as-int", f, id_type="int")
+
+
+@pytest.mark.parametrize("value", [1e19, 9.3e18, -1e19, float(2**63)])
+def test_float_id_beyond_int64_is_an_error_naming_the_file_and_row(tmp_path, value):
+    f = tmp_path / "r.parquet"
+    t = pa.table({"user": [1.0, 2.0, value], "item": [1, 2, 3], "rating": [1.0, 2.0, 3.0]})
+    pq.write_table(t, f)
+    with pytest.raises(InputError) as e:
+        run(tmp_path, f)
+    assert f"{f}, row 3, column 'user' (data.columns.user)" in str(e.value)
+    assert "outside the int64 range" in str(e.value)
+    no_store_left(tmp_path)
+
+
+def test_whole_float_ids_in_int64_range_are_integers(tmp_path):
+    f = tmp_path / "r.parquet"
+    low = -(2.0**63)  # the smallest int64, exactly a float
+    t = pa.table({"user": [1.0, 2.0, low], "item": [1, 2, 3], "rating": [1.0, 2.0, 3.0]})
+    pq.write_table(t, f)
+    assert run(tmp_path, f).ids("user").to_pylist() == [-(2**63), 1, 2]
+    # Written as text among integers: numbers, which must be whole and within int64 too.
+    c = write(tmp_path, ["user,item,rating", "1,10,4.0", "2.0,10,3.0", "1e19,11,1"])
+    with pytest.raises(InputError, match=rf"{c}, line 4, column 'user'.*1e19 is outside the int64"):
+        run(tmp_path / "csv", c)
+
+
+def test_id_longer_than_max_id_length_names_the_line(tmp_path):
+    long = "é" * 600  # 1200 bytes in UTF-8: data.max_id_length counts bytes
+    f = write(tmp_path, ["user,item,rating", "a,10,4.0", f"{long},10,3.0"])
+    with pytest.raises(InputError) as e:
+        run(tmp_path, f)
+    msg = str(e.value)
+    assert f"{f}, line 3, column 'user' (data.columns.user): an id of 1200 bytes" in msg
+    assert "data.max_id_length (1024 bytes)" in msg
+    no_store_left(tmp_path)
+    assert long in run(tmp_path, f, max_id_length=1200).ids("user").to_pylist()
+
+
+@pytest.mark.parametrize("quoted", [False, True])
+def test_huge_field_before_a_bad_rating_is_an_input_error(tmp_path, quoted):
+    """A field over Python's csv limit (128 KiB) on the line the rescan for a bad rating meets
+    first is named, not a raw csv.Error."""
+    huge = "x" * 200_000
+    huge = f'"{huge}"' if quoted else huge
+    f = write(tmp_path, ["user,item,rating", "1,10,4.0", f"2,{huge},3.0", "3,11,five"])
+    with pytest.raises(InputError) as e:
+        run(tmp_path, f)
+    msg = str(e.value)
+    assert f"{f}, line 3" in msg and "data.max_id_length" in msg
+    no_store_left(tmp_path)

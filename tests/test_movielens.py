@@ -5,6 +5,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import logging
+import signal
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -190,3 +194,43 @@ def test_foreign_directory_in_the_way_is_not_replaced_silently(server, tmp_path)
     path = download("1m", dest, base_url=base, progress=False, force=True)
     assert (path / "ratings.dat").is_file() and not (path / "notes.txt").exists()
     assert _leftovers(dest) == ["ml-1m"]
+
+
+KILLED_BETWEEN_RENAMES = """\
+import os, signal, sys
+from dmf.data.movielens import download
+
+real, calls = os.replace, []
+
+
+def replace(src, dst, **kw):
+    calls.append(dst)
+    if len(calls) == 2:  # the old release is out of sight, the new one not yet in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst, **kw)
+
+
+os.replace = replace
+download("1m", sys.argv[1], base_url=sys.argv[2], progress=False, force=True)
+"""
+
+
+def test_a_forced_download_killed_between_its_renames_is_repaired(server, tmp_path, caplog):
+    """``--force`` renames the old release out of sight, then the new one into place: a kill
+    between the two left no ``ml-1m`` at all. The next call puts the old one back, says so,
+    and needs no download."""
+    base, www = server
+    _ml1m(www)
+    dest = tmp_path / "data"
+    download("1m", dest, base_url=base, progress=False)
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_BETWEEN_RENAMES)
+    proc = subprocess.run([sys.executable, str(script), str(dest), base], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not (dest / "ml-1m").exists()  # the window the kill landed in
+    (www / "datasets" / "movielens" / "ml-1m.zip").unlink()  # no second download possible
+    with caplog.at_level(logging.WARNING):
+        assert download("1m", dest, base_url=base, progress=False) == dest / "ml-1m"
+    assert (dest / "ml-1m" / "ratings.dat").read_text() == RATINGS_1M
+    assert "restored" in caplog.text and "killed half-way" in caplog.text
+    assert not list(dest.glob(".ml-1m.old-*"))

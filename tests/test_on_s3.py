@@ -25,6 +25,7 @@ import yaml
 
 from dmf.model.model import Model
 from dmf.store.layout import Store
+from dmf.store.lease import WRITER, read_holder
 from dmf.store.storage import Location
 from dmf.train.checkpoint import list_checkpoints
 
@@ -114,7 +115,12 @@ def job_config(root: str, path: Path) -> Path:
         "split": {"method": "random", "validation": 0.1, "test": 0.1},
         "blocks": {"n_blocks": 3},
         "model": {"rank": 6, "reg": 0.05, "weighted_reg": True},
-        "train": {"iterations": ITERATIONS, "checkpoint_every": 1, "progress": "off"},
+        "train": {
+            "iterations": ITERATIONS,
+            "checkpoint_every": 1,
+            "progress": "off",
+            "lease_seconds": 3,
+        },
         "output": {"model": f"{root}/model", "plot": False},
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -160,6 +166,10 @@ def train_killed_then_resumed(config: Path, address: str, model: Location, cwd: 
     last = max(int(c.name[5:]) for c in list_checkpoints(model / "checkpoints"))
     assert last < ITERATIONS, "training ended before the kill: the test proved nothing"
     assert not (model / "model.json").exists()
+    # The killed run's lease on the model directory lapses train.lease_seconds after its last
+    # heartbeat; then --resume takes it over.
+    holder = read_holder(model / WRITER)
+    time.sleep(max(holder.expires_in(), 0) + 0.1)
     dmf("train", str(config), "--address", address, "--resume", "-q", cwd=cwd)
 
 

@@ -26,6 +26,8 @@ from dmf.config import load_config
 from dmf.errors import CheckpointError, ModelError
 from dmf.model.model import Model
 from dmf.store.layout import store_from_arrays
+from dmf.store.lease import WRITER as WRITER_LEASE
+from dmf.store.lease import read_holder
 from dmf.store.storage import Location
 from dmf.train.checkpoint import checkpoint_leftovers, list_checkpoints, read_checkpoint
 from dmf.train.loop import train
@@ -89,7 +91,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(store, client, tmp_path):
     # The same training in another process, killed after its second checkpoint.
     model_b = tmp_path / "model-b"
     config_path = tmp_path / "train.yaml"
-    config_path.write_text(yaml.safe_dump(raw_config(store, model_b)))
+    raw_b = raw_config(store, model_b)
+    raw_b["train"]["lease_seconds"] = 3  # the killed run's lease on model-b lapses soon
+    config_path.write_text(yaml.safe_dump(raw_b))
     proc = start_training(config_path, tmp_path)
     ckpt_dir = model_b / "checkpoints"
     try:
@@ -121,7 +125,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(store, client, tmp_path):
     leftovers = [p.name for p in ckpt_dir.iterdir() if not p.name.startswith(("iter-", ".tmp-"))]
     assert leftovers == []
 
-    # Resume from the newest complete checkpoint, as a user would: `dmf train --resume`.
+    # Resume from the newest complete checkpoint, as a user would: `dmf train --resume`, once
+    # the killed run's lease on the directory has expired (tests/test_leases.py).
+    holder = read_holder(Location.of(model_b / WRITER_LEASE))
+    time.sleep(max(holder.expires_in(), 0) + 0.1)
     proc = subprocess.run(
         [sys.executable, "-m", "dmf", "train", str(config_path), "--resume"],
         cwd=Path(__file__).resolve().parents[1],
@@ -131,6 +138,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(store, client, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert f"resuming after iteration {last}" in proc.stderr
+    assert "taking over the lease" in proc.stderr
     b = Model.load(model_b)
     assert_same_model(a, b)
     # It did resume (rather than start again): the first iterations' records, timings included,
@@ -359,7 +367,7 @@ def test_resume_with_early_stopping_switched_off_keeps_the_last_model(client, tm
     raw["train"]["iterations"] = 5
     resumed = train(st, load_config(raw=raw), client=client, resume=True, quiet=True)
     raw["train"]["early_stopping"] = None
-    fresh = train(st, load_config(raw=raw), client=client, quiet=True)
+    fresh = train(st, load_config(raw=raw), client=client, fresh=True, quiet=True)
     assert "best_iteration" not in resumed.meta
     np.testing.assert_array_equal(resumed.user_factors, fresh.user_factors)
 

@@ -49,7 +49,8 @@ def test_run_synthesizes_ingests_trains_and_evaluates(tmp_path, capsys):
     metrics = json.loads((model / "evaluation.json").read_text())
     assert 0.3 < metrics["rmse"] < 1.0  # noise sigma 0.5 in the quickstart's planted data
 
-    # A second run reuses the store (same fingerprint), a changed synth section rebuilds it.
+    # A second run reuses the store (same fingerprint), a changed synth section rebuilds it;
+    # each trains afresh, replacing the finished model and its checkpoints.
     fp = store.fingerprint
     run(tmp_path)
     assert Store.open(tmp_path / "store").fingerprint == fp

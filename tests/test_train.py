@@ -206,18 +206,35 @@ def test_a_stalled_half_step_is_reported(tmp_path, client, caplog):
     assert any("0 of 2 workers are paused" in r.getMessage() for r in caplog.records)
 
 
-def test_a_fresh_run_discards_an_earlier_runs_checkpoints(tmp_path, client):
+def test_a_fresh_run_discards_an_earlier_runs_checkpoints_only_when_asked(tmp_path, client):
+    """The checkpoints of a run that finished go with its model when a new run replaces it;
+    those of a run that was stopped (no model saved after them) are kept unless --fresh."""
+    from dmf.errors import CheckpointError
+
     store, _ = _store(tmp_path)
     cfg = _config(tmp_path)
     cfg.train.checkpoint_every = 1
     cfg.train.iterations = 3
     train(store, cfg, client=client, quiet=True)
+    ckpts = tmp_path / "model" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("iter-*")) == ["iter-00002", "iter-00003"]
+    # A finished run: replacing its model (output.overwrite) replaces its checkpoints.
+    cfg.train.iterations = 2
+    train(store, cfg, client=client, quiet=True)
+    assert sorted(p.name for p in ckpts.glob("iter-*")) == ["iter-00001", "iter-00002"]
+    # A run stopped before saving (its checkpoints newer than the model): refused, and its
+    # checkpoints are kept, until --resume or --fresh.
+    (tmp_path / "model" / "model.json").unlink()
     cfg2 = _config(tmp_path, reg=0.3)
     cfg2.train.checkpoint_every = 1
     cfg2.train.iterations = 1
-    train(store, cfg2, client=client, quiet=True)
-    names = sorted(p.name for p in (tmp_path / "model" / "checkpoints").glob("iter-*"))
-    assert names == ["iter-00001"]
+    with pytest.raises(
+        CheckpointError, match="2 checkpoint.* not finish.* iteration 2: pass --resume"
+    ):
+        train(store, cfg2, client=client, quiet=True)
+    assert sorted(p.name for p in ckpts.glob("iter-*")) == ["iter-00001", "iter-00002"]
+    train(store, cfg2, client=client, fresh=True, quiet=True)
+    assert sorted(p.name for p in ckpts.glob("iter-*")) == ["iter-00001"]
     # And it is this run's: resuming with this run's config is accepted.
     cfg2.train.iterations = 2
     assert len(train(store, cfg2, client=client, resume=True, quiet=True).history) == 2

@@ -38,27 +38,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         "with --json. Files that an interrupted write left behind are reported; `dmf clean` "
         "removes them.",
     )
-    p.add_argument("path", metavar="STORE|MODEL", help="store or model directory (path or URL)")
+    p.add_argument("path", metavar="DIR", help="the directory dmf wrote (path or URL)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
         "verify",
-        help="check every file of a store or model against its manifest (size and checksum)",
-        description="Read every file a store or model directory lists (and a model's "
-        "checkpoints) and check its size and CRC-32. Exit status 2 names the first bad file.",
+        help="check every file of a store, model, recommendation or synth output against its "
+        "manifest (size and checksum)",
+        description="Read every file a store, model, recommendation or synth directory lists "
+        "(and a model's checkpoints with the factor files they name) and check its size and "
+        "CRC-32. Exit status 2 names the first bad file.",
     )
-    p.add_argument("path", metavar="STORE|MODEL", help="store or model directory (path or URL)")
+    p.add_argument("path", metavar="DIR", help="the directory dmf wrote (path or URL)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser(
         "clean",
-        help="remove the files interrupted writes left in a store or model directory",
-        description="Delete dmf's files that no manifest lists in a store or model directory "
-        "(killed ingests, saves, checkpoints, evaluations). Files dmf did not write are never "
-        "touched. Use --dry-run to list them first.",
+        help="remove the files interrupted writes left in a store, model, recommendation or "
+        "synth directory",
+        description="Delete dmf's files that no manifest lists in a store, model, "
+        "recommendation or synth directory (killed ingests, saves, checkpoints, evaluations). "
+        "Files dmf did not write, and directories holding another dmf output's manifest, are "
+        "never touched. Use --dry-run to list them first.",
     )
-    p.add_argument("path", metavar="STORE|MODEL", help="store or model directory (path or URL)")
+    p.add_argument("path", metavar="DIR", help="the directory dmf wrote (path or URL)")
     p.add_argument("-n", "--dry-run", action="store_true", help="list, do not delete")
     p.set_defaults(func=cmd_clean)
 
@@ -79,32 +83,60 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _what(path: str):
-    """(kind, location) of a store or a model directory: kind is 'store', 'model' or None."""
+# The manifest each kind of dmf output commits last (see dmf.store.storage.Commit).
+def _manifests() -> dict[str, str]:
+    from dmf.data.synth import MANIFEST as SYNTH_MANIFEST
     from dmf.model.model import MODEL_JSON
+    from dmf.model.recommend import RECS_MANIFEST
     from dmf.store.layout import MANIFEST
+    from dmf.train.checkpoint import STATE
+
+    return {
+        "store": MANIFEST,
+        "model": MODEL_JSON,
+        "recommendations": RECS_MANIFEST,
+        "synth output": SYNTH_MANIFEST,
+        "checkpoint": STATE,
+    }
+
+
+def _what(path: str):
+    """(kind, location) of a directory dmf wrote: kind is 'store', 'model', 'recommendations'
+    or 'synth output' (from the manifest it holds), or None."""
     from dmf.store.storage import Location
 
     loc = Location.of(path)
-    if (loc / MANIFEST).exists():
-        return "store", loc
-    if (loc / MODEL_JSON).exists():
-        return "model", loc
+    for kind, manifest in _manifests().items():
+        if kind != "checkpoint" and (loc / manifest).exists():
+            return kind, loc
     return None, loc
 
 
-def _leftovers(kind: str, loc) -> list[str]:
+def _leftovers(kind: str | None, loc) -> list[str]:
+    from dmf.errors import StoreError
     from dmf.model.model import model_leftovers
-    from dmf.store.layout import MANIFEST
     from dmf.store.storage import leftovers, read_manifest
     from dmf.train.checkpoint import checkpoint_leftovers
 
-    if kind == "store":
-        return leftovers(loc, MANIFEST, read_manifest(loc, MANIFEST))
     if kind == "model":
         return model_leftovers(loc) + [
             f"checkpoints/{rel}" for rel in checkpoint_leftovers(loc / "checkpoints")
         ]
+    if kind is not None:
+        manifest = _manifests()[kind]
+        return leftovers(loc, manifest, read_manifest(loc, manifest, error=StoreError))
+    # No manifest here: a first write killed before committing, or a directory that holds
+    # dmf's outputs further down, whose files are not leftovers of anything.
+    names = {m: k for k, m in _manifests().items()}
+    files = loc.files()
+    for rel in files:
+        name = rel.rsplit("/", 1)[-1]
+        if name in names:
+            raise StoreError(
+                f"{loc} holds a {names[name]} in {loc / rel.rsplit('/', 1)[0]} ({name}); "
+                "dmf clean and info work on one store, model, recommendation or synth "
+                "directory at a time: name that directory"
+            )
     return leftovers(loc, "", None)
 
 
@@ -117,7 +149,10 @@ def _not_found(loc, stray: list[str]):
         if stray
         else ""
     )
-    return StoreError(f"{loc} holds no store (manifest.json) and no model (model.json){more}")
+    return StoreError(
+        f"{loc} holds no store (manifest.json), model (model.json), recommendations "
+        f"(_manifest.json) or synth output (synth.json){more}"
+    )
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -133,12 +168,23 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(json.dumps(model.manifest(), indent=1, default=str))
         else:
             print(format_model_info(model, loc))
-    else:
+    elif kind == "store":
         store = Store.open(loc)
         if args.json:
             print(store.manifest.model_dump_json(indent=1, exclude_none=True))
         else:
             print(format_info(store))
+    else:
+        from dmf.errors import StoreError
+        from dmf.store.storage import entries_of, read_manifest
+
+        doc = read_manifest(loc, _manifests()[kind], error=StoreError) or {}
+        if args.json:
+            print(json.dumps(doc, indent=1, default=str))
+        else:
+            entries = entries_of(doc)
+            n_bytes = sum(e.bytes for e in entries.values())
+            print(f"{kind} {loc}\nfiles        {len(entries)}, {_size(n_bytes)}")
     stray = _leftovers(kind, loc)
     if stray and not args.json:
         print(
@@ -149,9 +195,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from dmf.errors import CheckpointError, StoreError
     from dmf.model.model import verify_model
     from dmf.store.layout import Store
+    from dmf.store.storage import entries_of, read_manifest, verify_file
     from dmf.train.checkpoint import list_checkpoints, read_checkpoint
+    from dmf.train.state import checkpoint_side_refs
 
     kind, loc = _what(args.path)
     if kind is None:
@@ -159,12 +208,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if kind == "store":
         store = Store.open(loc)
         n_bytes, n_files = store.verify_all(), len(store.manifest.files)
-    else:
+    elif kind == "model":
         n_files, n_bytes = verify_model(loc)
         for ckpt in list_checkpoints(loc / "checkpoints"):
             state, _ = read_checkpoint(ckpt)  # every array file checked
             n_files += len(state.get("files", {}))
             n_bytes += sum(e["bytes"] for e in state.get("files", {}).values())
+            # ... and the side block files it names, which --resume reads.
+            for ref in checkpoint_side_refs(state, loc):
+                verify_file(ref.location, ref.entry, CheckpointError)
+                n_files += 1
+                n_bytes += ref.entry.bytes
+    else:
+        manifest = _manifests()[kind]
+        entries = entries_of(read_manifest(loc, manifest, error=StoreError) or {})
+        for rel, entry in entries.items():
+            verify_file(loc / (entry.path or rel), entry)
+        n_files, n_bytes = len(entries), sum(e.bytes for e in entries.values())
     print(f"dmf verify: {loc}: {n_files} files, {_size(n_bytes)}, every size and checksum ok")
     return 0
 

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on a store", description="Store -> model.")
     add_config_arg(p)
     add_cluster_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    add_start_args(p)
     p.add_argument("--store", help="store directory (default: store.path of the config)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or per-iteration lines")
     p.set_defaults(func=cmd_train)
@@ -26,9 +26,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_config_arg(p)
     add_cluster_args(p)
-    p.add_argument("--resume", action="store_true", help="continue training from a checkpoint")
+    add_start_args(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
+
+
+def add_start_args(p: argparse.ArgumentParser) -> None:
+    """--resume or --fresh: what to do with the checkpoints of an earlier run in the model
+    directory (with neither, training refuses to start when there are some)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint (if any)"
+    )
+    g.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard the checkpoints of an earlier run in the model directory and start over",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -39,7 +53,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     store = Store.open(config_location(cfg, args.store or cfg.store.path))
     # The model is written; this process has no use for its factors (in_memory=False reads
     # only model.json).
-    train(store, cfg, resume=args.resume, quiet=args.quiet, in_memory=False, **cluster_kwargs(args))
+    train(
+        store,
+        cfg,
+        resume=args.resume,
+        fresh=args.fresh,
+        quiet=args.quiet,
+        in_memory=False,
+        **cluster_kwargs(args),
+    )
     return 0
 
 
@@ -53,7 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         # moving spill data between processes (1.2-1.5x faster here; the store is identical).
         local = cfg.cluster.kind == "local" and not (args.address or args.scheduler_file)
         store = prepare_store(cfg, None if local else client, quiet=args.quiet)
-        model = train(store, cfg, client=client, resume=args.resume, quiet=args.quiet)
+        model = train(
+            store, cfg, client=client, resume=args.resume, fresh=args.fresh, quiet=args.quiet
+        )
         if store.n_split(cfg.evaluate.split) == 0:
             print(
                 f"dmf run: the store has no {cfg.evaluate.split} split; skipping evaluation",

@@ -10,9 +10,11 @@ Two mappers:
 - :class:`IntIdMapper`: while ids are small non-negative integers (below ``table_limit``), the
   code *is* the id (no hashing at all: the common case of MovieLens and generated data). When an
   id falls outside, it switches to a sorted array of known ids with codes, merged per batch.
-- :class:`StrIdMapper`: string ids, looked up per batch with Arrow's hash kernels.
+- :class:`StrIdMapper`: string ids, kept as one Arrow string array and looked up per batch
+  through their 64-bit hashes, sorted.
 
-Both hold memory proportional to the number of distinct ids, never to the number of ratings.
+Both hold memory proportional to the distinct ids (for strings, to their total length), never to
+the number of ratings.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dmf.data.hashing import hash_strings
 from dmf.errors import InputError
 
 TABLE_LIMIT = 1 << 26
@@ -122,69 +125,79 @@ class IntIdMapper(IdMapper):
 
 
 class StrIdMapper(IdMapper):
-    """String ids: known ids kept sorted as fixed-width bytes beside their codes.
+    """String ids: the known ids in code order, and their 64-bit hashes kept sorted.
 
-    Each batch's distinct ids are looked up by binary search (memcmp, O(d log K) for d distinct
-    ids against K known ones) and new ids merged in with one insert (a memcpy). Rebuilding a hash
-    table over all K known ids for every batch, as before, made ingest quadratic in the number
-    of ids. Ids are UTF-8 bytes; an id containing a NUL byte is refused (fixed-width bytes would
-    not tell "a" from "a\\0").
+    The known ids are one Arrow string array (UTF-8 bytes and offsets), so they take memory in
+    proportion to their total length: one long id costs its own bytes, not its length times the
+    number of ids, as a fixed-width array would. Each batch's distinct ids are hashed
+    (:func:`dmf.data.hashing.hash_strings`) and looked up by binary search among the known ids'
+    sorted hashes (O(d log K) for d distinct ids against K known ones, never a hash table
+    rebuilt over all K per batch, which made ingest quadratic); every match is confirmed by
+    comparing the strings, and new ids are merged in with one insert. Should two distinct ids
+    ever share a hash, every later batch is looked up exactly instead (Arrow's hash table over
+    the known ids): slower, never wrong.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.sorted_ids = np.empty(0, dtype="S1")  # known ids (UTF-8), sorted
-        self.sorted_codes = np.empty(0, dtype=np.int32)  # their codes (order of first sight)
-        self._n = 0
+        self.ids = pa.array([], type=pa.large_string())  # known ids; position = code
+        self.hashes: np.ndarray | None = np.empty(0, dtype=np.uint64)  # sorted; None: exact
+        self.hash_codes = np.empty(0, dtype=np.int32)  # the code of each sorted hash
 
     @property
     def n_codes(self) -> int:
-        return self._n
+        return len(self.ids)
 
     def _encode(self, ids: pa.Array) -> np.ndarray:
         if not len(ids):
             return np.zeros(0, dtype=np.int32)
         enc = pc.dictionary_encode(ids)
-        indices = enc.indices.to_numpy()
-        dictionary = enc.dictionary
-        if pc.any(pc.match_substring(dictionary, "\x00")).as_py():
-            raise ValueError("an id contains a NUL byte")
-        width = max(1, pc.max(pc.binary_length(dictionary)).as_py() or 1)
-        if width > self.sorted_ids.dtype.itemsize:
-            self.sorted_ids = self.sorted_ids.astype(f"S{width}")
-        d = (
-            dictionary.cast(pa.binary())
-            .to_numpy(zero_copy_only=False)
-            .astype(self.sorted_ids.dtype)
-        )
-        order = np.argsort(d, kind="stable")
-        d = d[order]
-        pos = np.searchsorted(self.sorted_ids, d)
-        hit = np.zeros(len(d), dtype=bool)
-        inside = pos < len(self.sorted_ids)
-        hit[inside] = self.sorted_ids[pos[inside]] == d[inside]
-        codes_sorted_d = np.empty(len(d), dtype=np.int32)
-        codes_sorted_d[hit] = self.sorted_codes[pos[hit]]
-        n_new = int((~hit).sum())
-        if n_new:
+        d = enc.dictionary.cast(pa.large_string())
+        h = hash_strings(d) if self.hashes is not None else None
+        codes = self._lookup(d, h)
+        new = np.flatnonzero(codes < 0)
+        if len(new):
+            if self.n_codes + len(new) >= 2**31 - 1:
+                raise InputError("more than 2^31 distinct ids on one side are not supported")
             # Codes only need to be unique; the dense index is the rank of the raw id (finish).
-            new_codes = np.arange(self._n, self._n + n_new, dtype=np.int32)
-            codes_sorted_d[~hit] = new_codes
-            self.sorted_ids = np.insert(self.sorted_ids, pos[~hit], d[~hit])
-            self.sorted_codes = np.insert(self.sorted_codes, pos[~hit], new_codes)
-            self._n += n_new
-        codes_d = np.empty(len(d), dtype=np.int32)
-        codes_d[order] = codes_sorted_d
-        return codes_d[indices]
+            codes[new] = np.arange(self.n_codes, self.n_codes + len(new), dtype=np.int32)
+            self.ids = pa.concat_arrays([self.ids, d.take(pa.array(new))])
+            if self.hashes is not None and h is not None:
+                # Sorted first: np.insert puts values bound for one position in given order.
+                new = new[np.argsort(h[new])]
+                pos = np.searchsorted(self.hashes, h[new])
+                self.hashes = np.insert(self.hashes, pos, h[new])
+                self.hash_codes = np.insert(self.hash_codes, pos, codes[new])
+        return codes[enc.indices.to_numpy()]
+
+    def _lookup(self, d: pa.Array, h: np.ndarray | None) -> np.ndarray:
+        """Codes of the distinct ids ``d`` (hashes ``h``), shape (len(d),), int32; -1 for an
+        unknown id. Switches to exact lookups for good on a hash shared by two ids."""
+        if self.hashes is not None and h is not None:
+            codes = np.full(len(d), -1, dtype=np.int32)
+            pos = np.minimum(np.searchsorted(self.hashes, h), max(len(self.hashes) - 1, 0))
+            hit = np.flatnonzero(self.hashes[pos] == h) if len(self.hashes) else pos[:0]
+            cand = self.hash_codes[pos[hit]]
+            same = pc.equal(d.take(pa.array(hit)), self.ids.take(pa.array(cand)))
+            same = np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
+            unknown = np.ones(len(d), dtype=bool)
+            unknown[hit[same]] = False
+            if same.all() and len(np.unique(h[unknown])) == int(unknown.sum()):
+                codes[hit] = cand
+                return codes
+            self.hashes = None  # a known id and another, or two new ones, share a hash
+            self.hash_codes = np.empty(0, dtype=np.int32)
+        found = pc.index_in(d, value_set=self.ids).fill_null(-1)
+        return found.to_numpy(zero_copy_only=False).astype(np.int32)
 
     def finish(self) -> tuple[np.ndarray, pa.Array, np.ndarray]:
-        # Known ids are kept sorted (bytewise, which is also Arrow's string order): the dense
-        # index of a code is its position.
-        index_of_code = np.empty(self._n, dtype=np.int32)
-        index_of_code[self.sorted_codes] = np.arange(self._n, dtype=np.int32)
-        counts = self.counts[: self._n]
-        ids = pa.array(self.sorted_ids.tolist(), type=pa.binary()).cast(pa.string())
-        return index_of_code, ids, counts[self.sorted_codes]
+        # The dense index of an id is its rank in byte order (Arrow's string order, which is
+        # also the order of the user side's ranges: dmf.data.idpartition).
+        order = pc.sort_indices(self.ids).to_numpy()
+        index_of_code = np.empty(self.n_codes, dtype=np.int32)
+        index_of_code[order] = np.arange(self.n_codes, dtype=np.int32)
+        ids = self.ids.take(pa.array(order)).cast(pa.string())
+        return index_of_code, ids, self.counts[: self.n_codes][order]
 
 
 def make_mapper(kind: str) -> IdMapper:

@@ -134,7 +134,7 @@ def rank_ids(ids: pa.Array) -> tuple[pa.Array, np.ndarray]:
 
 def write_id_file(loc: Location, ids: pa.Array) -> None:
     """A range's sorted distinct raw ids, in row groups of :data:`ID_ROW_GROUP` rows."""
-    with loc.open("wb") as f:
+    with loc.writer() as f:
         pq.write_table(pa.table({"id": ids}), f, row_group_size=ID_ROW_GROUP, compression="zstd")
 
 

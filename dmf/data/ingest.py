@@ -59,7 +59,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dmf import __version__
@@ -323,25 +322,10 @@ class _Pass1:
             t = t[keep] if t is not None else None
         else:
             users, items = bt.user, bt.item
-        try:
-            _refuse_nul(users)
-            ic = self.items.encode(items)
-        except ValueError as exc:  # an id the map cannot hold (a NUL byte in a string id)
-            raise InputError(
-                f"{bt.file}: {bt.kind}s from {bt.first}: user column "
-                f"{bt.colnames.get('user', 'user')!r} or item column "
-                f"{bt.colnames.get('item', 'item')!r}: {exc}"
-            ) from exc
+        ic = self.items.encode(items)
         self.user_sample.add(self.rows_read + np.flatnonzero(keep), users)
         self.rows_kept += len(ic)
         return users, ic, r, t
-
-
-def _refuse_nul(ids: pa.Array) -> None:
-    """String ids are text: one with a NUL byte is refused (on both sides, as the item side's
-    :class:`IdMapper` must)."""
-    if pa.types.is_string(ids.type) and pc.any(pc.match_substring(ids, "\x00")).as_py():
-        raise ValueError("an id contains a NUL byte")
 
 
 def _pass1(spec: InputSpec, config: Config, spill: Location, progress: bool | None) -> _Pass1:
@@ -739,8 +723,9 @@ def fingerprint(config: Config, spec: InputSpec) -> str:
     for f in spec.files:
         h.update(json.dumps(_file_identity(f.path)).encode())
     cfg = config.to_dict()
-    # Settings that change how ingest runs, never what it writes.
-    data = {k: v for k, v in cfg["data"].items() if k not in ("batch_rows", "id_partition_rows")}
+    # Settings that change how ingest runs (or whether it refuses), never what it writes.
+    skip = ("batch_rows", "id_partition_rows", "max_id_length")
+    data = {k: v for k, v in cfg["data"].items() if k not in skip}
     h.update(
         json.dumps(
             {"data": data, "split": cfg["split"], "blocks": cfg["blocks"]}, sort_keys=True
@@ -811,7 +796,7 @@ def _write_store(
 ) -> Store:
     """Passes 1-5, then the id maps, the held-out splits and the manifest (last)."""
     timings: dict[str, float] = {}
-    with StoreWriter(out, overwrite=config.store.overwrite) as w:
+    with StoreWriter(out, overwrite=config.store.overwrite, force=config.store.force) as w:
         run = _Run(client, progress, w.scratch, w.target, spec.has_timestamp)
         with _timed(timings, "read"):
             p1 = _read_input(spec, config, run.spill, progress)

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from dmf import __version__
 from dmf.dist.tasks import progress_disabled
 from dmf.errors import DownloadError
-from dmf.store.storage import Staging
+from dmf.store.storage import Staging, recover_dir
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,9 @@ def download(
     rel = _release(variant)
     dest = Path(dest)
     target = dest / rel.folder
+    recovered = recover_dir(target)
+    if recovered:
+        log.warning("dmf: %s", recovered)
     if not force and (target / rel.ratings).is_file():
         log.info("MovieLens %s is already in %s (use force to download again)", rel.variant, target)
         return target

@@ -21,6 +21,13 @@ by ``dmf synth`` (it holds ``synth.json``), or its ``ratings`` directory, is rea
 manifest's list of files: its file names carry a version token, and files no manifest lists
 (left by an interrupted synth) are not data.
 
+Raw ids are read as ``data.id_type`` says (:func:`_check_ids`). CSV ids are read as text and
+become integers only when each is a canonical integer ("7", never "007" or "+7"), so two ids
+that differ as text are never merged; ``auto`` decides this over the whole input, re-reading it
+with a side as strings when a later id is not such an integer (:class:`IdTypeMismatch`). Float
+ids must be whole and within int64, and no string id may be longer than ``data.max_id_length``
+bytes.
+
 Every error the input can cause is an :class:`~dmf.errors.InputError` naming the file, the line
 (CSV, 1-based, counting the header) or row (Parquet, 1-based) and the column. Arrow reports parse
 errors without a line number, so on such an error the file is re-scanned line by line (slowly,
@@ -34,6 +41,7 @@ import glob
 import io
 import os
 import posixpath
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,8 +137,14 @@ class InputSpec:
     columns: dict[str, str | int]  # field -> name or 0-based position; timestamp may be absent
     batch_rows: int
     preset: str | None = None
-    # Decided from the first file ("int" or "string") and kept for all files.
+    id_type: str = "auto"
+    """``data.id_type``: ``auto``, ``int`` or ``string``."""
+    max_id_length: int = 1024
+    """``data.max_id_length``, in UTF-8 bytes."""
     id_types: dict[str, str] = field(default_factory=dict)
+    """Each side's id type, ``int`` or ``string``: set from the start unless ``id_type`` is
+    ``auto``; then settled by the first batch, and turned to ``string`` (the input re-read)
+    when a later id is not an integer (:class:`IdTypeMismatch`)."""
 
     @property
     def has_timestamp(self) -> bool:
@@ -395,6 +409,9 @@ def resolve_inputs(
         columns=columns,
         batch_rows=data.batch_rows,
         preset=data.preset,
+        id_type=data.id_type,
+        max_id_length=data.max_id_length,
+        id_types={} if data.id_type == "auto" else dict.fromkeys(ID_FIELDS, data.id_type),
     )
 
 
@@ -512,19 +529,29 @@ def _sniff_lines(f: InputFile) -> tuple[list[bytes], bool]:
 
 
 def _split_line(line: bytes, delimiter: str) -> list[str]:
+    """The fields of one line, as Python's csv module splits them.
+
+    Raises
+    ------
+    csv.Error
+        A quoted field longer than the csv module's limit (``csv.field_size_limit()``, 128 KiB);
+        an unquoted one is split on the delimiter instead, which is what csv would do.
+    """
     text = line.decode("utf-8", errors="surrogateescape")
     if len(delimiter) > 1:
         text = text.replace(delimiter, _SUBST.decode())
         delimiter = _SUBST.decode()
-    return next(csv.reader([text], delimiter=delimiter), [])
+    try:
+        return next(csv.reader([text], delimiter=delimiter), [])
+    except csv.Error:
+        if '"' in text:
+            raise
+        return text.split(delimiter)
 
 
 def _is_int(s: str) -> bool:
-    try:
-        int(s)
-        return True
-    except ValueError:
-        return False
+    """Whether Arrow reads ``s`` as an int64 (ASCII digits, an optional '-')."""
+    return re.fullmatch(r"-?[0-9]+", s) is not None
 
 
 def _is_float(s: str) -> bool:
@@ -602,20 +629,20 @@ def _select_columns(
 def _sampled_types(
     rows: list[list[str]], names: list[str], select: dict[str, str]
 ) -> dict[str, pa.DataType]:
-    """Arrow types of the fields from a sample of rows: ids that are all integers are read as
-    int64, else as strings; timestamps as int64, float64 or dates."""
+    """Arrow types of the fields: ids are read as text, their type decided over the whole input
+    (:func:`_ids_of_text`); ratings as float64; timestamps as int64, float64 or dates, from a
+    sample of rows."""
     types: dict[str, pa.DataType] = {"rating": pa.float64()}
-    for fld in ID_FIELDS + ("timestamp",):
-        if fld not in select:
-            continue
-        k = names.index(select[fld])
+    types.update(dict.fromkeys(ID_FIELDS, pa.string()))
+    if "timestamp" in select:
+        k = names.index(select["timestamp"])
         vals = [r[k] for r in rows if k < len(r) and r[k] != ""]
         if all(_is_int(v) for v in vals):
-            types[fld] = pa.int64()
+            types["timestamp"] = pa.int64()
         elif all(_is_float(v) for v in vals):
-            types[fld] = pa.float64()
+            types["timestamp"] = pa.float64()
         else:
-            types[fld] = pa.string() if fld != "timestamp" else pa.timestamp("s")
+            types["timestamp"] = pa.timestamp("s")
     return types
 
 
@@ -660,12 +687,17 @@ def _sniff_csv(f: InputFile, spec: InputSpec) -> tuple[_CsvLayout, dict[str, str
 
 
 def _diagnose_csv(
-    f: InputFile, layout: _CsvLayout, disp: dict[str, str], types: dict[str, pa.DataType]
-) -> tuple[str, str | None, str | None] | None:
-    """Scan the file line by line for the first line Arrow could not read.
+    f: InputFile,
+    layout: _CsvLayout,
+    disp: dict[str, str],
+    types: dict[str, pa.DataType],
+    max_id_length: int,
+) -> str | None:
+    """Scan the file line by line for the first line Arrow could not read (or whose id is
+    longer than ``max_id_length`` bytes, which an Arrow error later in the block would hide).
 
-    Returns (message, field, value) or None when nothing is found. Slow (Python per line), but only
-    run once, after Arrow reported an error.
+    Returns the message naming that line, or None when nothing is found. Slow (Python per line),
+    but only run once, after Arrow reported an error.
     """
     ncols = len(layout.names)
     idx = {fld: layout.names.index(col) for fld, col in layout.select.items()}
@@ -678,44 +710,55 @@ def _diagnose_csv(
             line = line.rstrip(b"\r\n")
             if not line:
                 continue
-            fields = _split_line(line, layout.delimiter)
+            try:
+                fields = _split_line(line, layout.delimiter)
+            except csv.Error as exc:
+                return (
+                    f"{f.path}, line {lineno}: cannot split the line into fields ({exc}); ids "
+                    f"may be at most data.max_id_length = {max_id_length} bytes: {line[:200]!r}"
+                )
             if len(fields) != ncols:
                 return (
                     f"{f.path}, line {lineno}: {len(fields)} field(s), expected {ncols} "
                     f"as on line 1 (ragged row, or a wrong delimiter: data.delimiter is "
-                    f"{layout.delimiter!r}): {line[:200]!r}",
-                    None,
-                    None,
+                    f"{layout.delimiter!r}): {line[:200]!r}"
                 )
             for fld, k in idx.items():
-                v = fields[k]
-                where = f"{f.path}, line {lineno}, column {disp[fld]!r} (data.columns.{fld})"
-                try:
-                    v.encode("utf-8")
-                except UnicodeEncodeError:
-                    return (
-                        f"{where}: bytes that are not UTF-8: "
-                        f"{v.encode('utf-8', errors='surrogateescape')[:100]!r}; "
-                        "re-encode the file as UTF-8",
-                        fld,
-                        v,
-                    )
-                t = types.get(fld)
-                if v == "":
-                    continue
-                if t == pa.int64() and not _is_int(v):
-                    if fld in ID_FIELDS and _is_float(v):
-                        return (
-                            f"{where}: id {v!r} is fractional; ids must be integers or strings",
-                            fld,
-                            v,
-                        )
-                    return (f"{where}: {v!r} is not an integer", fld, v)
-                if t == pa.float64() and not _is_float(v):
-                    return (f"{where}: {v!r} is not a number", fld, v)
+                found = _diagnose_field(fields[k], fld, types.get(fld), max_id_length)
+                if found is not None:
+                    where = f"{f.path}, line {lineno}, column {disp[fld]!r} (data.columns.{fld})"
+                    return f"{where}: {found}"
         return None
     finally:
         stream.close()
+
+
+def _diagnose_field(v: str, fld: str, t: pa.DataType | None, max_id_length: int) -> str | None:
+    """What is wrong with the text ``v`` of field ``fld`` read as Arrow type ``t``, or None."""
+    try:
+        n = len(v.encode("utf-8"))
+    except UnicodeEncodeError:
+        return (
+            f"bytes that are not UTF-8: {v.encode('utf-8', errors='surrogateescape')[:100]!r}; "
+            "re-encode the file as UTF-8"
+        )
+    if v == "":
+        return None
+    if fld in ID_FIELDS and n > max_id_length:
+        return _too_long(v, n, max_id_length)
+    if t == pa.int64() and not _is_int(v):
+        return f"{v!r} is not an integer"
+    if t == pa.float64() and not _is_float(v):
+        return f"{v!r} is not a number"
+    return None
+
+
+def _too_long(v: str, n: int, max_id_length: int) -> str:
+    """The message for an id ``v`` of ``n`` bytes, over ``data.max_id_length``."""
+    return (
+        f"an id of {n} bytes ({v[:40]!r}...) is longer than data.max_id_length "
+        f"({max_id_length} bytes); raise it if such ids are meant"
+    )
 
 
 class _PyStream(io.RawIOBase):
@@ -736,36 +779,64 @@ class _PyStream(io.RawIOBase):
 # -- batches --------------------------------------------------------------------------------------
 
 
-def _check_ids(b: Batch, fld: str, arr: pa.Array) -> pa.Array:
-    """Null, empty or fractional ids are errors; float ids that are whole become int64."""
+# Text that is an integer exactly as str(int) writes it: the only integer ids ``auto`` accepts.
+_CANONICAL_INT = r"^(0|-?[1-9][0-9]*)$"
+# A number written with a decimal point or an exponent, in ASCII: "3.0", "-.5", "1e19".
+_FLOAT_TEXT = r"^[-+]?(([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)$"
+_INT64_MAX_TEXT = str(2**63 - 1)
+_INT64_MIN_TEXT = str(-(2**63))
+
+
+def _mask(arr: pa.Array) -> np.ndarray:
+    """A boolean Arrow array without nulls as a NumPy one."""
+    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _check_ids(b: Batch, fld: str, arr: pa.Array, spec: InputSpec, text: bool) -> pa.Array:
+    """The ids ``arr`` of ``fld`` as an int64 or a string array, as ``data.id_type`` says.
+
+    ``text``: the ids are text as written in a CSV file, whose type is decided here, batch by
+    batch (:func:`_ids_of_text`). A Parquet column's type is its writer's: integers stay integers
+    and strings stay strings, unless ``data.id_type`` is ``int`` (strings must then be
+    integers) or ``string`` (:func:`_unify_ids` writes integers in decimal). Floats must be whole
+    and within int64. Null and empty ids, ids longer than ``data.max_id_length`` bytes and ids
+    with a NUL byte are errors naming the line or row.
+    """
     if arr.null_count:
         k = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
         raise InputError(f"{b.where(k, fld)}: the id is missing (null or empty)")
     t = arr.type
     if pa.types.is_floating(t):
         v = arr.to_numpy(zero_copy_only=False)
-        bad = ~np.isfinite(v) | (v != np.floor(v))
-        if bad.any():
-            k = int(np.flatnonzero(bad)[0])
-            raise InputError(
-                f"{b.where(k, fld)}: id {float(v[k])!r} is fractional or not finite; ids must be "
-                "integers or strings"
-            )
-        return pa.array(v.astype(np.int64))
+        return pa.array(_whole(b, fld, v, np.arange(len(v)), lambda k: repr(float(v[k]))))
     if pa.types.is_integer(t):
-        return arr.cast(pa.int64()) if t != pa.int64() else arr
+        return _integer_ids(b, fld, arr, spec)
     if pa.types.is_dictionary(t):
-        return _check_ids(b, fld, arr.cast(t.value_type))
+        return _check_ids(b, fld, arr.cast(t.value_type), spec, text)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         arr = arr.cast(pa.string()) if t != pa.string() else arr
-        empty = pc.equal(pc.utf8_length(arr), 0)
-        if pc.any(empty).as_py():
-            k = int(np.flatnonzero(empty.to_numpy(zero_copy_only=False))[0])
-            raise InputError(f"{b.where(k, fld)}: the id is empty")
-        return arr
+        parse = spec.id_types.get(fld) != "string" and (text or spec.id_type == "int")
+        ints = _canonical_ints(arr) if parse else None
+        if ints is not None:
+            return ints
+        n = pc.binary_length(arr).to_numpy()
+        # Ids are text: a NUL byte in one is binary data read as text.
+        nul = _mask(pc.match_substring(arr, "\x00"))
+        bad = (n == 0) | (n > spec.max_id_length) | nul
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            if n[k] == 0:
+                raise InputError(f"{b.where(k, fld)}: the id is missing (empty)")
+            if n[k] > spec.max_id_length:
+                v = arr[k].as_py()
+                raise InputError(
+                    f"{b.where(k, fld)}: {_too_long(v, int(n[k]), spec.max_id_length)}"
+                )
+            raise InputError(f"{b.where(k, fld)}: the id {arr[k].as_py()!r} contains a NUL byte")
+        return _ids_of_text(b, fld, arr, spec) if parse else arr
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         try:
-            return _check_ids(b, fld, arr.cast(pa.string()))
+            return _check_ids(b, fld, arr.cast(pa.string()), spec, text)
         except pa.ArrowInvalid as exc:
             raise InputError(
                 f"{b.file}, column {b.colnames[fld]!r} (data.columns.{fld}): ids are bytes that "
@@ -775,6 +846,107 @@ def _check_ids(b: Batch, fld: str, arr: pa.Array) -> pa.Array:
         f"{b.file}, column {b.colnames[fld]!r} (data.columns.{fld}): ids of type {t} are not "
         "supported; use integers or strings"
     )
+
+
+def _whole(
+    b: Batch, fld: str, v: np.ndarray, rows: np.ndarray, shown: Callable[[int], str]
+) -> np.ndarray:
+    """Float ids ``v`` (of the batch's rows ``rows``) as int64, shape (n,): each must be whole
+    and within int64, never wrapped (``shown(k)``: id ``k`` as the message writes it)."""
+    bad = ~np.isfinite(v) | (v != np.floor(v)) | (v < -(2.0**63)) | (v >= 2.0**63)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        x = float(v[k])
+        why = (
+            "is not finite"
+            if not np.isfinite(x)
+            else "is fractional"
+            if x != np.floor(x)
+            else "is outside the int64 range"
+        )
+        raise InputError(
+            f"{b.where(int(rows[k]), fld)}: id {shown(k)} {why}; ids must be integers (within "
+            "int64) or strings"
+        )
+    return v.astype(np.int64)
+
+
+def _integer_ids(b: Batch, fld: str, arr: pa.Array, spec: InputSpec) -> pa.Array:
+    """An integer column's ids as int64; uint64 ones beyond int64 as their decimal text (the
+    side is then read as strings), or an error if ``data.id_type`` is ``int``."""
+    if arr.type == pa.int64():
+        return arr
+    over = pc.greater(arr, 2**63 - 1) if arr.type == pa.uint64() else None
+    if over is None or not pc.any(over).as_py():
+        return arr.cast(pa.int64())
+    if spec.id_type == "int":
+        k = int(np.flatnonzero(_mask(over))[0])
+        raise InputError(
+            f"{b.where(k, fld)}: id {arr[k].as_py()} is outside the int64 range of integer ids; "
+            "set data.id_type: string (or auto) to read the ids as strings"
+        )
+    return arr.cast(pa.string())
+
+
+def _canonical_ints(arr: pa.Array) -> pa.Array | None:
+    """The strings ``arr`` as int64 when each is a canonical integer within int64, else None.
+
+    The common case, at the cost of two casts: Arrow parses every id, and each is its value's
+    decimal text (Arrow's parser alone also takes "007", "-0" and "0x1F").
+    """
+    try:
+        ints = arr.cast(pa.int64())
+    except pa.ArrowInvalid:
+        return None
+    return ints if pc.all(pc.equal(ints.cast(pa.string()), arr)).as_py() else None
+
+
+def _ids_of_text(b: Batch, fld: str, arr: pa.Array, spec: InputSpec) -> pa.Array:
+    """Ids as written (strings, none empty), not all of them canonical integers within int64
+    (:func:`_canonical_ints`), so never all read as integers: "007" is not 7.
+
+    With ``data.id_type: int``, an error naming the first id that is not such an integer. With
+    ``auto``, ``arr`` itself when an id is neither such an integer nor a number written with a
+    decimal point or an exponent (the side is then read as strings: :func:`_unify_ids`); else
+    the numbers, each of which must be whole (``3.0`` is 3) and within int64.
+    """
+    pattern = _mask(pc.match_substring_regex(arr, _CANONICAL_INT))
+    beyond = pattern & _beyond_int64(arr)
+    canonical = pattern & ~beyond
+    if spec.id_type == "int":
+        k = int(np.flatnonzero(~canonical)[0])
+        why = (
+            "is outside the int64 range of integer ids"
+            if beyond[k]
+            else "is not a plain integer (ASCII digits without a leading zero, after an "
+            "optional '-'; 0 itself but not -0)"
+        )
+        raise InputError(
+            f"{b.where(k, fld)}: id {arr[k].as_py()!r} {why}; data.id_type is int: set it to "
+            "auto or string to read such ids as strings"
+        )
+    floats = _mask(pc.match_substring_regex(arr, _FLOAT_TEXT))
+    if not (canonical | floats).all():
+        return arr
+    out = np.empty(len(arr), dtype=np.int64)
+    out[canonical] = arr.filter(pa.array(canonical)).cast(pa.int64()).to_numpy()
+    at = np.flatnonzero(floats)
+    v = arr.filter(pa.array(floats)).cast(pa.float64()).to_numpy()
+    out[at] = _whole(b, fld, v, at, lambda k: arr[int(at[k])].as_py())
+    return pa.array(out)
+
+
+def _beyond_int64(arr: pa.Array) -> np.ndarray:
+    """Which of the strings ``arr``, read as canonical integers, are outside int64: longer than
+    the text of the bound on their side, or as long and greater (digit strings of one length
+    compare as their numbers do)."""
+    neg = _mask(pc.starts_with(arr, "-"))
+    n = pc.binary_length(arr).to_numpy()
+    limit = np.where(neg, len(_INT64_MIN_TEXT), len(_INT64_MAX_TEXT))
+    greater = np.where(
+        neg, _mask(pc.greater(arr, _INT64_MIN_TEXT)), _mask(pc.greater(arr, _INT64_MAX_TEXT))
+    )
+    return (n > limit) | ((n == limit) & greater)
 
 
 def _timestamps(b: Batch, arr: pa.Array) -> np.ndarray:
@@ -810,18 +982,28 @@ def _ratings(b: Batch, arr: pa.Array) -> np.ndarray:
 
 
 def _make_batch(
-    file: str, kind: str, first: int, cols: dict[str, pa.Array], colnames: dict[str, str]
+    file: str,
+    kind: str,
+    first: int,
+    cols: dict[str, pa.Array],
+    colnames: dict[str, str],
+    spec: InputSpec,
 ) -> Batch:
+    """The batch of ``cols``, checked; ids of CSV files (``kind`` "line") are text whose type
+    is decided here (:func:`_check_ids`)."""
     b = Batch(file, kind, first, None, None, None, None, colnames)  # type: ignore[arg-type]
-    b.user = _check_ids(b, "user", cols["user"])
-    b.item = _check_ids(b, "item", cols["item"])
+    b.user = _check_ids(b, "user", cols["user"], spec, text=kind == "line")
+    b.item = _check_ids(b, "item", cols["item"], spec, text=kind == "line")
     b.rating = _ratings(b, cols["rating"])
     b.timestamp = _timestamps(b, cols["timestamp"]) if "timestamp" in cols else None
     return b
 
 
 def _unify_ids(spec: InputSpec, b: Batch) -> None:
-    """Hold every file to the id type of the first one (ints may become strings, not back)."""
+    """Hold every batch to its side's id type (``spec.id_types``, which the first batch settles
+    under ``data.id_type: auto``). Integers may become strings (their decimal text), not back:
+    string ids on an integer side raise :class:`IdTypeMismatch`, and ingest re-reads the input
+    with that side as strings, so the type is decided over the whole input."""
     for fld in ID_FIELDS:
         arr = getattr(b, fld)
         kind = "string" if pa.types.is_string(arr.type) else "int"
@@ -832,18 +1014,6 @@ def _unify_ids(spec: InputSpec, b: Batch) -> None:
             setattr(b, fld, arr.cast(pa.string()))
         else:
             raise IdTypeMismatch(fld)
-
-
-def _read_types(layout: _CsvLayout, spec: InputSpec) -> dict[str, pa.DataType]:
-    """The types to read ``layout``'s fields as: the sampled ones, with ids held to the type
-    the first file settled on (``spec.id_types``)."""
-    types = dict(layout.types)
-    for fld in ID_FIELDS:
-        if spec.id_types.get(fld) == "string":
-            types[fld] = pa.string()
-        elif spec.id_types.get(fld) == "int" and types[fld] == pa.string():
-            raise IdTypeMismatch(fld)
-    return types
 
 
 def _csv_options(
@@ -870,42 +1040,29 @@ def _csv_error(
     f: InputFile,
     layout: _CsvLayout,
     disp: dict[str, str],
-    types: dict[str, pa.DataType],
     block: int,
-    batch_rows: int,
-) -> InputError | IdTypeMismatch:
-    """What to raise for Arrow's parse error ``exc``: the offending line, found by a rescan; or
-    :class:`IdTypeMismatch` when ids read as integers turn out to hold a string."""
-    found = _diagnose_csv(f, layout, disp, types)
-    if found is None:
-        msg = str(exc)
-        if "straddling" in msg:
-            return InputError(
-                f"{f.path}: a line is longer than the read block ({block} bytes); raise "
-                f"data.batch_rows ({batch_rows}) ({msg})"
-            )
+    spec: InputSpec,
+) -> InputError:
+    """The error for Arrow's parse error ``exc``, naming the offending line (found by a
+    rescan)."""
+    found = _diagnose_csv(f, layout, disp, layout.types, spec.max_id_length)
+    if found is not None:
+        return InputError(found)
+    msg = str(exc)
+    if "straddling" in msg:
         return InputError(
-            f"{f.path}: cannot parse as CSV (data.delimiter {layout.delimiter!r}): {msg}"
+            f"{f.path}: a line is longer than the read block ({block} bytes); raise "
+            f"data.batch_rows ({spec.batch_rows}) ({msg})"
         )
-    msg, fld, value = found
-    if (
-        fld in ID_FIELDS
-        and types.get(fld) == pa.int64()
-        and value is not None
-        and not _is_float(value)
-        and not any(0xDC80 <= ord(c) <= 0xDCFF for c in value)
-    ):
-        return IdTypeMismatch(fld)
-    return InputError(msg)
+    return InputError(f"{f.path}: cannot parse as CSV (data.delimiter {layout.delimiter!r}): {msg}")
 
 
 def _iter_csv(f: InputFile, spec: InputSpec) -> Iterator[Batch]:
     layout, disp = _sniff_csv(f, spec)
-    types = _read_types(layout, spec)
     # Parse blocks of at most 4 MiB: Arrow parses small blocks faster (cache), and ingest gathers
     # them into chunks of batch_rows rows anyway.
     block = int(max(min(spec.batch_rows * layout.avg_line, 1 << 22), 8 * layout.max_line, 1024))
-    read, parse, convert = _csv_options(layout, types, block)
+    read, parse, convert = _csv_options(layout, layout.types, block)
     field_of = {v: k for k, v in layout.select.items()}
     colnames = {k: disp[k] for k in layout.select}
     stream = open_text_stream(f, layout.delimiter)
@@ -915,7 +1072,7 @@ def _iter_csv(f: InputFile, spec: InputSpec) -> Iterator[Batch]:
                 stream, read_options=read, parse_options=parse, convert_options=convert
             )
         except pa.ArrowInvalid as exc:
-            raise _csv_error(exc, f, layout, disp, types, block, spec.batch_rows) from None
+            raise _csv_error(exc, f, layout, disp, block, spec) from None
         line = 2 if layout.header else 1
         while True:
             try:
@@ -923,11 +1080,11 @@ def _iter_csv(f: InputFile, spec: InputSpec) -> Iterator[Batch]:
             except StopIteration:
                 break
             except pa.ArrowInvalid as exc:
-                raise _csv_error(exc, f, layout, disp, types, block, spec.batch_rows) from None
+                raise _csv_error(exc, f, layout, disp, block, spec) from None
             if rb.num_rows == 0:
                 continue
             cols = {field_of[n]: rb.column(n) for n in rb.schema.names}
-            b = _make_batch(str(f.path), "line", line, cols, colnames)
+            b = _make_batch(str(f.path), "line", line, cols, colnames, spec)
             _unify_ids(spec, b)
             yield b
             line += rb.num_rows
@@ -971,7 +1128,7 @@ def _parquet_batches(f: InputFile, spec: InputSpec, pf: pq.ParquetFile) -> Itera
             if rb.num_rows == 0:
                 continue
             cols = {fld: rb.column(col) for fld, col in select.items()}
-            b = _make_batch(str(f.path), "row", row, cols, select)
+            b = _make_batch(str(f.path), "row", row, cols, select, spec)
             _unify_ids(spec, b)
             yield b
             row += rb.num_rows

@@ -44,7 +44,7 @@ def stable_order(key: np.ndarray, kmax: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write_arrays(loc: Location, *arrays: np.ndarray) -> None:
     """Write the arrays' bytes one after the other to the file ``loc``."""
-    with loc.open("wb") as f:
+    with loc.writer() as f:
         for x in arrays:
             f.write(memoryview(np.ascontiguousarray(x)).cast("B"))
 
@@ -129,7 +129,7 @@ def block_table(bounds: np.ndarray) -> np.ndarray:
 
 def write_table_file(loc: Location, table: pa.Table) -> None:
     """A table as one Arrow IPC file (raw ids of any type, exactly as read)."""
-    with loc.open("wb") as f, pa.ipc.new_file(f, table.schema) as w:
+    with loc.writer() as f, pa.ipc.new_file(f, table.schema) as w:
         w.write_table(table)
 
 

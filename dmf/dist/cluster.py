@@ -19,6 +19,7 @@ This is Dask plumbing only: nothing here knows of ALS, the store or the model.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -187,19 +188,24 @@ def _attach(target: str, key: str, security, **client_kwargs):
     except TypeError as exc:
         if "ssl_context" not in str(exc):
             raise
-        raise ConfigError(
+        error = ConfigError(
             f"{key}: {target} speaks TLS: give its CA, certificate and key as cluster.security "
             "{ca_file, cert, key}"
-        ) from exc
+        )
     except OSError as exc:  # includes TimeoutError and distributed's CommClosedError
         hint = (
             " (with TLS: are cluster.security's certificates those of this cluster?)"
             if security is not None
             else ""
         )
-        raise ConfigError(
+        error = ConfigError(
             f"{key}: cannot reach {target}: {exc}. Is the scheduler running and reachable?{hint}"
-        ) from exc
+        )
+    # The half-made Client lives on in the dropped traceback's frames: finalise it now, on this
+    # thread. Left to the garbage collector, its __del__ may run inside the IO-loop thread of
+    # the next Client, and closing a loop from there deadlocks (distributed's LoopRunner).
+    gc.collect()
+    raise error
 
 
 def _start_local(cc: ClusterConfig):

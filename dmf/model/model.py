@@ -40,6 +40,7 @@ from dmf.model.plot import plot_history
 from dmf.model.recommend import recommend_all
 from dmf.model.side import IN_MEMORY_BYTES, ModelSide, factor_part_rel, factor_table
 from dmf.store.layout import Store
+from dmf.store.lease import WRITER
 from dmf.store.storage import (
     Commit,
     FileEntry,
@@ -528,7 +529,10 @@ def check_replaceable(root: Location) -> None:
     ``output.model: runs``)."""
     if (root / MODEL_JSON).exists() or not root.isdir():
         return
-    other = [name for name in root.ls() if name not in DERIVED]
+    # What killed dmf writes left (a first save's factor files, a probe) is dmf's, not other.
+    # So is a training run's lease on the directory (dmf.store.lease).
+    ours = set(leftovers(root, MODEL_JSON, None, DERIVED)) | {WRITER}
+    other = [rel for rel in root.files() if rel.split("/")[0] not in DERIVED and rel not in ours]
     if other:
         raise ModelError(
             f"{root} is not a model directory but holds {', '.join(other[:5])}: choose an empty "

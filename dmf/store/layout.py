@@ -32,6 +32,7 @@ so a flipped byte is an error naming the file, never a different number.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from dmf.errors import StoreError
-from dmf.store.blocks import SIDES, RatingBlock
+from dmf.errors import LeaseError, StoreError
+from dmf.store.blocks import SIDES, RatingBlock, other_side
+from dmf.store.lease import CLAIMS, Holder, live_claims
 from dmf.store.storage import (
     Commit,
     FileEntry,
@@ -60,6 +62,8 @@ from dmf.store.storage import (
 SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 SPLITS = ("validation", "test")
+
+log = logging.getLogger("dmf")
 
 RATING_SCHEMA = pa.schema([("user", pa.int32()), ("item", pa.int32()), ("rating", pa.float32())])
 
@@ -154,6 +158,7 @@ class BlockRef:
     stop: int
     location: Location
     entry: FileEntry
+    n_other: int | None = None  # rows of the other side: every column must be below it
 
 
 def block_table(side: str, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> pa.Table:
@@ -210,6 +215,12 @@ def read_block_file(ref: BlockRef) -> RatingBlock:
     rows = table.column(key).to_numpy()
     cols = table.column(other).to_numpy()
     vals = table.column("rating").to_numpy()
+    if ref.n_other is not None and len(cols) and (cols.min() < 0 or cols.max() >= ref.n_other):
+        bad = int(np.flatnonzero((cols < 0) | (cols >= ref.n_other))[0])
+        raise StoreError(
+            f"block file {ref.location} is malformed: row {bad} refers to {other} "
+            f"{int(cols[bad])}, and the store has {ref.n_other:,} {other}s"
+        )
     try:
         return RatingBlock.from_coo(
             ref.side, ref.start, ref.stop, rows, cols, vals, assume_sorted=True
@@ -353,7 +364,13 @@ class Store:
         bounds = self.bounds(side)
         rel = block_relpath(side, b)
         return BlockRef(
-            side, b, int(bounds[b]), int(bounds[b + 1]), self.file(rel), self.entry(rel)
+            side,
+            b,
+            int(bounds[b]),
+            int(bounds[b + 1]),
+            self.file(rel),
+            self.entry(rel),
+            self.n_rows(other_side(side)),
         )
 
     def block_refs(self, side: str) -> list[BlockRef]:
@@ -443,17 +460,37 @@ class StoreWriter:
 
     A directory that already holds a store, or other files, is refused unless ``overwrite``;
     even then only the previous store's files are deleted, never anything else.
+
+    A store that runs are training on (their claims in ``_claims/``, :mod:`dmf.store.lease`)
+    is not replaced, unless ``force``: that is checked here and again just before the new
+    manifest is written. Those runs would fail, reading files the new version deleted.
     """
 
-    def __init__(self, path: str | Path | Location, overwrite: bool = False, options=None):
+    def __init__(
+        self,
+        path: str | Path | Location,
+        overwrite: bool = False,
+        options=None,
+        force: bool = False,
+    ):
         self.root = Location.of(path, options)
+        self.force = force
         if self.root.isfile():
             raise StoreError(f"store path {self.root} exists and is not a directory")
-        if not overwrite and self.root.isdir() and _holds_more_than_leftovers(self.root):
-            raise StoreError(
-                f"store directory {self.root} is not empty; set store.overwrite: true "
-                "(or --set store.overwrite=true) to replace it"
-            )
+        if self.root.isdir() and _holds_more_than_leftovers(self.root):
+            if not overwrite:
+                raise StoreError(
+                    f"store directory {self.root} is not empty; set store.overwrite: true "
+                    "(or --set store.overwrite=true) to replace it"
+                )
+            if not (self.root / MANIFEST).exists():
+                # overwrite replaces a store: never write into (or over) anything else.
+                raise StoreError(
+                    f"store directory {self.root} holds files but no store ({MANIFEST}), e.g. "
+                    f"{_foreign_example(self.root)}; store.overwrite replaces only a store dmf "
+                    "wrote: choose another store.path, or move those files"
+                )
+        self._check_claims()
         self.commit_ = Commit(self.root, MANIFEST)
         self.scratch = self.root / f".scratch-{self.commit_.token}"
 
@@ -476,6 +513,30 @@ class StoreWriter:
 
     def abort(self) -> None:
         self.commit_.abort()
+
+    def _check_claims(self) -> None:
+        """Refuse to replace a store that live runs are training on (unless ``force``)."""
+        if not (self.root / MANIFEST).exists():
+            return  # no store to replace: nobody can be training on it
+        runs = live_claims(self.root / CLAIMS)
+        if not runs:
+            return
+        names = "; ".join(_describe_run(h) for h in runs)
+        if self.force:
+            log.warning(
+                "dmf: replacing the store %s, which %d run(s) train on: %s",
+                self.root,
+                len(runs),
+                names,
+            )
+            return
+        last = max(h.expires_in() for h in runs)
+        raise LeaseError(
+            f"store {self.root} is in use: {len(runs)} run(s) train on it: {names}. Replacing "
+            "it now would make them fail: wait for them to finish, or stop them (if they were "
+            f"killed, their claims expire within {max(last, 0):.0f} s). To replace it anyway, "
+            "set store.force: true (--set store.force=true; Python: force=True)"
+        )
 
     def add_file(self, rel: str, entry: FileEntry) -> None:
         self.commit_.add(rel, entry)
@@ -525,13 +586,27 @@ class StoreWriter:
             m = StoreManifest.model_validate({**doc, "files": dict(self.commit_.entries)})
         except ValidationError as exc:  # a bug of ours, not the user's: say which key
             raise StoreError(f"cannot write the store manifest of {self.root}: {exc}") from exc
+        self._check_claims()  # a run may have started on the old version during the ingest
         self.commit_.commit(m.model_dump(mode="json", exclude_none=True, exclude={"files"}))
         return Store(self.root, m)
 
 
+def _foreign_example(root: Location) -> str:
+    """One of the files in ``root`` that no killed dmf write left."""
+    ours = set(leftovers(root, MANIFEST, None))
+    return next((rel for rel in root.files() if rel not in ours), "?")
+
+
 def _holds_more_than_leftovers(root: Location) -> bool:
-    """Whether ``root`` holds a store, or files other than what killed dmf writes left."""
-    return (root / MANIFEST).exists() or len(leftovers(root, MANIFEST, None)) < len(root.files())
+    """Whether ``root`` holds a store, or files other than what killed dmf writes left (and
+    runs' claims, which are not the store's)."""
+    files = [f for f in root.files() if not f.startswith(f"{CLAIMS}/")]
+    return (root / MANIFEST).exists() or len(leftovers(root, MANIFEST, None)) < len(files)
+
+
+def _describe_run(h: Holder) -> str:
+    model = h.about.get("model")
+    return h.describe() + (f" writing {model}" if model else "")
 
 
 def _block_shares(n: int, total: int, target: int, n_blocks: int | None) -> np.ndarray:
@@ -610,12 +685,14 @@ def store_from_arrays(
     item_ids: pa.Array | None = None,
     overwrite: bool = False,
     options: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> Store:
     """Write a store from in-memory train ratings given as dense indices.
 
     For data that already fits in memory (tests, notebooks, small experiments); ``dmf ingest``
     is the out-of-core path for files. ``held_out`` maps 'validation'/'test' to (users, items,
     ratings) arrays of dense indices. Raw ids default to the dense indices themselves.
+    ``force``: replace the store even while runs train on it (:class:`StoreWriter`).
     """
     users = np.asarray(users, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
@@ -626,7 +703,7 @@ def store_from_arrays(
     if len(pairs) > 1 and not np.all(np.diff(pairs)):
         raise StoreError("store_from_arrays: duplicate (user, item) pairs in the train ratings")
     held_out = held_out or {}
-    with StoreWriter(path, overwrite=overwrite, options=options) as w:
+    with StoreWriter(path, overwrite=overwrite, options=options, force=force) as w:
         counts = {
             "user": np.bincount(users, minlength=n_users),
             "item": np.bincount(items, minlength=n_items),

@@ -36,6 +36,7 @@ that other programs read by fixed file names: unpacked downloads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import posixpath
@@ -226,6 +227,62 @@ class Location:
         except Exception as exc:  # noqa: BLE001
             raise self._fail("open", exc) from exc
 
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[IO]:
+        """This file opened for writing (binary), closed on leaving: a full disk, a quota or a
+        file size limit is a :class:`StorageError` naming the file."""
+        try:
+            with self.open("wb") as f:
+                yield f
+        except OSError as exc:
+            if _is_write_failure(exc):
+                raise write_failed(self, exc) from exc
+            raise
+
+    def create(self, data: bytes) -> bool:
+        """Write a new file holding ``data`` unless one is there already; False if one was.
+
+        Local disks: an exclusive create (``open(..., "xb")``, O_CREAT|O_EXCL), atomic against
+        every other process. Object stores: a conditional PUT (``If-None-Match: *``) where the
+        filesystem supports it, else a plain PUT; a store may ignore the condition, so a caller
+        that needs to be the only writer reads the file back (:mod:`dmf.store.lease`).
+        """
+        if self.is_local:
+            self.parent.makedirs()
+            try:
+                with open(self.url, "xb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                raise self._fail("create", exc) from exc
+            return True
+        try:
+            self.fs.pipe_file(self.path, data, mode="create")
+        except FileExistsError:
+            return False
+        except (NotImplementedError, TypeError, ValueError):
+            try:  # no conditional writes on this filesystem
+                self.fs.pipe_file(self.path, data)
+            except Exception as exc:  # noqa: BLE001
+                raise self._fail("write", exc) from exc
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail("create", exc) from exc
+        return True
+
+    def modified(self) -> float:
+        """When the file was last written, in seconds since the epoch."""
+        try:
+            if self.is_local:
+                return os.path.getmtime(self.url)
+            return self.fs.modified(self.path).timestamp()
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail("stat", exc) from exc
+
     def read_bytes(self) -> bytes:
         try:
             return self.fs.cat_file(self.path)
@@ -305,10 +362,15 @@ def atomic_file(target: str | os.PathLike | Location, mode: str = "wb") -> Itera
         tmp = loc.parent / f".{loc.name}.tmp-{_token()}"
         try:
             with open(tmp.url, mode) as fh:
-                yield fh
-                if not fh.closed:  # a Parquet or CSV writer may have closed it already
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                try:
+                    yield fh
+                    if not fh.closed:  # a Parquet or CSV writer may have closed it already
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                except OSError as exc:
+                    if _is_write_failure(exc):
+                        raise write_failed(loc, exc) from exc
+                    raise
             os.replace(tmp.url, loc.url)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -362,12 +424,27 @@ def crc32(data: bytes | memoryview, value: int = 0) -> int:
     return zlib.crc32(data, value) & 0xFFFFFFFF
 
 
-class _CountingWriter:
-    """A writable file object that passes bytes through to ``raw`` while counting them and
-    computing their CRC-32 (pyarrow writes Parquet sequentially, so this sees every byte)."""
+# What a write can fail with for want of room, beside errors that name another file.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
-    def __init__(self, raw: IO):
+
+def _is_write_failure(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS
+
+
+def write_failed(loc: Location, exc: OSError) -> StorageError:
+    """A failed write (a full disk, a quota, a file size limit) as an error naming the file."""
+    return StorageError(f"cannot write {loc.url}: {exc.strerror or exc}")
+
+
+class _CountingWriter:
+    """A writable file object that passes bytes through to ``raw`` (the file at ``loc``) while
+    counting them and computing their CRC-32 (pyarrow writes Parquet sequentially, so this
+    sees every byte)."""
+
+    def __init__(self, raw: IO, loc: Location):
         self.raw = raw
+        self.loc = loc
         self.n = 0
         self.crc = 0
         self.closed = False
@@ -376,7 +453,10 @@ class _CountingWriter:
         mv = memoryview(data).cast("B")
         self.crc = crc32(mv, self.crc)
         self.n += len(mv)
-        self.raw.write(mv)
+        try:
+            self.raw.write(mv)
+        except OSError as exc:
+            raise write_failed(self.loc, exc) from exc
         return len(mv)
 
     def writable(self) -> bool:
@@ -523,16 +603,18 @@ class Target:
         """Write the file ``rel``; on leaving, :attr:`entry` of the yielded writer is set."""
         loc = self.location(rel)
         raw = loc.open("wb")
-        writer = _CountingWriter(raw)
+        writer = _CountingWriter(raw, loc)
         try:
             yield writer
-        except BaseException:
+            raw.close()  # flushes what is buffered: a full disk may show only now
+        except BaseException as exc:
             with contextlib.suppress(Exception):
                 raw.close()
             with contextlib.suppress(Exception):
                 loc.remove()
+            if _is_write_failure(exc):
+                raise write_failed(loc, exc) from exc
             raise
-        raw.close()
         writer.entry = FileEntry(bytes=writer.n, crc32=writer.crc, path=versioned(rel, self.token))
 
     def write_bytes(self, rel: str, data: bytes) -> FileEntry:
@@ -715,10 +797,31 @@ def clean(root: Location, rels: Iterable[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 # Local directories renamed into place (downloads unpacked for other programs)
 # ---------------------------------------------------------------------------------------------
+def recover_dir(target: str | os.PathLike) -> str | None:
+    """Finish or undo a :func:`replace_dir` that was killed between its two renames: with no
+    ``target`` but an old copy renamed out of sight (``.NAME.old-*``), rename it back; with
+    ``target`` in place, delete the old copies. Returns what was done, or None."""
+    target = Path(target)
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return None
+    if not (target.exists() or target.is_symlink()):
+        os.replace(olds[-1], target)
+        done = f"restored {target} from {olds[-1].name} (its replacement was killed half-way)"
+        olds = olds[:-1]
+    else:
+        done = f"removed {len(olds)} old copy(ies) of {target} a killed replacement left"
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    return done
+
+
 def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Rename the complete local directory ``new`` to ``target``, replacing what is there; the
-    old ``target`` is renamed out of sight first and deleted only once ``new`` is in place."""
+    old ``target`` is renamed out of sight first and deleted only once ``new`` is in place
+    (:func:`recover_dir` repairs a kill between the two renames)."""
     new, target = Path(new), Path(target)
+    recover_dir(target)
     old = None
     if target.exists() or target.is_symlink():
         old = target.parent / f".{target.name}.old-{_token()}"

@@ -3,9 +3,11 @@
 One iteration is the same half-step twice with the roles swapped (:mod:`dmf.train.halfstep`):
 users given items, then items given users. :class:`Trainer` puts the pieces together:
 
-- :meth:`Trainer.run` checks the run can start (:meth:`Trainer._preflight`), starts fresh or
-  resumes from the newest checkpoint (:meth:`Trainer._start`), plans how each half-step gets its
-  fixed side (:meth:`dmf.train.halfstep.HalfSteps.plan`), runs the iterations
+- :meth:`Trainer.run` takes the model directory's writer lease and a claim on the store
+  (:func:`hold_run`, :mod:`dmf.store.lease`), checks the run can start
+  (:meth:`Trainer._preflight`: an earlier run's checkpoints need ``resume`` or ``fresh``),
+  starts fresh or resumes from the newest checkpoint (:meth:`Trainer._start`), plans how each
+  half-step gets its fixed side (:meth:`dmf.train.halfstep.HalfSteps.plan`), runs the iterations
   (:meth:`Trainer._iterate`), and saves the model (:meth:`Trainer._save`), its factor files
   written by the workers;
 - :class:`Stopping` holds the stopping rules: early stopping on validation RMSE (keeping the
@@ -18,10 +20,12 @@ versions that nothing names any more are deleted as training goes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +33,22 @@ from typing import Any
 from dmf.als.kernels import warm_up
 from dmf.config import Config, TrainConfig
 from dmf.dist.cluster import maybe_connect
-from dmf.errors import CheckpointError, ConfigError, ModelError, TrainingError
+from dmf.errors import (
+    CheckpointError,
+    ConfigError,
+    LeaseError,
+    ModelError,
+    StoreError,
+    TrainingError,
+)
 from dmf.model.model import MODEL_JSON, Model, check_replaceable, commit_model, factor_part_rel
 from dmf.store.layout import MANIFEST, Store
-from dmf.store.storage import Commit, Location, preflight, read_manifest
+from dmf.store.lease import CLAIMS, WRITER, Lease, LeaseHeld, acquire, claim
+from dmf.store.storage import Commit, Location, StorageError, preflight, read_manifest
 from dmf.train.checkpoint import (
     STATE,
     describe_mismatch,
+    iteration_of,
     list_checkpoints,
     read_checkpoint,
     remove_checkpoints,
@@ -43,7 +56,7 @@ from dmf.train.checkpoint import (
 )
 from dmf.train.halfstep import HalfSteps
 from dmf.train.sides import check_side_file, export_block_task, first_ids
-from dmf.train.state import TrainState
+from dmf.train.state import TrainState, checkpoint_side_refs
 
 # Where a model directory keeps the side versions of its training (dmf.train.sides).
 WORK = "work"
@@ -108,15 +121,134 @@ class Progress:
     next_iteration: int = 1
 
 
-class Trainer:
-    """Runs ALS on a store with a Dask client. Use :func:`train` unless you need the pieces."""
+def model_location(config: Config) -> Location:
+    """The model directory of ``config`` (``output.model``)."""
+    return Location.of(config.resolve(config.output.model), config.storage.options)
 
-    def __init__(self, store: Store, config: Config, client, quiet: bool = False):
+
+@dataclass
+class RunLocks:
+    """What a training run holds while it runs: the model directory's exclusive writer lease,
+    and a shared claim on the store (None when the store cannot be written to)."""
+
+    writer: Lease
+    claim: Lease | None
+
+    def check(self) -> None:
+        """Raise :class:`dmf.errors.LeaseError` if either lease was lost."""
+        self.writer.check()
+        if self.claim is not None:
+            self.claim.check()
+
+
+@contextlib.contextmanager
+def hold_run(store: Store, config: Config) -> Iterator[RunLocks]:
+    """Hold ``<output.model>/_writer.lease`` (exclusive: a second run on the directory is
+    refused, naming this one) and ``<store>/_claims/<token>.lease`` (shared: ingest will not
+    replace the store under this run) until the block ends; both are refreshed every third of
+    ``train.lease_seconds``."""
+    model_dir = model_location(config)
+    # Never put a lease into a directory that is not a model's (output.model: runs, say).
+    check_replaceable(model_dir)
+    ttl = config.train.lease_seconds
+    try:
+        writer = acquire(model_dir / WRITER, ttl, {"store": str(store.root)})
+    except LeaseHeld as exc:
+        h = exc.holder
+        raise LeaseError(
+            f"model directory {model_dir} is being written by another run: {h.describe()}. "
+            "Wait for it to finish, or choose another output.model. If that run was killed, its "
+            f"lease ({exc.loc}) expires in {max(h.expires_in(), 0):.0f} s "
+            "(train.lease_seconds) and a new run then takes over"
+        ) from None
+    with writer:
+        try:
+            store_claim = claim(store.root / CLAIMS, ttl, {"model": str(model_dir)})
+        except StorageError as exc:  # a read-only store: train, without the protection
+            log.warning(
+                "dmf: cannot claim the store %s (%s): an ingest into it will not know that "
+                "this run reads it",
+                store.root,
+                exc,
+            )
+            store_claim = None
+        with store_claim or contextlib.nullcontext():
+            # An ingest may have replaced the store between its opening and the claim.
+            now = read_manifest(store.root, MANIFEST) or {}
+            if now.get("version") != store.manifest.version:
+                raise StoreError(
+                    f"the store at {store.root} was replaced (by an ingest) after this run "
+                    "opened it; run again"
+                )
+            yield RunLocks(writer, store_claim)
+
+
+def check_run(store: Store, config: Config, model_dir: Location, resume: bool, fresh: bool) -> None:
+    """The checks a run passes before any work, on the driver: refuse a run that cannot end
+    well, or that would discard an earlier run's work unasked."""
+    tc = config.train
+    if resume and fresh:
+        raise ConfigError(
+            "resume and fresh exclude each other: resume continues the checkpointed run, fresh "
+            "discards it"
+        )
+    if not _may_overwrite(config, model_dir, resume):
+        raise ModelError(
+            f"model directory {model_dir} already holds a model; set "
+            "output.overwrite: true, choose another output.model, or resume"
+        )
+    check_replaceable(model_dir)
+    if tc.early_stopping is not None and store.n_split("validation") == 0:
+        raise ConfigError(
+            "train.early_stopping needs a validation split, and the store has none: set "
+            "split.validation (and re-ingest) or remove train.early_stopping"
+        )
+    if not (resume or fresh):
+        ckpts = list_checkpoints(model_dir / "checkpoints")
+        if ckpts and not _saved_after(model_dir, ckpts[-1]):
+            raise CheckpointError(
+                f"model directory {model_dir} holds {len(ckpts)} checkpoint(s) of an earlier "
+                f"run that did not finish, the newest after iteration "
+                f"{iteration_of(ckpts[-1])}: pass --resume to continue that run, or --fresh to "
+                "discard them and start over (Python: train(..., resume=True) or fresh=True)"
+            )
+
+
+def _saved_after(model_dir: Location, newest: Location) -> bool:
+    """Whether the model in ``model_dir`` was saved after checkpoint ``newest``: then the
+    checkpoints are the finished run's, and replacing its model (``output.overwrite``)
+    replaces them too; otherwise they are the work of a run that was stopped."""
+    try:
+        return (model_dir / MODEL_JSON).modified() >= (newest / STATE).modified()
+    except (FileNotFoundError, StorageError):
+        return False
+
+
+def _may_overwrite(config: Config, model_dir: Location, resume: bool) -> bool:
+    return config.output.overwrite or resume or not (model_dir / MODEL_JSON).exists()
+
+
+class Trainer:
+    """Runs ALS on a store with a Dask client. Use :func:`train` unless you need the pieces.
+
+    ``locks``: the :class:`RunLocks` the run already holds (:func:`train` takes them before
+    starting a cluster); without them, :meth:`run` takes its own.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        client,
+        quiet: bool = False,
+        locks: RunLocks | None = None,
+    ):
         self.store = store
         self.config = config
         self.client = client
         self.quiet = quiet
-        self.model_dir = Location.of(config.resolve(config.output.model), config.storage.options)
+        self.locks = locks
+        self.model_dir = model_location(config)
         self.checkpoint_dir = self.model_dir / "checkpoints"
         self.work = self.model_dir / WORK
         self.halfsteps = HalfSteps(store, config, client, self.work, self._progress_disabled())
@@ -135,13 +267,23 @@ class Trainer:
         return {"model": self.config.to_dict()["model"], "store": self.store.fingerprint}
 
     def _may_overwrite(self, resume: bool) -> bool:
-        return self.config.output.overwrite or resume or not (self.model_dir / MODEL_JSON).exists()
+        return _may_overwrite(self.config, self.model_dir, resume)
 
     # -- the run -----------------------------------------------------------------------------
-    def run(self, resume: bool = False, in_memory: bool | None = None) -> Model:
-        """Train (or continue training, with ``resume``); save the model and return it, loaded
-        with ``in_memory`` (:meth:`dmf.model.model.Model.load`)."""
-        self._preflight(resume)
+    def run(
+        self, resume: bool = False, in_memory: bool | None = None, fresh: bool = False
+    ) -> Model:
+        """Train (or continue training, with ``resume``; or discard an earlier run's
+        checkpoints, with ``fresh``); save the model and return it, loaded with ``in_memory``
+        (:meth:`dmf.model.model.Model.load`)."""
+        if self.locks is None:
+            with hold_run(self.store, self.config) as locks:
+                self.locks = locks
+                try:
+                    return self.run(resume, in_memory, fresh)
+                finally:
+                    self.locks = None
+        self._preflight(resume, fresh)
         self.halfsteps.plan()
         # Compile the solver kernel here (or load it from numba's disk cache), so that workers
         # on this machine load it instead of all compiling it at once.
@@ -154,20 +296,10 @@ class Trainer:
         self._tidy_work()
         return Model.load(self.model_dir, in_memory=in_memory)
 
-    def _preflight(self, resume: bool) -> None:
+    def _preflight(self, resume: bool, fresh: bool = False) -> None:
         """Refuse a run that cannot end well, now rather than after hours of training."""
         tc = self.config.train
-        if not self._may_overwrite(resume):
-            raise ModelError(
-                f"model directory {self.model_dir} already holds a model; set "
-                "output.overwrite: true, choose another output.model, or resume"
-            )
-        check_replaceable(self.model_dir)
-        if tc.early_stopping is not None and self.store.n_split("validation") == 0:
-            raise ConfigError(
-                "train.early_stopping needs a validation split, and the store has none: set "
-                "split.validation (and re-ingest) or remove train.early_stopping"
-            )
+        check_run(self.store, self.config, self.model_dir, resume, fresh)
         if tc.iterations == 0:
             log.warning("dmf: train.iterations is 0: the model keeps its initial factors")
         # Every worker reads the store's blocks and the driver writes the model: the workers
@@ -182,8 +314,9 @@ class Trainer:
             if found is not None:
                 return self._resume_from(found)
             self._say(f"dmf: no checkpoint in {self.checkpoint_dir}; starting from scratch")
-        # A fresh run: checkpoints of an earlier run in this directory would be mistaken for
-        # this run's (and prune them, being newer by name), and its side versions are garbage.
+        # A fresh run (fresh, or no complete checkpoint: check_run refused the rest):
+        # checkpoints of an earlier run in this directory would be mistaken for this run's (and
+        # prune them, being newer by name), and its side versions are garbage.
         remove_checkpoints(self.checkpoint_dir)
         self.work.remove()
         return TrainState(None, self.halfsteps.initial_items()), progress
@@ -211,13 +344,7 @@ class Trainer:
         return None
 
     def _verify_sides(self, ckpt: Location, saved: dict[str, Any]) -> None:
-        states = [saved["state"]] + ([saved["best"]["state"]] if saved.get("best") else [])
-        refs = [
-            ref
-            for doc in states
-            for side in TrainState.from_json(doc, self.model_dir).sides()
-            for ref in side.refs()
-        ]
+        refs = checkpoint_side_refs(saved, self.model_dir)
         problems = [
             p
             for p in self.halfsteps.gather(
@@ -258,6 +385,7 @@ class Trainer:
         stopping = progress.stopping
         it = progress.next_iteration
         while it <= tc.iterations and not stopping.reason:
+            self.locks.check()  # another run took the model directory over: stop writing
             t0 = time.perf_counter()
             with span("dmf-train", f"iteration-{it}"):
                 state, after_users = self._half_step("user", state, it)
@@ -389,6 +517,7 @@ class Trainer:
         if not self._may_overwrite(resume) and (self.model_dir / MODEL_JSON).exists():
             raise ModelError(f"model directory {self.model_dir} exists; it was not replaced")
         final = self._complete(final)
+        self.locks.check()
         m = self.config.model
         with Commit(self.model_dir, MODEL_JSON) as c:
             futs = [
@@ -427,6 +556,7 @@ class Trainer:
                 "first_ids": {k: v for k, v in firsts.items() if v is not None},
                 **meta,
             }
+            self.locks.check()
             commit_model(self.model_dir, c, doc, self.config.output.plot)
         self._say(f"dmf: model written to {self.model_dir}")
 
@@ -470,8 +600,13 @@ def train(
     scheduler_file: str | None = None,
     quiet: bool = False,
     in_memory: bool | None = None,
+    fresh: bool = False,
 ) -> Model:
     """Train a model on ``store`` with ``config``; save it to ``config.output.model`` and return it.
+
+    The run holds the model directory (a second run on it is refused, naming this one) and a
+    claim on the store (ingest will not replace it meanwhile), taken before any cluster starts
+    (:func:`hold_run`).
 
     Parameters
     ----------
@@ -483,6 +618,9 @@ def train(
         if it is a LocalCluster.
     resume
         Continue from the newest complete checkpoint in ``<output.model>/checkpoints``.
+    fresh
+        Discard the checkpoints of an earlier run in ``<output.model>/checkpoints`` and start
+        over. Without ``resume`` or ``fresh``, such checkpoints make the run refuse to start.
     in_memory
         How the returned model holds its factors (:meth:`dmf.model.model.Model.load`): by
         default each side that takes at most 1 GiB is read into memory.
@@ -491,5 +629,8 @@ def train(
         store = Store.open(config.resolve(store), options=config.storage.options)
     if store.n_train == 0:
         raise TrainingError(f"store {store.path} has no train ratings")
-    with maybe_connect(config, client, address, scheduler_file, quiet=quiet) as c:
-        return Trainer(store, config, c, quiet=quiet).run(resume=resume, in_memory=in_memory)
+    with hold_run(store, config) as locks:
+        check_run(store, config, model_location(config), resume, fresh)  # before a cluster starts
+        with maybe_connect(config, client, address, scheduler_file, quiet=quiet) as c:
+            trainer = Trainer(store, config, c, quiet=quiet, locks=locks)
+            return trainer.run(resume=resume, in_memory=in_memory, fresh=fresh)

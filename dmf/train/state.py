@@ -64,6 +64,18 @@ class TrainState:
         return cls(users, SideBlocks.from_json(doc["item"], base))
 
 
+def checkpoint_side_refs(saved: dict[str, Any], model_dir: Location) -> list:
+    """Every side block file a checkpoint's ``state.json`` names (its state, and the best
+    state under early stopping): what resuming from it reads."""
+    states = [saved["state"]] + ([saved["best"]["state"]] if saved.get("best") else [])
+    return [
+        ref
+        for doc in states
+        for side in TrainState.from_json(doc, model_dir).sides()
+        for ref in side.refs()
+    ]
+
+
 def train_counts(store: Store) -> dict[str, np.ndarray]:
     """Train ratings per row of each side, from the store's id maps (for sides that fit in
     memory: tests and the in-memory reference)."""
