@@ -202,8 +202,9 @@ class TrainConfig(Section):
     stall_warning: float = Field(default=600.0, gt=0)
     """Seconds without a finished task (a block's solve, exchange or export) after which a
     warning says whether workers are paused for lack of memory. Training keeps waiting, unless
-    every worker stays paused for two such periods: then it stops with an error naming
-    ``cluster.memory_limit`` (a paused worker runs nothing until its memory drops)."""
+    every worker stays paused, running nothing, for two such periods: then it stops with an
+    error naming ``cluster.memory_limit`` (a paused worker starts nothing until its memory
+    drops)."""
     retries: int = Field(default=2, ge=0)
     """How often Dask reruns a block task whose worker died."""
     exchange: Literal["auto", "broadcast", "partitioned"] = "auto"
@@ -351,7 +352,7 @@ class ClusterConfig(Section):
             n = parse_bytes(value)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{value!r} is not a size such as 4GiB or 512MiB") from exc
-        if n < MIN_WORKER_MEMORY:
+        if 0 < n < MIN_WORKER_MEMORY:
             raise ValueError(
                 f"{value!r} is below 256 MiB: a dmf worker process takes 230-300 MB with the "
                 "solver loaded, before any work (Dask would restart it again and again)"

@@ -465,14 +465,24 @@ def exchange_memory(side, ins, outs, pieces, store, rank: int) -> dict:
     - ``assemble_x``: assemble_fixed's peak / the side as the plan counts it, rows x (rank + 2)
       x 4 (the plan counts it twice for a broadcast);
     - ``compact_x``: compact_fixed's peak / its compact rows x (rank + 2) x 4, the largest
-      destination (the plan counts twice the block's ratings x (rank + 2) x 4);
-    - ``compact_plan_x``: that peak / what the plan counts for it;
+      destination;
+    - ``compact_plan_x``: that peak / what the plan counts for it (``HalfSteps._compact_bytes``:
+      one row per rating, at most the fixed side's rows, with its 8-byte row index, and a read
+      buffer);
     - ``out_x``: exchange_out_task's peak beyond its block, / its outgoing rows x (rank + 1) x
-      4, the largest source (the plan does not count it)."""
+      4, the largest source;
+    - ``out_plan_x``: its whole peak / what the plan counts (``HalfSteps._send_bytes``: the
+      block, as much again for the rows gathered for one destination, and 4 bytes a row sent)."""
     import tracemalloc
 
     from dmf.store.storage import Target
-    from dmf.train.exchange import assemble_fixed, compact_fixed, compact_spec, exchange_out_task
+    from dmf.train.exchange import (
+        READ_CHUNK,
+        assemble_fixed,
+        compact_fixed,
+        compact_spec,
+        exchange_out_task,
+    )
 
     def peak_of(fn) -> int:
         tracemalloc.start()
@@ -495,12 +505,16 @@ def exchange_memory(side, ins, outs, pieces, store, rank: int) -> dict:
     xt = Target(pieces[0].location.parent, "memory")
     out_peak = peak_of(lambda: exchange_out_task(side.ref(src), outs[src], xt))
     block_bytes = (side.bounds[src + 1] - side.bounds[src]) * row
+    largest_rows = int(np.diff(side.bounds).max())
+    nnz = max(store.block_nnz("item"))
+    compact_plan = min(nnz, side.n_rows) * (plan_row + 8) + READ_CHUNK
     return {
         "assemble_x": assemble,
         "compact_x": compact / (n_compact * plan_row),
-        "compact_plan_x": compact / (2 * store.block_nnz("item")[d] * plan_row),
+        "compact_plan_x": compact / compact_plan,
         "compact_rows_per_rating": n_compact / store.block_nnz("item")[d],
         "out_x": (out_peak - block_bytes) / (int(outs[src].counts.sum()) * row),
+        "out_plan_x": out_peak / (2 * largest_rows * plan_row + 4 * max(store.block_nnz("user"))),
     }
 
 
@@ -765,10 +779,11 @@ def grid_section(data: dict) -> list[str]:
             "What the exchange's steps hold at their peak (tracemalloc, NumPy arrays included), "
             "against what `HalfSteps._need` counts: *assemble*: `assemble_fixed`'s peak over the "
             "side (rows x (rank + 2) x 4; the plan counts 2x for a broadcast); *compact*: "
-            "`compact_fixed`'s peak over its compact rows (the plan counts 2x the block's "
-            "ratings, which is 2x the compact rows when every rating names another fixed row), "
-            "and over what the plan counts; *exchange out*: `exchange_out_task`'s peak beyond "
-            "its block, over the rows it sends (the plan does not count it)."
+            "`compact_fixed`'s peak over its compact rows, and over what the plan counts (a row "
+            "and its 8-byte index per rating of the block, at most the fixed side's rows, and "
+            "an 8 MiB read buffer); *exchange out*: `exchange_out_task`'s peak beyond its "
+            "block, over the rows it sends, and its whole peak over what the plan counts (the "
+            "largest fixed block, twice, and 4 bytes a row sent)."
         )
         parts.append(
             md_table(
@@ -779,6 +794,7 @@ def grid_section(data: dict) -> list[str]:
                     "compact / plan",
                     "compact rows per rating",
                     "exchange out / rows sent",
+                    "exchange out / plan",
                 ],
                 [
                     [
@@ -788,6 +804,7 @@ def grid_section(data: dict) -> list[str]:
                         x["memory"]["compact_plan_x"],
                         x["memory"]["compact_rows_per_rating"],
                         x["memory"]["out_x"],
+                        x["memory"].get("out_plan_x", "-"),
                     ]
                     for x in mem
                 ],
@@ -843,11 +860,11 @@ def plan_gaps(data: dict) -> str:
     if mem:
         text += (
             f", and it counts the assembled side twice where `assemble_fixed` holds up to "
-            f"{max(m['assemble_x'] for m in mem):.2f}x it at its peak, and a destination's "
-            f"compact side at 2x the block's ratings where `compact_fixed` holds "
-            f"{max(m['compact_x'] for m in mem):.2f}x its compact rows (the memory table above: "
-            "the rows, their contiguous factors and the augmented copy are alive together); "
-            "`exchange_out_task` is not counted at all"
+            f"{max(m['assemble_x'] for m in mem):.2f}x it at its peak; `compact_fixed` holds "
+            f"at most {max(m['compact_plan_x'] for m in mem):.2f}x what the plan counts for it "
+            f"and `exchange_out_task` "
+            f"{max(m.get('out_plan_x', float('nan')) for m in mem):.2f}x (the memory table "
+            "above)"
         )
     return text + "."
 

@@ -364,3 +364,16 @@ def test_huge_field_before_a_bad_rating_is_an_input_error(tmp_path, quoted):
     msg = str(e.value)
     assert f"{f}, line 3" in msg and "data.max_id_length" in msg
     no_store_left(tmp_path)
+
+
+def test_float_text_ids_beyond_2_to_the_53_are_an_error_not_merged(tmp_path):
+    """9007199254740993.0 reads as the float ...992: it would merge with user ...992."""
+    f = write(
+        tmp_path, ["user,item,rating", "9007199254740992,10,4.0", "9007199254740993.0,10,3.0"]
+    )
+    with pytest.raises(InputError, match=rf"{f}, line 3, column 'user'.*2\^53"):
+        run(tmp_path, f)
+    assert sorted(run(tmp_path / "s", f, id_type="string").ids("user").to_pylist()) == [
+        "9007199254740992",
+        "9007199254740993.0",
+    ]

@@ -103,6 +103,20 @@ def test_clean_refuses_a_directory_that_holds_dmf_outputs_further_down(job, tmp_
     assert sum(1 for p in tmp_path.rglob("*") if p.is_file()) == n_files
 
 
+def test_clean_leaves_an_output_nested_inside_the_one_it_cleans(job, tmp_path, capsys):
+    """Recommendations written into the model directory (``--out model/recs``): cleaning the
+    model once took their committed parts for the model's leftovers."""
+    model = copy_of(job, tmp_path, "model")
+    shutil.copytree(job / "recs", model / "recs")
+    stray = model / "user_factors" / "part-00009.0badf00d.parquet"  # a killed save's
+    stray.write_bytes(b"partial")
+    before = sorted(p for p in (model / "recs").rglob("*"))
+    assert main(["clean", str(model)]) == 0
+    assert not stray.exists()
+    assert sorted(p for p in (model / "recs").rglob("*")) == before
+    assert main(["verify", str(model / "recs")]) == 0
+
+
 def test_verify_names_a_damaged_file_in_every_kind_of_output(job, tmp_path, capsys):
     for name in ("store", "model", "recs", "data"):
         d = copy_of(job, tmp_path, name)
@@ -486,3 +500,33 @@ def test_training_killed_at_any_step_resumes_to_the_same_model(job, tmp_path):
                 getattr(resumed, k), getattr(reference, k), err_msg=f"{k}, step {n} of {total}"
             )
         shutil.rmtree(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Smaller promises
+# ---------------------------------------------------------------------------------------------
+def test_checkpoints_past_iteration_99999_are_ordered_by_number(tmp_path):
+    """Names sort as text from iter-100000 on (``iter-100000`` < ``iter-99999``): pruning by
+    name once deleted every new checkpoint as soon as it was written."""
+    from dmf.store.storage import Location
+    from dmf.train.checkpoint import list_checkpoints, write_checkpoint
+
+    d = Location.of(tmp_path / "checkpoints")
+    for it in (99_998, 99_999, 100_000, 100_001):
+        write_checkpoint(d, it, {"x": np.arange(3) + it}, {"note": it}, keep=2)
+    assert [c.name for c in list_checkpoints(d)] == ["iter-100000", "iter-100001"]
+
+
+def test_recommend_never_writes_over_a_directory_it_did_not_write(job, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["recommend", str(job / "model"), "-n", "3", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "notes.txt" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    # Its own output it replaces.
+    assert main(["recommend", str(job / "model"), "-n", "2", "--out", str(tmp_path / "r")]) == 0
+    assert main(["recommend", str(job / "model"), "-n", "3", "--out", str(tmp_path / "r")]) == 0
+    assert main(["verify", str(tmp_path / "r")]) == 0

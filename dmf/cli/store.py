@@ -113,31 +113,39 @@ def _what(path: str):
 
 
 def _leftovers(kind: str | None, loc) -> list[str]:
+    """What killed writes left in the directory ``loc`` of ``kind``: never a file of another
+    dmf output nested inside it (a store under a model directory, say), whose files no
+    manifest of ``loc`` lists."""
     from dmf.errors import StoreError
     from dmf.model.model import model_leftovers
     from dmf.store.storage import leftovers, read_manifest
     from dmf.train.checkpoint import checkpoint_leftovers
 
+    names = {m: k for k, m in _manifests().items() if k != "checkpoint"}
+    nested = sorted(
+        {
+            rel.rsplit("/", 1)[0]
+            for rel in loc.files()
+            if "/" in rel and rel.rsplit("/", 1)[-1] in names
+        }
+    )
     if kind == "model":
-        return model_leftovers(loc) + [
+        stray = model_leftovers(loc) + [
             f"checkpoints/{rel}" for rel in checkpoint_leftovers(loc / "checkpoints")
         ]
-    if kind is not None:
+    elif kind is not None:
         manifest = _manifests()[kind]
-        return leftovers(loc, manifest, read_manifest(loc, manifest, error=StoreError))
-    # No manifest here: a first write killed before committing, or a directory that holds
-    # dmf's outputs further down, whose files are not leftovers of anything.
-    names = {m: k for k, m in _manifests().items()}
-    files = loc.files()
-    for rel in files:
-        name = rel.rsplit("/", 1)[-1]
-        if name in names:
-            raise StoreError(
-                f"{loc} holds a {names[name]} in {loc / rel.rsplit('/', 1)[0]} ({name}); "
-                "dmf clean and info work on one store, model, recommendation or synth "
-                "directory at a time: name that directory"
-            )
-    return leftovers(loc, "", None)
+        stray = leftovers(loc, manifest, read_manifest(loc, manifest, error=StoreError))
+    elif nested:
+        # No manifest here: a directory that holds dmf's outputs further down.
+        rel = nested[0]
+        raise StoreError(
+            f"{loc} holds a dmf output in {loc / rel}; dmf clean and info work on one store, "
+            "model, recommendation or synth directory at a time: name that directory"
+        )
+    else:  # a first write killed before committing
+        stray = leftovers(loc, "", None)
+    return [rel for rel in stray if not any(rel.startswith(d + "/") for d in nested)]
 
 
 def _not_found(loc, stray: list[str]):
@@ -312,6 +320,9 @@ def format_info(store) -> str:
         lines.append(f"input        {first}{more}, {m.input.get('rows_read', 0):,} rows")
     lines.append(f"disk         {_size(store.disk_bytes())} in {len(m.files)} files")
     lines.append(f"fingerprint  {m.fingerprint}")
+    if m.version or m.created:
+        # Which version is in place (after a killed ingest: the old one, or the new one).
+        lines.append(f"version      {m.version or '-'}, written {m.created or '-'}")
     if m.timings is not None:
         lines.append(f"ingest time  {m.timings.get('total', 0):.1f} s")
     return "\n".join(lines)

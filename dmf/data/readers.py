@@ -933,6 +933,16 @@ def _ids_of_text(b: Batch, fld: str, arr: pa.Array, spec: InputSpec) -> pa.Array
     at = np.flatnonzero(floats)
     v = arr.filter(pa.array(floats)).cast(pa.float64()).to_numpy()
     out[at] = _whole(b, fld, v, at, lambda k: arr[int(at[k])].as_py())
+    # Written as a float, an id from 2^53 on may not survive the reading: 9007199254740993.0
+    # reads as ...992, and would merge with that id.
+    inexact = np.abs(v) >= 2.0**53
+    if inexact.any():
+        k = int(np.flatnonzero(inexact)[0])
+        raise InputError(
+            f"{b.where(int(at[k]), fld)}: id {arr[int(at[k])].as_py()!r} is written as a float "
+            "of 2^53 or more, which cannot be read exactly: write the ids as integers, or set "
+            "data.id_type: string"
+        )
     return pa.array(out)
 
 

@@ -159,8 +159,8 @@ def gather_watched(
 
     When none finishes for ``stall_seconds``, log a warning naming ``what`` (e.g. "the user
     half-step of iteration 3") and how many workers Dask has paused for memory. A paused worker
-    runs nothing until its memory drops, which may be never: when every worker stays paused
-    with nothing finishing for ``PAUSED_STALLS`` periods in a row, raise
+    starts nothing until its memory drops, which may be never: when every worker stays paused,
+    running nothing, for ``PAUSED_STALLS`` periods in a row, raise
     :class:`dmf.errors.ClusterError` rather than hang. ``on_result(k, result)`` is called as
     each finishes (then the future is released); its return value is kept as the result.
     """
@@ -178,7 +178,10 @@ def gather_watched(
         except TimeoutError:
             workers = scheduler_workers(client)
             paused = sum(w.get("status") == "paused" for w in workers)
-            paused_stalls = paused_stalls + 1 if workers and paused == len(workers) else 0
+            # A paused worker still finishes the tasks it is running: stuck only when none is.
+            running = sum(_executing(w) for w in workers)
+            stuck = workers and paused == len(workers) and running == 0
+            paused_stalls = paused_stalls + 1 if stuck else 0
             advice = " Raise cluster.memory_limit, or lower blocks.target_ratings (re-ingest)."
             if paused_stalls >= PAUSED_STALLS:
                 raise ClusterError(
@@ -207,3 +210,9 @@ def gather_watched(
             pending.discard(fut)
             fut.release()
     return results
+
+
+def _executing(worker: dict) -> int:
+    """Tasks a worker is running, from the scheduler's record of it (0 if not reported)."""
+    counts = (worker.get("metrics") or {}).get("task_counts") or {}
+    return int(counts.get("executing", 0))

@@ -83,6 +83,17 @@ def _epoch(s: str) -> float:
     return datetime.fromisoformat(s).timestamp()
 
 
+def _machine() -> str:
+    """This process's boot id and pid namespace ("" where /proc does not say): two processes
+    with the same string see the same pids."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
 def _command() -> str:
     """This process's command line, as a person would recognise it (``dmf train c.yaml``)."""
     argv = sys.argv or ["python"]
@@ -108,6 +119,9 @@ class Holder:
     ttl: float = LEASE_SECONDS
     about: dict[str, Any] = field(default_factory=dict)
     """What the holder is doing, e.g. ``{"model": ...}`` for a claim on a store."""
+    machine: str = ""
+    """The holder's boot id and pid namespace (:func:`_machine`): where its pid means
+    something."""
 
     def to_json(self) -> bytes:
         doc = {
@@ -116,6 +130,7 @@ class Holder:
                 "pid": self.pid,
                 "token": self.token,
                 "command": self.command,
+                "machine": self.machine,
             },
             "created": _iso(self.created),
             "expires": _iso(self.expires),
@@ -138,6 +153,7 @@ class Holder:
             expires=_epoch(doc["expires"]),
             ttl=float(doc.get("ttl", LEASE_SECONDS)),
             about=dict(doc.get("about") or {}),
+            machine=str(owner.get("machine", "")),
         )
 
     def expires_in(self, now: float | None = None) -> float:
@@ -148,10 +164,13 @@ class Holder:
         return self.expires_in(now) < 0
 
     def gone(self) -> bool:
-        """Whether the holder is known to have stopped: it ran on this host, and no process
-        with its pid is alive here (a killed run resumed on the same machine need not wait
-        for its lease to expire). A holder elsewhere is only known gone by expiry."""
+        """Whether the holder is known to have stopped: it ran on this host, in this boot and
+        this pid namespace, and no process with its pid is alive here (a killed run resumed on
+        the same machine need not wait for its lease to expire). A holder elsewhere, or in
+        another container that shares the host name, is only known gone by expiry."""
         if self.pid <= 0 or self.host != socket.gethostname():
+            return False
+        if not self.machine or self.machine != _machine():
             return False
         try:
             os.kill(self.pid, 0)
@@ -222,6 +241,7 @@ class Lease:
             expires=now + self.ttl,
             ttl=self.ttl,
             about=dict(about or {}),
+            machine=_machine(),
         )
         self.lost: str | None = None
         self._stop = threading.Event()
@@ -250,7 +270,13 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl / 3):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception as exc:  # noqa: BLE001 - the heartbeat must not die silently
+                if self.holder.expired():
+                    self._lose(f"it could not be refreshed before it expired: {exc!r}")
+                else:
+                    log.warning("dmf: cannot refresh the lease %s (will retry): %r", self.loc, exc)
             if self.lost:
                 return
 

@@ -263,14 +263,23 @@ class Location:
             self.fs.pipe_file(self.path, data, mode="create")
         except FileExistsError:
             return False
-        except (NotImplementedError, TypeError, ValueError):
-            try:  # no conditional writes on this filesystem
-                self.fs.pipe_file(self.path, data)
-            except Exception as exc:  # noqa: BLE001
-                raise self._fail("write", exc) from exc
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:  # S3's 409: another conditional write is under way
+                return False
+            if exc.errno != errno.ENOSYS:  # 501: a store without conditional writes
+                raise self._fail("create", exc) from exc
+            self._put(data)
+        except (NotImplementedError, TypeError, ValueError):  # no conditional writes here
+            self._put(data)
         except Exception as exc:  # noqa: BLE001
             raise self._fail("create", exc) from exc
         return True
+
+    def _put(self, data: bytes) -> None:
+        try:
+            self.fs.pipe_file(self.path, data)
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail("write", exc) from exc
 
     def modified(self) -> float:
         """When the file was last written, in seconds since the epoch."""

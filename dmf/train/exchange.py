@@ -112,8 +112,9 @@ class InBlock:
     counts: np.ndarray  # (n_src,) rows of each source block in C_d
     crcs: np.ndarray  # (n_src,) CRC-32 of each slice's bytes
 
-    @property
+    @functools.cached_property
     def offsets(self) -> np.ndarray:
+        """Where each source's slice starts in the in-block, (n_src + 1,)."""
         return np.concatenate([[0], np.cumsum(self.counts)])
 
 
@@ -274,22 +275,23 @@ def compact_spec(
 
 def _read_piece_into(piece: Pieces, d: int, before: int, out: memoryview, what: str) -> None:
     """Destination ``d``'s rows of a piece file, read a chunk at a time into ``out`` (its
-    bytes), checked against the CRC-32 stored before them."""
+    bytes), checked against the CRC-32 stored before them. Each read is an exact byte range
+    (on an object store, a ranged GET: no read-ahead past the rows asked for)."""
     loc = piece.location
     start = before * piece.row_bytes + 4 * d  # the rows before, and one CRC per destination
+    fs, path = loc.fs, loc.path
     try:
-        with loc.open("rb") as f:
-            f.seek(start)
-            head = f.read(4)
-            crc = 0
-            at = 0
-            while at < len(out):
-                chunk = f.read(min(READ_CHUNK, len(out) - at))
-                if not chunk:
-                    break
-                out[at : at + len(chunk)] = chunk
-                crc = crc32(chunk, crc)
-                at += len(chunk)
+        head = fs.cat_file(path, start=start, end=start + 4)
+        crc = 0
+        at = 0
+        while at < len(out):
+            lo = start + 4 + at
+            chunk = fs.cat_file(path, start=lo, end=lo + min(READ_CHUNK, len(out) - at))
+            if not chunk:
+                break
+            out[at : at + len(chunk)] = chunk
+            crc = crc32(chunk, crc)
+            at += len(chunk)
     except FileNotFoundError:
         raise TrainingError(f"{loc} is missing ({what})") from None
     if len(head) != 4 or at != len(out) or crc != int(np.frombuffer(head, "<u4")[0]):

@@ -307,10 +307,11 @@ class HalfSteps:
     def _task_bytes(self, side: str) -> int:
         """A solve task's working set on the largest block of ``side``: the block read from
         Parquet and cast for the kernel (~32 bytes a rating), and per row its float64
-        solution, the copy in the storage dtype and its row count."""
+        solution, the copy in the storage dtype, and ~40 bytes of per-row bookkeeping (count,
+        the two penalties, squared error, status)."""
         rank = self.config.model.rank
         nnz = max(self.store.block_nnz(side), default=0)
-        per_row = (rank + 1) * (8 + (4 if self.config.model.dtype == "float32" else 0)) + 1
+        per_row = (rank + 1) * (8 + (4 if self.config.model.dtype == "float32" else 0)) + 40
         return 32 * nnz + self._largest_rows(side) * per_row
 
     def _compact_bytes(self, side: str) -> int:
@@ -322,11 +323,14 @@ class HalfSteps:
         return rows * ((rank + 2) * itemsize + 8) + READ_CHUNK
 
     def _send_bytes(self, side: str) -> int:
-        """An exchange task's working set: the fixed block it reads and the rows it gathers
-        for one destination at a time (at most the block again)."""
+        """An exchange task's working set: the fixed block it reads, the rows it gathers for
+        one destination at a time (at most the block again), and its out-block's row indices
+        (4 bytes a row sent: at most one per rating of the fixed block)."""
         rank = self.config.model.rank
         itemsize = np.dtype(self.config.model.dtype).itemsize
-        return 2 * self._largest_rows(other_side(side)) * (rank + 2) * itemsize
+        fixed = other_side(side)
+        rows_sent = max(self.store.block_nnz(fixed), default=0)
+        return 2 * self._largest_rows(fixed) * (rank + 2) * itemsize + 4 * rows_sent
 
     def _need(self, side: str, mode: str, threads: int) -> int:
         task = self._task_bytes(side)
@@ -375,11 +379,18 @@ class HalfSteps:
         limit = min(x for x in memory if x > 0)
         share = need / len(memory)
         threads = max((w.get("nthreads", 1) for w in scheduler_workers(self.client)), default=1)
-        return all(
+        fits = all(
             self._need(side, self.modes.get(side, "broadcast"), threads) + share
             <= PAUSE_FRACTION * limit
             for side in ("user", "item")
         )
+        if fits:
+            log.info(
+                "dmf: caching the rating blocks on the workers: about %s per worker beside the "
+                "plan above (train.cache_blocks: never turns this off)",
+                _size(share),
+            )
+        return fits
 
     def cache_blocks(self) -> None:
         """Load every block once into worker memory, as tasks (recomputed if a worker dies)."""

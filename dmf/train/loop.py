@@ -164,7 +164,7 @@ def hold_run(store: Store, config: Config) -> Iterator[RunLocks]:
     with writer:
         try:
             store_claim = claim(store.root / CLAIMS, ttl, {"model": str(model_dir)})
-        except StorageError as exc:  # a read-only store: train, without the protection
+        except (StorageError, OSError) as exc:  # a read-only store: train, unprotected
             log.warning(
                 "dmf: cannot claim the store %s (%s): an ingest into it will not know that "
                 "this run reads it",
