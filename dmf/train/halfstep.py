@@ -477,6 +477,11 @@ class HalfSteps:
             key=f"assemble-{fixed.side}s-{version_of(fixed)}-{self.token}",
             pure=False,
         )
+        if len(scheduler_workers(self.client)) > 1:
+            # A copy on every worker before the blocks' tasks are placed: the scheduler then
+            # places them by load. With the one copy where it was assembled, it put most blocks
+            # next to it and the other workers waited (rank 64 on 10M ratings: 14% slower).
+            self.client.replicate([fut])
         self._assembled = (fixed.root.url, fut)
         return fut
 
