@@ -174,10 +174,10 @@ def main() -> int:
                     "read_block_file, both sides",
                 ],
                 [
-                    "the same Parquet decode, unchecked",
+                    "the same, unchecked",
                     f"{t_blocks_raw:.2f}",
                     f"{block_bytes / GB / t_blocks_raw:.2f}",
-                    "pq.read_table",
+                    "pq.read_table + RatingBlock",
                 ],
             ],
         )  # fmt: skip
@@ -189,8 +189,9 @@ def main() -> int:
         f"- Training reads {block_bytes / GB:.2f} GB of rating blocks per iteration when they "
         f"are streamed (not cached); checking them costs about {t_block_crc:.2f} s of CRC "
         f"(at the rate above), {100 * t_block_crc / t_blocks:.1f}% of reading and decoding "
-        f"them ({t_blocks:.1f} s checked against {t_blocks_raw:.1f} s unchecked). An iteration at rank 10 on 100M ratings takes 6.84 s on this machine "
-        "class (docs/benchmarks_train_large.md), and cached blocks are checked once per run."
+        f"them ({t_blocks:.1f} s checked against {t_blocks_raw:.1f} s unchecked). An "
+        "iteration at rank 10 on 100M ratings takes 6.84 s on this machine class "
+        "(docs/benchmarks_train_large.md), and cached blocks are checked once per run."
     )
     out = report.write("verify")
     log(f"wrote {out}")
