@@ -34,6 +34,15 @@ from dmf.store.layout import MANIFEST, Store, read_block_file
 from dmf.store.storage import crc32
 
 DMF = str(Path(sys.executable).with_name("dmf"))
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+def ingest_args(data: Path, store: Path, seed: int) -> list[str]:
+    return [
+        "ingest", str(QUICKSTART), "--no-cluster", "-q",
+        "--set", f"synth.path={data}", "--set", f"store.path={store}",
+        "--set", f"split.seed={seed}", "--set", "store.overwrite=true",
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -217,18 +226,7 @@ def test_store_overwrite_never_writes_over_a_directory_that_is_not_a_store(job, 
     target = tmp_path / "not-a-store"
     target.mkdir()
     (target / "notes.txt").write_text("mine")
-    argv = [
-        "ingest",
-        str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"),
-        "--no-cluster",
-        "-q",
-        "--set",
-        f"synth.path={job / 'data'}",
-        "--set",
-        f"store.path={target}",
-        "--set",
-        "store.overwrite=true",
-    ]
+    argv = ingest_args(job / "data", target, seed=42)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert str(target) in err and "notes.txt" in err and "no store" in err
@@ -275,17 +273,7 @@ def test_a_write_that_finds_no_room_is_an_error_naming_the_file(job, tmp_path):
     """A full disk, a quota or (here, the one a test can set up) a file size limit: dmf says
     which file it could not write, and the store directory keeps no half-written store."""
     store = tmp_path / "store"
-    cmd = [
-        DMF,
-        "ingest",
-        str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"),
-        "--no-cluster",
-        "-q",
-        "--set",
-        f"synth.path={job / 'data'}",
-        "--set",
-        f"store.path={store}",
-    ]
+    cmd = [DMF, *ingest_args(job / "data", store, seed=42)]
     proc = subprocess.run(
         cmd,
         capture_output=True,
@@ -409,8 +397,6 @@ from dmf.cli import main
 sys.exit(main(sys.argv[2:]))
 """
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-
 
 def killed_at(tmp_path: Path, n: int, *argv: str) -> tuple[int, int]:
     """Run ``dmf *argv`` killed at storage step ``n``: (return code, steps taken)."""
@@ -435,14 +421,6 @@ def steps_to_kill(total: int) -> list[int]:
         return list(range(1, total + 1))
     between = np.linspace(2, total - 4, 4).astype(int).tolist() if total > 8 else []
     return sorted({1, *between, *range(max(1, total - 3), total + 1)})
-
-
-def ingest_args(data: Path, store: Path, seed: int) -> list[str]:
-    return [
-        "ingest", str(QUICKSTART), "--no-cluster", "-q",
-        "--set", f"synth.path={data}", "--set", f"store.path={store}",
-        "--set", f"split.seed={seed}", "--set", "store.overwrite=true",
-    ]  # fmt: skip
 
 
 def test_ingest_killed_at_any_step_leaves_the_old_store_or_the_new_one(job, tmp_path, capsys):
