@@ -421,3 +421,19 @@ def test_checkpoints_of_an_earlier_run_need_resume_or_fresh(store, client, tmp_p
     assert [h["iteration"] for h in fresh.history] == [1, 2]
     assert fresh.history[0]["objective"] != first.history[0]["objective"]
     assert not np.array_equal(fresh.user_factors, first.user_factors)
+
+
+def test_clean_waits_for_the_run_writing_the_directory(tmp_path, capsys):
+    """A run's checkpoint being written is in no manifest yet: `dmf clean` would take it for a
+    leftover. While the directory's writer lease is live, clean refuses (a dry run lists)."""
+    model = tmp_path / "model"
+    half_written = model / "checkpoints" / "iter-00007" / "user_bias.0badf00d.npy"
+    half_written.parent.mkdir(parents=True)
+    half_written.write_bytes(b"in flight")
+    with acquire(Location.of(model / WRITER), ttl=600):
+        assert main(["clean", str(model)]) == 2
+        assert "being written by a training run" in capsys.readouterr().err
+        assert half_written.exists()
+        assert main(["clean", "--dry-run", str(model)]) == 0
+    assert main(["clean", str(model)]) == 0  # the run has ended
+    assert not half_written.exists()

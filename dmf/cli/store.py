@@ -237,6 +237,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _live_writer(loc):
+    """The holder of the directory's live writer lease (a training run), or None."""
+    from dmf.store.lease import WRITER, read_holder
+
+    holder = read_holder(loc / WRITER)
+    return None if holder is None or holder.stale() else holder
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     from dmf.store.storage import clean
 
@@ -244,6 +252,15 @@ def cmd_clean(args: argparse.Namespace) -> int:
     stray = _leftovers(kind, loc)
     for rel in stray:
         print(rel)
+    writer = _live_writer(loc)
+    if writer is not None and not args.dry_run:
+        # A run writing here has files in flight that no manifest lists yet.
+        from dmf.errors import LeaseError
+
+        raise LeaseError(
+            f"{loc} is being written by a training run, {writer.describe()}: its files in "
+            "flight would look like leftovers; clean it after the run ends"
+        )
     if args.dry_run:
         print(f"dmf clean: {len(stray)} file(s) would be removed from {loc}", file=sys.stderr)
     else:
