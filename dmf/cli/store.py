@@ -184,7 +184,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(format_info(store))
     else:
         from dmf.errors import StoreError
-        from dmf.store.storage import entries_of, read_manifest
+        from dmf.store.storage import entries_of, read_manifest, size_text
 
         doc = read_manifest(loc, _manifests()[kind], error=StoreError) or {}
         if args.json:
@@ -192,7 +192,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         else:
             entries = entries_of(doc)
             n_bytes = sum(e.bytes for e in entries.values())
-            print(f"{kind} {loc}\nfiles        {len(entries)}, {_size(n_bytes)}")
+            print(f"{kind} {loc}\nfiles        {len(entries)}, {size_text(n_bytes)}")
     stray = _leftovers(kind, loc)
     if stray and not args.json:
         print(
@@ -206,7 +206,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from dmf.errors import CheckpointError, StoreError
     from dmf.model.model import verify_model
     from dmf.store.layout import Store
-    from dmf.store.storage import entries_of, read_manifest, verify_file
+    from dmf.store.storage import entries_of, read_manifest, size_text, verify_file
     from dmf.train.checkpoint import list_checkpoints, read_checkpoint
     from dmf.train.state import checkpoint_side_refs
 
@@ -233,7 +233,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for rel, entry in entries.items():
             verify_file(loc / (entry.path or rel), entry)
         n_files, n_bytes = len(entries), sum(e.bytes for e in entries.values())
-    print(f"dmf verify: {loc}: {n_files} files, {_size(n_bytes)}, every size and checksum ok")
+    print(f"dmf verify: {loc}: {n_files} files, {size_text(n_bytes)}, every size and checksum ok")
     return 0
 
 
@@ -294,16 +294,10 @@ def format_model_info(model, loc) -> str:
     return "\n".join(lines)
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 def format_info(store) -> str:
     """A human summary of a store (what ``dmf info`` prints)."""
+    from dmf.store.storage import size_text
+
     m = store.manifest
     lines = [
         f"store        {store.path}",
@@ -335,7 +329,7 @@ def format_info(store) -> str:
         first = files[0] if files else "?"
         more = f" (+{len(files) - 1} more)" if len(files) > 1 else ""
         lines.append(f"input        {first}{more}, {m.input.get('rows_read', 0):,} rows")
-    lines.append(f"disk         {_size(store.disk_bytes())} in {len(m.files)} files")
+    lines.append(f"disk         {size_text(store.disk_bytes())} in {len(m.files)} files")
     lines.append(f"fingerprint  {m.fingerprint}")
     if m.version or m.created:
         # Which version is in place (after a killed ingest: the old one, or the new one).

@@ -63,6 +63,15 @@ VERIFY_IN_MEMORY = 256 * 2**20
 _CHUNK = 4 * 2**20
 
 
+def size_text(n: float) -> str:
+    """A byte count for people: ``512 B``, ``1.5 MiB``, ``6.2 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 class StorageError(DmfError):
     """A location cannot be read or written (the message names it and says why)."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -131,12 +132,19 @@ def read_checkpoint(ckpt: Location) -> tuple[dict[str, Any], dict[str, np.ndarra
     return state, arrays
 
 
-def latest_checkpoint(directory: Location) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
-    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
+def latest_checkpoint(
+    directory: Location, check: Callable[[Location, dict[str, Any]], None] | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """The newest checkpoint that verifies (and passes ``check(ckpt, state)``, which raises
+    :class:`CheckpointError` to reject it); corrupt or rejected newer ones are reported and
+    skipped."""
     errors = []
     for ckpt in reversed(list_checkpoints(directory)):
         try:
-            return read_checkpoint(ckpt)
+            found = read_checkpoint(ckpt)
+            if check is not None:
+                check(ckpt, found[0])
+            return found
         except CheckpointError as exc:
             log.warning("dmf: skipping checkpoint: %s", exc)
             errors.append(str(exc))

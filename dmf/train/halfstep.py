@@ -33,7 +33,7 @@ from dmf.dist.tasks import gather_watched
 from dmf.errors import TrainingError
 from dmf.store.blocks import RatingBlock, other_side
 from dmf.store.layout import BlockRef, Store, read_block_file
-from dmf.store.storage import FileEntry, Location, Target, read_table
+from dmf.store.storage import FileEntry, Location, Target, read_table, size_text
 from dmf.train.exchange import (
     READ_CHUNK,
     CompactSpec,
@@ -266,15 +266,15 @@ class HalfSteps:
                 other_side(side),
                 mode,
                 other_side(side),
-                _size(fixed_bytes),
-                _size(need),
-                _size(limit) if limit else "unlimited memory",
+                size_text(fixed_bytes),
+                size_text(need),
+                size_text(limit) if limit else "unlimited memory",
             )
             if limit and need > PAUSE_FRACTION * limit:
                 raise TrainingError(
-                    f"the {side} half-step needs about {_size(need)} per worker "
+                    f"the {side} half-step needs about {size_text(need)} per worker "
                     f"(train.exchange {mode}: {self._explain(side, mode, threads)}), more than "
-                    f"{int(PAUSE_FRACTION * 100)}% of cluster.memory_limit ({_size(limit)}), where "
+                    f"{int(PAUSE_FRACTION * 100)}% of cluster.memory_limit ({size_text(limit)}), where "
                     "Dask pauses the worker. Raise cluster.memory_limit, lower "
                     "blocks.target_ratings (re-ingest), use fewer threads per worker"
                     + ("" if mode == "partitioned" else ", or set train.exchange: partitioned")
@@ -343,22 +343,22 @@ class HalfSteps:
         )
 
     def _explain(self, side: str, mode: str, threads: int) -> str:
-        task = _size(self._task_bytes(side))
+        task = size_text(self._task_bytes(side))
         rank = self.config.model.rank
         nnz = max(self.store.block_nnz(side), default=0)
         if mode == "broadcast":
-            fixed = _size(2 * self._side_bytes(other_side(side)))
+            fixed = size_text(2 * self._side_bytes(other_side(side)))
             return (
                 f"{fixed} for the {other_side(side)} side's {self.store.n_rows(other_side(side)):,} "
                 f"rows of rank {rank} + 1 (held, and a copy while it arrives), {threads} x {task} "
                 f"for blocks of up to {nnz:,} ratings, and the worker's own "
-                f"{_size(WORKER_BASELINE)}"
+                f"{size_text(WORKER_BASELINE)}"
             )
         return (
             f"{threads} x the larger of ({task} for a block of up to {nnz:,} ratings + "
-            f"{_size(self._compact_bytes(side))} for its compact {other_side(side)} rows of rank "
-            f"{rank} + 1) and {_size(self._send_bytes(side))} for sending a "
-            f"{other_side(side)} block's rows, and the worker's own {_size(WORKER_BASELINE)}"
+            f"{size_text(self._compact_bytes(side))} for its compact {other_side(side)} rows of rank "
+            f"{rank} + 1) and {size_text(self._send_bytes(side))} for sending a "
+            f"{other_side(side)} block's rows, and the worker's own {size_text(WORKER_BASELINE)}"
         )
 
     # -- block caching ---------------------------------------------------------------------------
@@ -388,7 +388,7 @@ class HalfSteps:
             log.info(
                 "dmf: caching the rating blocks on the workers: about %s per worker beside the "
                 "plan above (train.cache_blocks: never turns this off)",
-                _size(share),
+                size_text(share),
             )
         return fits
 
@@ -706,11 +706,3 @@ class _HeldoutCols:
 def version_of(side: SideBlocks) -> int:
     """The iteration a side version belongs to, from its directory's name ``hNNNNN-TOKEN``."""
     return int(side.root.name.split("-")[0][1:])
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover

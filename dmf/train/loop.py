@@ -49,8 +49,8 @@ from dmf.train.checkpoint import (
     STATE,
     describe_mismatch,
     iteration_of,
+    latest_checkpoint,
     list_checkpoints,
-    read_checkpoint,
     remove_checkpoints,
     write_checkpoint,
 )
@@ -142,11 +142,14 @@ class RunLocks:
 
 
 @contextlib.contextmanager
-def hold_run(store: Store, config: Config) -> Iterator[RunLocks]:
+def hold_run(
+    store: Store, config: Config, resume: bool = False, fresh: bool = False
+) -> Iterator[RunLocks]:
     """Hold ``<output.model>/_writer.lease`` (exclusive: a second run on the directory is
     refused, naming this one) and ``<store>/_claims/<token>.lease`` (shared: ingest will not
     replace the store under this run) until the block ends; both are refreshed every third of
-    ``train.lease_seconds``."""
+    ``train.lease_seconds``. Once both are held, the run's checks (:func:`check_run`) pass or
+    raise."""
     model_dir = model_location(config)
     # Never put a lease into a directory that is not a model's (output.model: runs, say).
     check_replaceable(model_dir)
@@ -180,11 +183,13 @@ def hold_run(store: Store, config: Config) -> Iterator[RunLocks]:
                     f"the store at {store.root} was replaced (by an ingest) after this run "
                     "opened it; run again"
                 )
+            check_run(store, config, model_dir, resume, fresh)
             yield RunLocks(writer, store_claim)
 
 
 def check_run(store: Store, config: Config, model_dir: Location, resume: bool, fresh: bool) -> None:
-    """The checks a run passes before any work, on the driver: refuse a run that cannot end
+    """The checks a run passes before any work, on the driver (under its leases, after
+    :func:`hold_run` checked that ``model_dir`` is a model's): refuse a run that cannot end
     well, or that would discard an earlier run's work unasked."""
     tc = config.train
     if resume and fresh:
@@ -197,7 +202,6 @@ def check_run(store: Store, config: Config, model_dir: Location, resume: bool, f
             f"model directory {model_dir} already holds a model; set "
             "output.overwrite: true, choose another output.model, or resume"
         )
-    check_replaceable(model_dir)
     if tc.early_stopping is not None and store.n_split("validation") == 0:
         raise ConfigError(
             "train.early_stopping needs a validation split, and the store has none: set "
@@ -277,13 +281,13 @@ class Trainer:
         checkpoints, with ``fresh``); save the model and return it, loaded with ``in_memory``
         (:meth:`dmf.model.model.Model.load`)."""
         if self.locks is None:
-            with hold_run(self.store, self.config) as locks:
+            with hold_run(self.store, self.config, resume, fresh) as locks:
                 self.locks = locks
                 try:
                     return self.run(resume, in_memory, fresh)
                 finally:
                     self.locks = None
-        self._preflight(resume, fresh)
+        self._preflight()
         self.halfsteps.plan()
         # Compile the solver kernel here (or load it from numba's disk cache), so that workers
         # on this machine load it instead of all compiling it at once.
@@ -296,11 +300,10 @@ class Trainer:
         self._tidy_work()
         return Model.load(self.model_dir, in_memory=in_memory)
 
-    def _preflight(self, resume: bool, fresh: bool = False) -> None:
-        """Refuse a run that cannot end well, now rather than after hours of training."""
-        tc = self.config.train
-        check_run(self.store, self.config, self.model_dir, resume, fresh)
-        if tc.iterations == 0:
+    def _preflight(self) -> None:
+        """Refuse a run that cannot end well, now rather than after hours of training (what
+        :func:`check_run` left: the workers' view)."""
+        if self.config.train.iterations == 0:
             log.warning("dmf: train.iterations is 0: the model keeps its initial factors")
         # Every worker reads the store's blocks and the driver writes the model: the workers
         # must reach the store (and, for the factor files they will write, the model directory).
@@ -322,26 +325,19 @@ class Trainer:
         return TrainState(None, self.halfsteps.initial_items()), progress
 
     def _latest_checkpoint(self) -> dict[str, Any] | None:
-        """The newest checkpoint whose side versions are all there and intact (every file's
-        size and checksum checked by tasks on the workers); broken newer ones are reported and
-        skipped."""
-        errors = []
-        for ckpt in reversed(list_checkpoints(self.checkpoint_dir)):
-            try:
-                saved, _ = read_checkpoint(ckpt)
-                if saved.get("format") != CHECKPOINT_FORMAT:
-                    raise CheckpointError(
-                        f"checkpoint {ckpt} was written by another version of dmf (format "
-                        f"{saved.get('format')}, not {CHECKPOINT_FORMAT}); train without --resume"
-                    )
-                self._verify_sides(ckpt, saved)
-                return saved
-            except CheckpointError as exc:
-                log.warning("dmf: skipping checkpoint: %s", exc)
-                errors.append(str(exc))
-        if errors:
-            raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
-        return None
+        """The newest checkpoint of this format whose side versions are all there and intact
+        (every file's size and checksum checked by tasks on the workers); broken newer ones are
+        reported and skipped."""
+        found = latest_checkpoint(self.checkpoint_dir, self._check_checkpoint)
+        return None if found is None else found[0]
+
+    def _check_checkpoint(self, ckpt: Location, saved: dict[str, Any]) -> None:
+        if saved.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"checkpoint {ckpt} was written by another version of dmf (format "
+                f"{saved.get('format')}, not {CHECKPOINT_FORMAT}); train without --resume"
+            )
+        self._verify_sides(ckpt, saved)
 
     def _verify_sides(self, ckpt: Location, saved: dict[str, Any]) -> None:
         refs = checkpoint_side_refs(saved, self.model_dir)
@@ -629,8 +625,7 @@ def train(
         store = Store.open(config.resolve(store), options=config.storage.options)
     if store.n_train == 0:
         raise TrainingError(f"store {store.path} has no train ratings")
-    with hold_run(store, config) as locks:
-        check_run(store, config, model_location(config), resume, fresh)  # before a cluster starts
+    with hold_run(store, config, resume, fresh) as locks:  # and its checks, before a cluster
         with maybe_connect(config, client, address, scheduler_file, quiet=quiet) as c:
             trainer = Trainer(store, config, c, quiet=quiet, locks=locks)
             return trainer.run(resume=resume, in_memory=in_memory, fresh=fresh)
