@@ -1,7 +1,7 @@
 """The YAML config: typed sections with documented fields.
 
 A config file has the sections ``data``, ``synth``, ``store``, ``split``, ``blocks``, ``model``,
-``train``, ``cluster``, ``evaluate`` and ``output``. Every field has a default, so an empty file is
+``train``, ``cluster``, ``evaluate``, ``output``, ``storage`` and ``tune``. Every field has a default, so an empty file is
 valid (it trains on nothing, and says so). Unknown keys and bad values raise
 :class:`dmf.errors.ConfigError` naming the dotted key, e.g. ``model.reg: Input should be greater
 than or equal to 0``.
@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -33,16 +34,47 @@ from dmf.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A field's docstring (the string literal under it) is its description: `dmf config
+    # schema` prints it, and tests/test_configs.py checks that every field has one.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
+
+
+def yaml_words(true: str, false: str) -> BeforeValidator:
+    """A validator giving back the words that YAML 1.1 (PyYAML) turned into booleans: ``on``,
+    ``yes`` and ``true`` are read as ``True``, ``off``, ``no`` and ``false`` as ``False``, so
+    ``progress: off`` reaches the field as ``False``. For a field whose allowed words include
+    such a pair: ``True`` becomes the word ``true``, ``False`` the word ``false``, e.g.
+    ``Annotated[Literal["auto", "on", "off"], ON_OFF]``; in a file and in ``--set`` alike (both
+    are parsed as YAML)."""
+
+    def word(value: Any) -> Any:
+        if value is True:
+            return true
+        if value is False:
+            return false
+        return value
+
+    return BeforeValidator(word)
+
+
+ON_OFF = yaml_words("on", "off")
 
 
 class Columns(Section):
     """Where each field is in the raw input: a column name, or a 0-based position."""
 
     user: str | int = "user"
+    """The raw user id: a column name from the header, or a 0-based position."""
     item: str | int = "item"
+    """The raw item id: a column name from the header, or a 0-based position."""
     rating: str | int = "rating"
+    """The rating, a number: a column name from the header, or a 0-based position."""
     timestamp: str | int | None = None
+    """The time of the rating (integer, float or date): a column name or a 0-based position. Needed
+    by ``split.method: temporal``; ``data.duplicates: last`` keeps the latest by it. ``null``:
+    the input has no times."""
 
 
 class DataConfig(Section):
@@ -51,6 +83,10 @@ class DataConfig(Section):
     source: str | list[str] | None = None
     """File, directory or glob (or a list of them). Relative paths are relative to the config file."""
     format: Literal["auto", "csv", "tsv", "parquet"] = "auto"
+    """How the input files are read: ``csv`` (any delimiter), ``tsv`` (tab-separated unless
+    ``delimiter`` says otherwise), ``parquet``, or ``auto``: Parquet for a ``.parquet``, ``.pq``
+    or ``.parq`` name or a file that starts like one, else CSV. A ``preset`` decides it for its
+    release."""
     preset: (
         Literal[
             "movielens-100k",
@@ -66,8 +102,14 @@ class DataConfig(Section):
     delimiter: str | None = None
     """Field separator for CSV; may be several characters (MovieLens 1M/10M use ``::``)."""
     header: bool | Literal["auto"] = "auto"
+    """Whether CSV files start with a line of column names. ``auto``: yes when ``columns`` are given
+    by name; with positions, yes unless the first line's rating field is a number. Columns given
+    by name need a header."""
     columns: Columns = Field(default_factory=Columns)
+    """Where user, item, rating and timestamp are in each row (by name or 0-based position)."""
     compression: Literal["auto", "none", "gzip", "zstd"] = "auto"
+    """Compression of CSV files: ``gzip``, ``zstd``, ``none``, or ``auto``: from the file's first
+    bytes, else its suffix (``.gz``, ``.zst``). Parquet files carry their own."""
     id_type: Literal["auto", "int", "string"] = "auto"
     """How raw user and item ids are read. ``auto``: a side's ids are integers when every one
     of them, over the whole input, is a canonical integer (ASCII digits without a leading zero,
@@ -90,6 +132,9 @@ class DataConfig(Section):
     rating_range: tuple[float, float] | None = None
     """Inclusive valid range of ratings, e.g. [0.5, 5]."""
     out_of_range: Literal["error", "drop", "clip"] = "error"
+    """Policy for a rating outside ``rating_range``: fail naming its line (``error``), leave it out
+    (``drop``), or move it to the nearer bound (``clip``). The store's manifest counts the
+    dropped and clipped ones. Unused without ``rating_range``."""
     batch_rows: int = Field(default=1_000_000, ge=1)
     """Rows per streaming batch; memory use of ingest scales with this, not with the input."""
     id_partition_rows: int = Field(default=5_000_000, ge=1)
@@ -103,11 +148,20 @@ class SynthConfig(Section):
     missing."""
 
     enabled: bool = False
+    """Synthetic input: ``dmf run`` writes the planted ratings to ``path`` first (again when these
+    settings change), and ingest reads them when ``data.source`` is not set."""
     path: str = "runs/synth"
+    """Directory (or URL) the ratings (``ratings/``), the true factors (``truth.npz``) and
+    ``synth.json`` are written to; relative to the config file. ``dmf synth --out`` overrides it."""
     n_users: int = Field(default=10_000, ge=1)
+    """Number of users the ratings are spread over (rows of the rating matrix)."""
     n_items: int = Field(default=2_000, ge=1)
+    """Number of items (columns of the rating matrix)."""
     n_ratings: int = Field(default=500_000, ge=1)
+    """Number of ratings written, each a distinct (user, item) pair: at most ``n_users`` x
+    ``n_items``."""
     rank: int = Field(default=8, ge=0)
+    """Rank of the true factors u_i and v_j (0: biases and noise only)."""
     noise: float = Field(default=0.5, ge=0)
     """Standard deviation sigma of Gaussian noise added to each rating."""
     user_skew: float = Field(default=0.5, ge=0)
@@ -115,21 +169,37 @@ class SynthConfig(Section):
     item_skew: float = Field(default=0.8, ge=0)
     """Zipf-like exponent of item popularity (0 = uniform)."""
     mu: float = 3.5
+    """Global mean of the ratings, before clipping and rounding."""
     bias_scale: float = Field(default=0.3, ge=0)
     """Standard deviation of the true user and item biases."""
     factor_scale: float = Field(default=0.5, ge=0)
     """Standard deviation of the true interaction u_i . v_j (whatever the rank)."""
+    tail_rank: int = Field(default=0, ge=0)
+    """Extra true dimensions beyond ``rank``, with a decaying spectrum (the k-th has variance
+    proportional to 1/k): signal a rank-``rank`` model cannot fully capture, as in real
+    ratings."""
+    tail_scale: float = Field(default=0.0, ge=0)
+    """Standard deviation of the tail dimensions' interaction, all of them together."""
     round_to: float | None = None
     """Round ratings to a multiple of this (e.g. 0.5 or 1) after clipping."""
     clip: tuple[float, float] | None = None
+    """Inclusive range [low, high] every rating is clipped to, before rounding; ``null``: ratings
+    are unbounded."""
     seed: int = 0
+    """Seed of every random draw: the same seed and settings give the same ratings, whatever the
+    number of files or the chunk size."""
     files: int = Field(default=1, ge=1)
     """Number of output files the ratings are spread over."""
     format: Literal["parquet", "csv"] = "parquet"
+    """File format of the ratings written: ``parquet`` or ``csv`` (with a header line)."""
 
 
 class StoreConfig(Section):
+    """Where the store of ingested ratings lives, and when ingest may replace it."""
+
     path: str = "runs/store"
+    """Directory (or URL, e.g. ``s3://bucket/store``) of the store that ingest writes and training
+    reads; relative to the config file. ``dmf train --store`` overrides it."""
     overwrite: bool = False
     """Replace an existing store. Without it, writing into a non-empty directory is refused."""
     force: bool = False
@@ -138,12 +208,21 @@ class StoreConfig(Section):
 
 
 class SplitConfig(Section):
+    """Which ratings are held out, chosen at ingest: the store records them, so changing this
+    section means ingesting again."""
+
     method: Literal["none", "random", "user", "temporal"] = "random"
     """``random``: each rating independently (seeded hash); ``user``: a fraction of each user's
     ratings; ``temporal``: the latest ratings by timestamp."""
-    validation: float = Field(default=0.0, ge=0, lt=1)
+    validation: float = Field(default=0.05, ge=0, lt=1)
+    """Fraction of the ratings held out as the validation split, in [0, 1): training records its
+    RMSE every iteration and ``train.early_stopping`` watches it. 0: no validation split."""
     test: float = Field(default=0.1, ge=0, lt=1)
+    """Fraction of the ratings held out as the test split, in [0, 1): never trained on, evaluated by
+    ``dmf run`` and ``dmf evaluate``. 0: no test split."""
     seed: int = 42
+    """Seed of the hash that picks the held-out ratings (and of a temporal split's sample of
+    timestamps): another seed holds out other ratings."""
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:
@@ -153,27 +232,45 @@ class SplitConfig(Section):
 
 
 class BlocksConfig(Section):
+    """How each side (users, items) is cut into blocks at ingest; each half-step runs one task a
+    block. The store records them, so changing this section means ingesting again."""
+
     target_ratings: int = Field(default=1_000_000, ge=1)
     """Target number of train ratings per block; a block in a worker's memory takes about 12
     bytes a rating (the solver's own working set is a few hundred KiB)."""
     n_blocks: int | None = Field(default=None, ge=1)
     """If set, overrides target_ratings: this many blocks per side (fewer if there are fewer rows)."""
+    min_blocks: int | Literal["auto"] = "auto"
+    """At least this many blocks per side (fewer only if there are fewer rows), so that a small
+    store still gives every worker thread a block to solve: a 1M-rating store in one block left
+    one of two workers idle. ``auto``: ``cluster.n_workers`` x ``cluster.threads_per_worker``.
+    The blocks change the speed of training, never its result."""
 
 
 class ModelConfig(Section):
+    """The biased matrix factorization model: rank, regularisation, initialisation."""
+
     rank: int = Field(default=10, ge=0)
+    """Number of latent factors of each user and item (k in u_i . v_j); 0 fits the biases alone. The
+    factors' memory grows with k, the solve of a row with about k^3."""
     reg: float = Field(default=0.1, ge=0)
     """lambda: L2 penalty on the factor vectors."""
     reg_bias: float | None = Field(default=None, ge=0)
     """L2 penalty on the biases; defaults to ``reg``."""
-    weighted_reg: bool = False
+    weighted_reg: bool = True
     """ALS-WR (Zhou et al. 2008, Spark's regParam): each row's penalty is scaled by its number of
     train ratings."""
     dtype: Literal["float32", "float64"] = "float32"
     """Storage type of the factors; normal equations are always accumulated in float64."""
+    clip: bool = True
+    """Clip predictions (``predict``, ``evaluate``, the validation RMSE of training) to the
+    rating range: ``data.rating_range`` when set, else the lowest and highest train rating.
+    ``false`` returns the raw ``mu + b_i + c_j + u_i . v_j``. Ranking is unaffected."""
     init_scale: float = Field(default=0.1, gt=0)
     """Item factors start as N(0, init_scale^2 / rank), from ``seed``."""
     seed: int = 0
+    """Seed of the initial item factors: the same seed gives the same model, whatever the number of
+    blocks, workers or tasks."""
 
     @property
     def effective_reg_bias(self) -> float:
@@ -181,23 +278,40 @@ class ModelConfig(Section):
 
 
 class EarlyStopping(Section):
+    """Early stopping on the validation RMSE (``split.validation`` must hold ratings out)."""
+
     patience: int = Field(default=3, ge=1)
     """Stop after this many iterations without a better validation RMSE; keep the best model."""
     min_delta: float = Field(default=0.0, ge=0)
+    """Smallest decrease of the validation RMSE (in rating units) that counts as better than the
+    best so far; a smaller one counts towards ``patience``."""
+    min_iterations: int = Field(default=6, ge=1)
+    """Never stop before this iteration. ALS's validation RMSE often rises over the first
+    iterations before it falls, as the factors grow from their small initial values: without
+    this, patience could end a run there and keep its first iteration."""
 
 
 class TrainConfig(Section):
-    iterations: int = Field(default=10, ge=0)
+    """The ALS iterations, their stopping rules, checkpoints and progress display."""
+
+    iterations: int = Field(default=20, ge=0)
+    """Most ALS iterations to run, each a user half-step then an item half-step; ``tolerance`` and
+    ``early_stopping`` may stop training sooner."""
     tolerance: float = Field(default=0.0, ge=0)
     """Stop when the relative decrease of the objective over an iteration is below this."""
-    early_stopping: EarlyStopping | None = None
+    early_stopping: EarlyStopping | None = Field(default_factory=EarlyStopping)
+    """Stop when the validation RMSE no longer improves (``{patience, min_delta}``), and keep the
+    model of the best iteration; needs ``split.validation``. ``null``: no early stopping, the
+    model of the last iteration is kept."""
     checkpoint_every: int = Field(default=1, ge=0)
     """Write a checkpoint every N iterations (0: never)."""
     keep_checkpoints: int = Field(default=2, ge=1)
+    """Number of newest checkpoints kept in the model directory's ``checkpoints/``; older ones are
+    deleted as new ones are written."""
     cache_blocks: Literal["auto", "always", "never"] = "auto"
     """Keep rating blocks in worker memory between iterations (``auto``: when they fit in half the
     cluster's memory), or read them from disk every half-iteration."""
-    progress: Literal["auto", "on", "off"] = "auto"
+    progress: Annotated[Literal["auto", "on", "off"], ON_OFF] = "auto"
     """Progress bars per half-iteration: ``auto`` shows them only on a terminal."""
     stall_warning: float = Field(default=600.0, gt=0)
     """Seconds without a finished task (a block's solve, exchange or export) after which a
@@ -221,8 +335,13 @@ class TrainConfig(Section):
 
 
 class JobqueueConfig(Section):
+    """Workers started as batch jobs by dask-jobqueue (``cluster.kind: jobqueue``)."""
+
     system: Literal["slurm", "pbs", "sge", "lsf"] = "slurm"
+    """Batch system the workers run on: dask-jobqueue's ``SLURMCluster``, ``PBSCluster``,
+    ``SGECluster`` or ``LSFCluster``."""
     jobs: int = Field(default=1, ge=1)
+    """Number of batch jobs submitted, each running the worker(s) ``options`` describe."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the dask-jobqueue cluster class (cores, memory, queue, walltime...)."""
 
@@ -298,6 +417,9 @@ MIN_WORKER_MEMORY = 256 * 2**20
 
 
 class ClusterConfig(Section):
+    """The Dask cluster: one that dmf starts (``local``, ``jobqueue``, ``kubernetes``), or a
+    running one it attaches to (``address``, ``scheduler_file``)."""
+
     kind: Literal["local", "address", "scheduler_file", "jobqueue", "kubernetes"] = "local"
     """``local``: start an embedded LocalCluster; ``address`` / ``scheduler_file``: attach to a
     running scheduler; ``jobqueue``: start workers as batch jobs (dask-jobqueue);
@@ -376,13 +498,20 @@ class ClusterConfig(Section):
 
 
 class EvaluateConfig(Section):
+    """Metrics on a held-out split: RMSE and MAE, and precision, recall, NDCG and MAP at k."""
+
     split: Literal["test", "validation"] = "test"
+    """Held-out split evaluated by ``dmf run`` and, unless ``--split`` says otherwise, by ``dmf
+    evaluate``."""
     k: int = Field(default=10, ge=1)
+    """Length of the top-k lists of the ranking metrics (precision, recall, NDCG and MAP at k)."""
     threshold: float = 4.0
     """A held-out rating at or above this is relevant for the ranking metrics."""
     cold_start: Literal["fallback", "drop"] = "fallback"
     """Unknown users or items: predict from the known biases (``fallback``) or skip (``drop``)."""
     ranking: bool = True
+    """Compute the ranking metrics, which score every item for each evaluated user; ``false``: RMSE
+    and MAE only, much faster with many items."""
 
 
 class StorageConfig(Section):
@@ -398,23 +527,124 @@ class StorageConfig(Section):
 
 
 class OutputConfig(Section):
+    """The model directory training writes."""
+
     model: str = "runs/model"
+    """Model directory (or URL): factor files, ``model.json``, ``history.csv``, the plot and the
+    checkpoints; relative to the config file."""
     overwrite: bool = True
+    """Replace a model already in ``model``. ``false``: training refuses to start over it
+    (``--resume`` continues it either way)."""
     plot: bool = True
+    """Write ``convergence.png`` next to ``history.csv``: the objective and the RMSEs per iteration,
+    with the kept iteration marked."""
+
+
+class TuneConfig(Section):
+    """``dmf tune``: a search (Optuna's TPE sampler and a pruner) over the model's rank,
+    regularisation and ALS-WR, and the number of iterations, for the lowest validation RMSE
+    (:mod:`dmf.tune`). The rest of the config (store, cluster, model.dtype and seed...) is
+    what every trial trains with."""
+
+    trials: int = Field(default=20, ge=1)
+    """Trials to run (fewer when ``timeout`` ends the search first)."""
+    parallel: int = Field(default=2, ge=1)
+    """Trials trained at once, on threads of this process sharing the cluster and its cached
+    rating blocks. Above 1, which settings the seeded sampler proposes depends on the order
+    trials finish in, so two searches may differ; each trial's own result does not."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds after which no new trial starts (running ones finish); ``null``: no limit."""
+    seed: int = 0
+    """Seed of the sampler (TPE): with ``parallel: 1`` the same seed gives the same search."""
+    output: str = "runs/tune"
+    """Directory of the results: ``trials.csv``, ``trials.png``, ``best.yaml``, ``tune.json``,
+    and each trial's model in ``trials/NNNNN``; relative to the config file. A directory
+    holding an earlier search's results is replaced; any other non-empty one is refused."""
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    """How unpromising trials are stopped from their validation RMSE per iteration:
+    ``median`` (Optuna's MedianPruner: a trial whose best so far is worse than the median of
+    the completed trials at the same iteration), ``hyperband`` (HyperbandPruner, iterations
+    as the resource) or ``none``."""
+    warmup: int = Field(default=6, ge=1)
+    """The iteration from which the pruner judges trials: every trial runs at least this many.
+    ALS curves cross: a well regularised trial descends for many iterations, while an
+    over-regularised one is flat after two, and looks better until then (22 searches of 12
+    trials on 100k ratings: pruning from iteration 3, one was left with over-regularised
+    trials only; from iteration 5, none was)."""
+    startup_trials: int = Field(default=5, ge=0)
+    """The first trials explore: they are drawn at random, before TPE models the results of
+    those finished, and the median pruner stops no trial until this many have completed. It
+    judges a trial at an iteration only against this many completed trials or more that
+    reached it."""
+    rank: tuple[int, int] = (2, 32)
+    """Range [low, high] of ``model.rank`` searched (log scale when low is at least 1)."""
+    reg: tuple[float, float] = (0.01, 30.0)
+    """Range [low, high] of ``model.reg`` searched, on a log scale (low above 0). Under ALS-WR
+    the penalty is per rating, so good values are far smaller than without (0.05-0.2 with it
+    and 5-20 without, on MovieLens and on dmf's test data): the default range holds both."""
+    reg_bias: tuple[float, float] | None = (0.01, 30.0)
+    """Range [low, high] of ``model.reg_bias`` searched, on a log scale (low above 0);
+    ``null``: not searched, ``model.reg_bias`` is left as the config has it."""
+    weighted_reg: list[bool] = Field(default_factory=lambda: [True, False], min_length=1)
+    """Values of ``model.weighted_reg`` (ALS-WR) tried: ``[true, false]`` searches both, a
+    single value fixes it."""
+    iterations: int = Field(default=15, ge=1)
+    """Most iterations a trial runs. The number of iterations is searched along the way: a
+    trial's value is its best validation RMSE over its iterations, and best.yaml's
+    ``train.iterations`` is the best trial's best iteration."""
+    patience: int = Field(default=3, ge=1)
+    """A trial stops after this many iterations without a better validation RMSE (its
+    ``train.early_stopping.patience``)."""
+
+    @field_validator("rank", "reg", "reg_bias")
+    @classmethod
+    def _range(cls, value, info):
+        if value is None:
+            return value
+        lo, hi = value
+        if lo > hi:
+            raise ValueError(f"[{lo}, {hi}]: the low end is above the high end")
+        if info.field_name == "rank" and lo < 0:
+            raise ValueError(f"[{lo}, {hi}]: a rank is at least 0")
+        if info.field_name != "rank" and lo <= 0:
+            raise ValueError(f"[{lo}, {hi}]: searched on a log scale, the low end must be above 0")
+        return value
+
+    @field_validator("weighted_reg")
+    @classmethod
+    def _choices(cls, value: list[bool]) -> list[bool]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value}: each value once")
+        return value
 
 
 class Config(Section):
+    """A whole dmf job: each attribute is a section of the YAML file."""
+
     data: DataConfig = Field(default_factory=DataConfig)
+    """Raw ratings to ingest: where they are, how to read them, what to do with bad rows."""
     synth: SynthConfig = Field(default_factory=SynthConfig)
+    """Synthetic ratings with planted factors, to try dmf or test it at scale."""
     store: StoreConfig = Field(default_factory=StoreConfig)
+    """The store ingest writes and training reads."""
     split: SplitConfig = Field(default_factory=SplitConfig)
+    """Which ratings ingest holds out for validation and test."""
     blocks: BlocksConfig = Field(default_factory=BlocksConfig)
+    """How ingest cuts each side into blocks, the unit of work of training."""
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """The model: rank, regularisation, factor type and initialisation."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """The ALS iterations: how many, when to stop, checkpoints, progress and exchange."""
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    """The Dask cluster dmf starts or attaches to."""
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    """Metrics on a held-out split after training (``dmf run``, ``dmf evaluate``)."""
     output: OutputConfig = Field(default_factory=OutputConfig)
+    """Where and how the trained model is written."""
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    """Options of remote filesystems (object stores), for every URL in the config."""
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    """The hyperparameter search of ``dmf tune``: trials, search space, pruning, output."""
 
     base_dir: str = Field(default=".", exclude=True)
     """Directory relative paths are resolved against (the config file's directory)."""
@@ -427,6 +657,14 @@ class Config(Section):
             return s
         p = Path(s).expanduser()
         return os.path.normpath(p if p.is_absolute() else Path(self.base_dir) / p)
+
+    @property
+    def min_blocks(self) -> int:
+        """``blocks.min_blocks`` with ``auto`` resolved: the worker threads of the cluster."""
+        b = self.blocks.min_blocks
+        if b == "auto":
+            return self.cluster.n_workers * self.cluster.threads_per_worker
+        return max(1, int(b))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"base_dir"})
@@ -485,6 +723,7 @@ PATH_KEYS = {
     "synth.path",
     "store.path",
     "output.model",
+    "tune.output",
     "cluster.scheduler_file",
     "cluster.local_directory",
     "cluster.security.ca_file",

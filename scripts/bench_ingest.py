@@ -122,7 +122,7 @@ def run_ingest(source: Path, work: Path, cluster: bool) -> dict:
     cfg = load_config(
         raw={
             "data": {"source": str(source), "columns": {"timestamp": "timestamp"}},
-            "split": {"method": "random", "test": 0.1},
+            "split": {"method": "random", "test": 0.1, "validation": 0.0},
             "store": {"path": str(store_dir), "overwrite": True},
         }
     )

@@ -288,7 +288,7 @@ def test_a_negative_split_seed_is_a_seed_like_any_other(tmp_path, method):
     f = write_csv(tmp_path / "r.csv", make_rows(nnz=600, seed=6))
     split = {"method": method, "test": 0.2, "seed": -7}
     a = store_triples(run_store(tmp_path, "a", str(f), split=split))
-    assert len(a["by_user"]) + len(a["test"]) == 600 and a["test"]
+    assert len(a["by_user"]) + len(a["validation"]) + len(a["test"]) == 600 and a["test"]
     assert store_triples(run_store(tmp_path, "b", str(f), split=split)) == a
 
 
@@ -446,7 +446,8 @@ def test_compression_parquet_globs_and_lists_give_the_same_store(tmp_path, rows)
         got = store_triples(s)
         if expect is None:
             expect = got
-            assert len(got["by_user"]) + len(got["test"]) == len(rows)
+            held = len(got["validation"]) + len(got["test"])
+            assert len(got["by_user"]) + held == len(rows)
         assert got == expect, src
     assert sorted(s.manifest.input["compression"]) == ["none"]
 
@@ -545,7 +546,7 @@ def test_killed_ingest_leaves_no_store_and_keeps_the_old_one(tmp_path, caplog):
                 again = ingest(cfg2, progress=False)
             assert f"{scratch[0]}/" in caplog.text and "interrupted ingest" in caplog.text
             assert f"dmf clean {store_dir}" in caplog.text
-            assert again.n_train + again.n_split("test") == 100
+            assert again.n_train + again.n_split("validation") + again.n_split("test") == 100
             assert all(rel.startswith(scratch[0] + "/") for rel in again.leftovers())
             # A directory holding anything else is refused without store.overwrite.
             (store_dir / "notes.txt").write_text("mine")
@@ -553,7 +554,7 @@ def test_killed_ingest_leaves_no_store_and_keeps_the_old_one(tmp_path, caplog):
                 ingest(cfg2, progress=False)
         else:
             store = Store.open(store_dir)
-            assert store.n_train + store.n_split("test") == 100
+            assert store.n_train + store.n_split("validation") + store.n_split("test") == 100
             # The old store's files are untouched; the killed ingest's are its leftovers.
             assert sorted(p for p in store_dir.rglob("*") if p.is_file()) == sorted(
                 old_files + [store_dir / rel for rel in store.leftovers()]
@@ -583,7 +584,7 @@ def test_synth_output_is_the_default_source(tmp_path):
         }
     )
     store = ingest(cfg, progress=False)
-    assert store.n_train + store.n_split("test") == 600
+    assert store.n_train + store.n_split("validation") + store.n_split("test") == 600
     assert "timestamp" in store.read_split("test").column_names
 
 

@@ -141,7 +141,12 @@ def test_store_matches_in_memory_reference(
                     "duplicates": duplicates,
                     "batch_rows": batch_rows,
                 },
-                "split": {"method": "random" if test else "none", "test": test, "seed": 3},
+                "split": {
+                    "method": "random" if test else "none",
+                    "validation": 0,
+                    "test": test,
+                    "seed": 3,
+                },
                 "blocks": {"n_blocks": n_blocks},
                 "store": {"path": str(d / "store")},
             }

@@ -7,7 +7,8 @@ Layers, lowest first (each package's docstring says the same):
     2  dmf.data, dmf.als                raw input -> store; the ALS maths
     3  dmf.model                        the trained model and its uses
     4  dmf.train                        the training loop
-    5  dmf.api, dmf.cli, dmf.__main__   what users call
+    5  dmf.api, dmf.tune, dmf.cli,      what users call
+       dmf.__main__
 
 Modules of the foundation may import each other (config uses errors), and so may those of the
 top layer (``python -m dmf`` runs the command line). Every import statement counts,
@@ -35,6 +36,7 @@ LAYERS = {
     "dmf.model": 3,
     "dmf.train": 4,
     "dmf.api": 5,
+    "dmf.tune": 5,
     "dmf.cli": 5,
     "dmf.__main__": 5,
 }

@@ -109,8 +109,17 @@ def test_task_keys_and_spans_read_as_the_algorithm(store, tmp_path):
     assert sorted(x[:2] for x in loaded) == sorted(
         (side, f"{b:05d}") for side in ("user", "item") for b in range(N_BLOCKS)
     )
-    tokens = {s[3] for s in solved} | {x[2] for x in loaded} | {o[-1] for o in other}
+    tokens = {s[3] for s in solved} | {o[-1] for o in other}
     assert len(tokens) == 1  # one run token
+    # A cached block is named by its file, not by the run, so that runs on one store at once
+    # (dmf tune's trials) share it.
+    from dmf.train.halfstep import cached_block_key
+
+    assert {k for k in keys if k.startswith("load-")} == {
+        cached_block_key(store.block_ref(side, b))
+        for side in ("user", "item")
+        for b in range(N_BLOCKS)
+    }
 
     # One span per iteration, under the run's span, holding that iteration's tasks: the two
     # half-steps with the assembly of their fixed sides, and the validation.

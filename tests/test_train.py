@@ -159,7 +159,7 @@ def test_planted_truth_is_recovered_to_the_noise_level(tmp_path, client):
     store = store_from_arrays(
         tmp_path / "s", u[~test], i[~test], r[~test], n_users=400, n_items=300, n_blocks=3
     )
-    cfg = _config(tmp_path, rank=3, reg=0.05)
+    cfg = _config(tmp_path, rank=3, reg=0.05, weighted_reg=False)
     cfg.train.iterations = 15
     m = train(store, cfg, client=client, quiet=True)
     rmse = np.sqrt(np.mean((m.predict_indices(u[test], i[test]) - r[test]) ** 2))
@@ -184,13 +184,19 @@ def test_early_stopping_keeps_the_best_model(tmp_path, client):
     # Rank 8 with almost no regularisation overfits: validation RMSE turns up.
     cfg = _config(tmp_path, rank=8, reg=1e-4)
     cfg.train.iterations = 30
-    cfg.train.early_stopping = {"patience": 2}
+    cfg.train.early_stopping = {"patience": 2, "min_iterations": 1}
     m = train(store, cfg, client=client, quiet=True)
     vals = [h["validation_rmse"] for h in m.history]
     best = int(np.argmin(vals)) + 1
-    assert m.meta["best_iteration"] == best
+    assert m.meta["best_iteration"] == best == 1  # it overfits from the start
     assert len(m.history) == best + 2 < 30
     assert m.meta["best_validation_rmse"] == pytest.approx(min(vals))
+    # Not before min_iterations (the default, 6): the same best model, kept.
+    cfg.train.early_stopping = {"patience": 2}
+    cfg.output.overwrite = True
+    m6 = train(store, cfg, client=client, quiet=True)
+    assert len(m6.history) == 6 and m6.meta["best_iteration"] == best
+    np.testing.assert_array_equal(m6.user_factors, m.user_factors)
 
 
 def test_a_stalled_half_step_is_reported(tmp_path, client, caplog):
@@ -251,14 +257,27 @@ def test_output_that_is_not_a_model_is_never_replaced(tmp_path, client):
     assert (tmp_path / "store" / "manifest.json").is_file()
 
 
-def test_early_stopping_without_validation_is_a_config_error(tmp_path, client):
-    from dmf.errors import ConfigError
-
+def test_early_stopping_without_validation_says_it_is_off(tmp_path, client, caplog):
+    # On by default, early stopping has nothing to go by in a store without a validation
+    # split: training runs every iteration, and says so (a warning when the config asked for
+    # early stopping, an info line when it is the default).
     store, _ = _store(tmp_path)
+    assert store.n_split("validation") == 0
     cfg = _config(tmp_path)
-    cfg.train.early_stopping = {"patience": 2}
-    with pytest.raises(ConfigError, match="split.validation"):
+    cfg.train.early_stopping = {"patience": 1}
+    with caplog.at_level("INFO", logger="dmf"):
+        m = train(store, cfg, client=client, quiet=True)
+    assert [r.levelname for r in caplog.records if "early stopping is off" in r.message] == [
+        "WARNING"
+    ]
+    assert "split.validation" in caplog.text
+    assert len(m.history) == cfg.train.iterations
+    caplog.clear()
+    cfg = _config(tmp_path)
+    cfg.output.overwrite = True
+    with caplog.at_level("INFO", logger="dmf"):
         train(store, cfg, client=client, quiet=True)
+    assert [r.levelname for r in caplog.records if "early stopping is off" in r.message] == ["INFO"]
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import sys
 
 from dmf.errors import DmfError
 
-AREAS = ["store", "datasets", "train", "use"]
+AREAS = ["store", "datasets", "train", "use", "config", "tune"]
 
 
 def build_parser() -> argparse.ArgumentParser:

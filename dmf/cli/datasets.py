@@ -50,18 +50,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mu", type=float, help="global mean before clipping")
     p.add_argument("--round-to", type=float, help="round ratings to a multiple of this")
     p.add_argument("--clip", type=float, nargs=2, metavar=("LO", "HI"), help="rating range")
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--seed", type=int, help="seed of every random draw: the same seed, the same ratings"
+    )
     p.add_argument("--files", type=int, help="number of output files")
-    p.add_argument("--format", choices=["parquet", "csv"])
+    p.add_argument("--format", choices=["parquet", "csv"], help="file format of the ratings")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR")
     p.add_argument("--chunk", type=int, default=None, help="ratings per generated chunk")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--progress", dest="progress", action="store_true", default=None)
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show a progress bar (default: only on a terminal)",
+    )
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_synth)
 
     d = sub.add_parser("data", help="download public rating datasets")
-    dsub = d.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    dsub = d.add_subparsers(
+        dest="dataset", metavar="DATASET", required=True, help="the dataset to download"
+    )
     from dmf.data.movielens import BASE_URL, RELEASES
 
     m = dsub.add_parser(
@@ -79,8 +89,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--md5", help="expected MD5 of the archive, if not published or pinned")
     m.add_argument("--force", action="store_true", help="download again even if present")
     g = m.add_mutually_exclusive_group()
-    g.add_argument("--progress", dest="progress", action="store_true", default=None)
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show a download progress bar (default: only on a terminal)",
+    )
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     m.set_defaults(func=_movielens)
 
 

@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_arg(p)
     add_cluster_args(p)
     add_start_args(p)
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars or per-iteration lines"
+    )
     p.set_defaults(func=cmd_run)
 
 
@@ -71,10 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     with connect(cfg, quiet=args.quiet, **cluster_kwargs(args)) as client:
-        # A LocalCluster shares this machine's disk and cores: ingest on threads, which skips
-        # moving spill data between processes (1.2-1.5x faster here; the store is identical).
-        local = cfg.cluster.kind == "local" and not (args.address or args.scheduler_file)
-        store = prepare_store(cfg, None if local else client, quiet=args.quiet)
+        store = store_for_job(cfg, client, args)
         model = train(
             store, cfg, client=client, resume=args.resume, fresh=args.fresh, quiet=args.quiet
         )
@@ -102,6 +101,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     print(f"dmf run: metrics written to {out}", file=sys.stderr)
     return 0
+
+
+def store_for_job(cfg, client, args: argparse.Namespace):
+    """The store of a job run on ``client`` by a command with the cluster options
+    (:func:`prepare_store`: made first when it is missing), as ``dmf run`` and ``dmf tune``
+    open it."""
+    # A LocalCluster shares this machine's disk and cores: ingest on threads, which skips
+    # moving spill data between processes (1.2-1.5x faster here; the store is identical).
+    local = cfg.cluster.kind == "local" and not (args.address or args.scheduler_file)
+    return prepare_store(cfg, None if local else client, quiet=args.quiet)
 
 
 def prepare_store(cfg, client, quiet: bool = False):

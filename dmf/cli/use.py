@@ -38,11 +38,30 @@ def register(sub) -> None:
     p.add_argument("model", help="model directory")
     p.add_argument("--store", help="store directory (default: the one recorded in the model)")
     # Defaults (None) come from the `evaluate` section of the model's training config.
-    p.add_argument("--split", choices=["test", "validation"], help="default: test")
-    p.add_argument("--k", type=int, help="length of the top-k lists (default 10)")
-    p.add_argument("--threshold", type=float, help="relevance threshold (default 4.0)")
-    p.add_argument("--cold-start", choices=["fallback", "drop"], help="default: fallback")
+    p.add_argument(
+        "--split",
+        choices=["test", "validation"],
+        help="held-out split to evaluate (default: evaluate.split of the model's config)",
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        help="length of the top-k lists (default: evaluate.k of the model's config)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="a held-out rating at or above this is relevant (default: evaluate.threshold of the "
+        "model's config)",
+    )
+    p.add_argument(
+        "--cold-start",
+        choices=["fallback", "drop"],
+        help="unknown users or items: predicted from the known biases (fallback) or skipped "
+        "(drop); default: evaluate.cold_start of the model's config",
+    )
     p.add_argument("--no-ranking", action="store_true", help="RMSE and MAE only")
+    add_no_clip_arg(p)
     p.add_argument("--json", metavar="OUT", help="also write the metrics to this JSON file")
     add_cluster_args(p)
     p.set_defaults(func=cmd_evaluate)
@@ -63,7 +82,13 @@ def register(sub) -> None:
     p.add_argument("--out", help="output: a .parquet file, or a directory of parts")
     p.add_argument("--store", help="store whose train items are excluded (default: the model's)")
     p.add_argument("--no-exclude", action="store_true", help="do not exclude train items")
-    p.add_argument("--cold-start", choices=["fallback", "drop"], default="fallback")
+    p.add_argument(
+        "--cold-start",
+        choices=["fallback", "drop"],
+        default="fallback",
+        help="users the model does not know: items ranked by their bias (fallback, the "
+        "default) or no recommendations (drop)",
+    )
     p.add_argument("--tile-users", type=int, help="users scored at once per task")
     add_cluster_args(p)
     p.set_defaults(func=cmd_recommend)
@@ -75,7 +100,14 @@ def register(sub) -> None:
     p.add_argument("model", help="model directory")
     p.add_argument("--pairs", required=True, help="CSV or Parquet file with columns user,item")
     p.add_argument("--out", help="output CSV or Parquet (by suffix); default: CSV on stdout")
-    p.add_argument("--cold-start", choices=["fallback", "drop"], default="fallback")
+    p.add_argument(
+        "--cold-start",
+        choices=["fallback", "drop"],
+        default="fallback",
+        help="pairs with an unknown user or item: predicted from the known biases (fallback, "
+        "the default) or left out of the output (drop)",
+    )
+    add_no_clip_arg(p)
     add_cluster_args(p)
     p.set_defaults(func=cmd_predict)
 
@@ -87,6 +119,15 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_similar)
 
 
+def add_no_clip_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-clip",
+        action="store_true",
+        help="raw predictions mu + b_i + c_j + u_i . v_j, not clipped to the rating range the "
+        "model was trained on (model.clip)",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +137,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dmf.model.model import load
 
     model = load(args.model)
+    if args.no_clip:
+        model.clip = False
     try:
         ev = EvaluateConfig.model_validate(model.config.get("evaluate", {}))
     except Exception:  # noqa: BLE001 - an old or foreign config: use the defaults
@@ -170,6 +213,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from dmf.model.predict import predict_batches
 
     model = load(args.model)
+    if args.no_clip:
+        model.clip = False
     types = {"user": model.users.id_type, "item": model.items.id_type}
     total = cold = cold_u = cold_i = 0
     batches = iter_columns(args.pairs, ["user", "item"], types, options=_options(model))

@@ -47,6 +47,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -493,6 +494,8 @@ class _SplitTotals:
     n_in: int
     merged: int
     rating_sum: float
+    rating_range: tuple[float, float]
+    """Lowest and highest train rating."""
 
     @property
     def n_train(self) -> int:
@@ -504,10 +507,13 @@ def _n_ranges(rows_kept: int, data: DataConfig) -> int:
     return max(1, -(-rows_kept // data.id_partition_rows))
 
 
-def _fine_share(rows: int, blocks: BlocksConfig) -> int:
+def _fine_share(rows: int, blocks: BlocksConfig, min_blocks: int) -> int:
     """Ratings of a fine bucket of users, about a quarter of a block's; block boundaries are
     drawn over the exact train counts pass 3 returns."""
-    share = blocks.target_ratings if blocks.n_blocks is None else -(-rows // blocks.n_blocks)
+    if blocks.n_blocks is None:
+        share = min(blocks.target_ratings, -(-rows // min_blocks))
+    else:
+        share = -(-rows // blocks.n_blocks)
     return max(1, share // 4)
 
 
@@ -529,7 +535,7 @@ def _range_pass(run: _Run, p1: _Pass1, items: _IdMap, config: Config) -> _Users:
         (run.spill / "p1").remove()
         inputs = [spill_files(range_dir(run.spill, p), "c*.arrow") for p in range(n_ranges)]
     item_index = run.broadcast(items.index)
-    share = _fine_share(p1.rows_kept, config.blocks)
+    share = _fine_share(p1.rows_kept, config.blocks, config.min_blocks)
     ranked = run.tasks(
         ingest_rank_range,
         [(p, files, run.spill, p1.schema) for p, files in enumerate(inputs)],
@@ -586,10 +592,16 @@ def _split_pass(
         n_in=sum(r.n_in for r in results),
         merged=int(sum(r.merged for r in results)),
         rating_sum=sum(r.rating_sum for r in results),
+        rating_range=(
+            min((r.rating_min for r in results), default=math.inf),
+            max((r.rating_max for r in results), default=-math.inf),
+        ),
     )
 
 
-def _user_bounds(users: _Users, split: _SplitTotals, blocks: BlocksConfig) -> np.ndarray:
+def _user_bounds(
+    users: _Users, split: _SplitTotals, blocks: BlocksConfig, min_blocks: int
+) -> np.ndarray:
     """User block boundaries over the exact train counts, reading only the buckets' count
     files in which a boundary falls (:func:`balanced_bounds_chunked`)."""
     res = split.results
@@ -600,6 +612,7 @@ def _user_bounds(users: _Users, split: _SplitTotals, blocks: BlocksConfig) -> np
         lambda g: read_user_counts(res[g].user_counts_file),
         blocks.target_ratings,
         blocks.n_blocks,
+        min_blocks,
     )
 
 
@@ -728,7 +741,13 @@ def fingerprint(config: Config, spec: InputSpec) -> str:
     data = {k: v for k, v in cfg["data"].items() if k not in skip}
     h.update(
         json.dumps(
-            {"data": data, "split": cfg["split"], "blocks": cfg["blocks"]}, sort_keys=True
+            {
+                "data": data,
+                "split": cfg["split"],
+                # min_blocks "auto" as resolved: the blocks it gives depend on the cluster.
+                "blocks": {**cfg["blocks"], "min_blocks": config.min_blocks},
+            },
+            sort_keys=True,
         ).encode()
     )
     return h.hexdigest()
@@ -808,8 +827,10 @@ def _write_store(
             split = _split_pass(run, users, items, config.data.duplicates, plan)
             _check_split(split, users, run.spill, config.split)
             bl = config.blocks
-            user_bounds = _user_bounds(users, split, bl)
-            item_bounds = balanced_bounds(split.item_counts, bl.target_ratings, bl.n_blocks)
+            user_bounds = _user_bounds(users, split, bl, config.min_blocks)
+            item_bounds = balanced_bounds(
+                split.item_counts, bl.target_ratings, bl.n_blocks, config.min_blocks
+            )
         with _timed(timings, "user_blocks"):
             by_user = _user_block_pass(run, user_bounds, users, item_bounds)
         with _timed(timings, "item_blocks"):
@@ -964,6 +985,7 @@ def _manifest(
         "n_validation": held["validation"],
         "n_test": held["test"],
         "mu": float(split.rating_sum / n_train) if n_train else 0.0,
+        "rating_range": list(split.rating_range) if n_train else None,
         "blocks": blocks,
         "split": SplitRecord(
             **sp.model_dump(mode="json"),

@@ -22,6 +22,7 @@ The passes (:mod:`dmf.data.ingest` runs them)::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,6 +139,9 @@ class BucketSplit:
     """Sum of the train ratings, in float64."""
     n_validation: int
     n_test: int
+    rating_min: float = math.inf
+    """Lowest and highest train rating (inf and -inf for a bucket without train ratings)."""
+    rating_max: float = -math.inf
 
 
 @dataclass(frozen=True)
@@ -370,6 +374,8 @@ def ingest_split_bucket(
         rating_sum=float(r.astype(np.float64).sum()),
         n_validation=int(val.sum()),
         n_test=int(test.sum()),
+        rating_min=float(r.min()) if len(r) else math.inf,
+        rating_max=float(r.max()) if len(r) else -math.inf,
     )
 
 

@@ -7,7 +7,10 @@ The ratings follow the model dmf fits, so tests and benchmarks can check recover
 - ``U`` (n_users x rank) and ``V`` (n_items x rank) have entries of variance
   ``factor_scale / sqrt(rank)``, so the interaction ``u_i . v_j`` has standard deviation
   ``factor_scale`` whatever the rank; biases ``b`` and ``c`` are N(0, bias_scale^2). All float32,
-  as dmf's own factors.
+  as dmf's own factors. ``tail_rank`` more columns (of ``U`` and ``V`` in ``truth.npz``) add
+  signal beyond the low rank, the k-th with variance proportional to 1/k, ``tail_scale^2`` in
+  all: with few ratings per user, skewed activity and star rounding, such data overfits as real
+  ratings do (the defaults are judged on it: ``tests/test_defaults.py``).
 - User activity and item popularity are Zipf-like: the user (item) of popularity rank k (1-based,
   ranks assigned by a seeded permutation) has weight ``w_k = integral_k^{k+1} x^-s dx``, about
   ``k^-s``, with ``s`` = ``user_skew`` (``item_skew``); ``s = 0`` is uniform.
@@ -229,6 +232,18 @@ class _Plan:
         self.V = rng_truth.normal(0.0, sd, (n_i, k)).astype(np.float32)
         self.b = rng_truth.normal(0.0, cfg.bias_scale, n_u).astype(np.float32)
         self.c = rng_truth.normal(0.0, cfg.bias_scale, n_i).astype(np.float32)
+        if cfg.tail_rank:
+            # Signal beyond the low rank: tail_rank more dimensions whose k-th carries variance
+            # proportional to 1/k (a slowly decaying spectrum, as real rating matrices have),
+            # in total tail_scale^2. Drawn from a stream of their own: without a tail, every
+            # other number is as before.
+            rng_tail = np.random.default_rng(ss.spawn(1)[0])
+            w = 1.0 / np.arange(1, cfg.tail_rank + 1)
+            col_sd = np.sqrt(cfg.tail_scale * np.sqrt(w / w.sum()))
+            tail_u = rng_tail.normal(0.0, 1.0, (n_u, cfg.tail_rank)) * col_sd
+            tail_v = rng_tail.normal(0.0, 1.0, (n_i, cfg.tail_rank)) * col_sd
+            self.U = np.hstack([self.U, tail_u.astype(np.float32)])
+            self.V = np.hstack([self.V, tail_v.astype(np.float32)])
         # user_rank[u] / item_rank[j]: popularity rank of each id; item_of_rank inverts it.
         user_rank = rng_users.permutation(n_u)
         self.item_of_rank = rng_items.permutation(n_i)
@@ -453,7 +468,7 @@ def _chunk_table(plan: _Plan, ua: int, ub: int) -> tuple[pa.Table, _Stats]:
         # np.take: several times faster than fancy indexing for gathering rows.
         clean = np.take(plan.b, us) + np.take(plan.c, is_)
         clean += np.float32(cfg.mu)
-        if cfg.rank:
+        if plan.U.shape[1]:
             clean += np.einsum(
                 "ij,ij->i", np.take(plan.U, us, axis=0), np.take(plan.V, is_, axis=0)
             )

@@ -111,6 +111,8 @@ class StoreManifest(_Record):
     n_validation: int = 0
     n_test: int = 0
     mu: float
+    rating_range: tuple[float, float] | None = None
+    """The lowest and highest train rating (stores of dmf 0.1 before it: unknown)."""
     blocks: dict[Literal["user", "item"], BlockLayout]
     split: SplitRecord
     fingerprint: str
@@ -328,6 +330,12 @@ class Store:
     @property
     def mu(self) -> float:
         return self.manifest.mu
+
+    @property
+    def rating_range(self) -> tuple[float, float] | None:
+        """The lowest and highest train rating, when the manifest records them."""
+        r = self.manifest.rating_range
+        return None if r is None else (float(r[0]), float(r[1]))
 
     @property
     def fingerprint(self) -> str:
@@ -609,20 +617,25 @@ def _describe_run(h: Holder) -> str:
     return h.describe() + (f" writing {model}" if model else "")
 
 
-def _block_shares(n: int, total: int, target: int, n_blocks: int | None) -> np.ndarray:
+def _block_shares(
+    n: int, total: int, target: int, n_blocks: int | None, min_blocks: int = 1
+) -> np.ndarray:
     """The multiples of the share at which :func:`balanced_bounds` cuts, float64."""
     if n_blocks is not None:
         nb = max(1, min(n_blocks, n))
     else:
-        nb = max(1, min(n, int(np.ceil(total / max(target, 1)))))
+        nb = max(1, min(n, max(min_blocks, int(np.ceil(total / max(target, 1))))))
     share = max(total / nb, 1.0)
     return share * np.arange(1, nb)
 
 
-def balanced_bounds(counts: np.ndarray, target: int, n_blocks: int | None = None) -> np.ndarray:
+def balanced_bounds(
+    counts: np.ndarray, target: int, n_blocks: int | None = None, min_blocks: int = 1
+) -> np.ndarray:
     """Contiguous block boundaries over rows whose train counts are ``counts``.
 
-    Each block gets about ``target`` ratings (or the total split into ``n_blocks`` equal shares);
+    Each block gets about ``target`` ratings (or the total split into ``n_blocks`` equal shares),
+    in at least ``min_blocks`` blocks;
     a row is never split, so a block can exceed the target by one row's count. Always at least
     one block; never an empty block unless there are no rows at all.
     """
@@ -630,7 +643,7 @@ def balanced_bounds(counts: np.ndarray, target: int, n_blocks: int | None = None
     if n == 0:
         return np.array([0, 0], dtype=np.int64)
     cum = np.cumsum(counts, dtype=np.int64)
-    shares = _block_shares(n, int(cum[-1]), target, n_blocks)
+    shares = _block_shares(n, int(cum[-1]), target, n_blocks, min_blocks)
     # Cut after the first row at which the cumulative count reaches each multiple of share.
     cuts = np.searchsorted(cum, shares, side="left") + 1
     return _bounds_of_cuts(cuts, n)
@@ -648,17 +661,19 @@ def balanced_bounds_chunked(
     counts_of: Callable[[int], np.ndarray],
     target: int,
     n_blocks: int | None = None,
+    min_blocks: int = 1,
 ) -> np.ndarray:
     """:func:`balanced_bounds` of counts held in chunks, never all at once.
 
     Chunk k holds the counts of rows ``starts[k]`` to ``starts[k + 1]`` (or ``n``), summing to
     ``totals[k]``; ``counts_of(k)`` reads them. Only the chunks in which a cut falls are read.
-    The result is exactly ``balanced_bounds(concatenated counts, target, n_blocks)``.
+    The result is exactly ``balanced_bounds(concatenated counts, target, n_blocks,
+    min_blocks)``.
     """
     if n == 0:
         return np.array([0, 0], dtype=np.int64)
     ends = np.cumsum(totals, dtype=np.int64)
-    shares = _block_shares(n, int(ends[-1]) if len(ends) else 0, target, n_blocks)
+    shares = _block_shares(n, int(ends[-1]) if len(ends) else 0, target, n_blocks, min_blocks)
     # The first row whose cumulative count reaches a share lies in the first chunk whose
     # cumulative total does; within it, the same search over the chunk's own cumulative counts.
     chunk = np.searchsorted(ends, shares, side="left")
@@ -753,6 +768,7 @@ def store_from_arrays(
             "n_train": len(ratings),
             **{f"n_{name}": len(held_out[name][0]) if name in held_out else 0 for name in SPLITS},
             "mu": float(ratings.astype(np.float64).mean()) if len(ratings) else 0.0,
+            "rating_range": [float(ratings.min()), float(ratings.max())] if len(ratings) else None,
             "blocks": blocks,
             "split": {"method": "given"},
             "fingerprint": h.hexdigest()[:16],

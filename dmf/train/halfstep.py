@@ -13,6 +13,7 @@ only: neither the ratings nor any side's factors.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import sys
@@ -103,6 +104,16 @@ def load_block(ref: BlockRef) -> RatingBlock:
     return read_block_file(ref)
 
 
+def cached_block_key(ref: BlockRef) -> str:
+    """The task key of a block cached in worker memory (:meth:`HalfSteps.cache_blocks`). It
+    names the block's file (its versioned name, size and checksum), not the run: runs on one
+    cluster at once (``dmf tune``'s trials) then share one copy, as Dask hands a run that
+    submits a live key that task. A re-ingested store has new file names, hence new keys."""
+    e = ref.entry
+    digest = hashlib.sha1(f"{ref.location.url}|{e.bytes}|{e.crc32}".encode()).hexdigest()[:8]
+    return f"load-{ref.side}-block-{ref.block:05d}-{digest}"
+
+
 def _fixed_for(block: RatingBlock, fixed, pieces) -> tuple[RatingBlock, FixedSide]:
     """The fixed side a block's rows are solved against, and the block with its columns in that
     side's row numbering (the same block for a broadcast side)."""
@@ -152,8 +163,10 @@ def validation_task(
     fixed: FixedSide | CompactSpec,
     pieces: list | None,
     mu: float,
+    clip: tuple[float, float] | None = None,
 ) -> tuple[float, int]:
-    """Squared error and count of one user block's held-out ratings (known items only)."""
+    """Squared error and count of one user block's held-out ratings (known items only), of
+    predictions clipped to ``clip`` when given (``model.clip``)."""
     t = read_table(*heldout, columns=["user", "item", "rating"])
     u = t.column("user").to_numpy().astype(np.int64) - users.start
     i = t.column("item").to_numpy().astype(np.int64)
@@ -163,7 +176,19 @@ def validation_task(
         fixed = compact_fixed(fixed, pieces)
         i = fixed.remap(i)
     pred = predict(mu, x[:, :-1], x[:, -1], fixed.factors, fixed.bias, u, i)
+    if clip is not None:
+        np.clip(pred, clip[0], clip[1], out=pred)
     return float(np.square(r - pred).sum()), len(r)
+
+
+def prediction_range(config: Config, store: Store) -> tuple[float, float] | None:
+    """The rating range predictions are clipped to (under ``model.clip``): ``data.rating_range``,
+    else the store's lowest and highest train rating (None for a store that predates that
+    record)."""
+    if config.data.rating_range is not None:
+        lo, hi = config.data.rating_range
+        return float(lo), float(hi)
+    return store.rating_range
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,12 +421,7 @@ class HalfSteps:
         """Load every block once into worker memory, as tasks (recomputed if a worker dies)."""
         self.cached = {
             side: [
-                self.client.submit(
-                    load_block,
-                    ref,
-                    key=f"load-{side}-block-{ref.block:05d}-{self.token}",
-                    pure=False,
-                )
+                self.client.submit(load_block, ref, key=cached_block_key(ref), pure=False)
                 for ref in self.store.block_refs(side)
             ]
             for side in ("user", "item")
@@ -664,6 +684,7 @@ class HalfSteps:
                     users.ref(b),
                     *per_block[b],
                     self.store.mu,
+                    prediction_range(self.config, self.store) if self.config.model.clip else None,
                     key=f"validate-{version_of(users)}-{b:05d}-{self.token}",
                     pure=False,
                 )

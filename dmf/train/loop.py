@@ -25,7 +25,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ from dmf.train.checkpoint import (
     remove_checkpoints,
     write_checkpoint,
 )
-from dmf.train.halfstep import HalfSteps
+from dmf.train.halfstep import HalfSteps, prediction_range
 from dmf.train.sides import check_side_file, export_block_task, first_ids
 from dmf.train.state import TrainState, checkpoint_side_refs
 
@@ -80,7 +80,8 @@ class Stopping:
     """The stopping rules, and what they have seen so far.
 
     Early stopping (``train.early_stopping``): stop after ``patience`` iterations without a
-    validation RMSE better than the best by ``min_delta``; the best model is kept. Tolerance
+    validation RMSE better than the best by ``min_delta``, not before ``min_iterations``; the
+    best model is kept. Tolerance
     (``train.tolerance``): stop when the objective's relative decrease over an iteration is
     below it.
     """
@@ -97,7 +98,7 @@ class Stopping:
         if es is not None and val is not None:
             if self.best is None or val < self.best.rmse - es.min_delta:
                 self.best = Best(val, it, state)  # immutable: its files are kept (GC)
-            elif it - self.best.iteration >= es.patience:
+            elif it - self.best.iteration >= es.patience and it >= es.min_iterations:
                 self.reason = (
                     "early stopping: no better validation RMSE since iteration "
                     f"{self.best.iteration}"
@@ -203,9 +204,13 @@ def check_run(store: Store, config: Config, model_dir: Location, resume: bool, f
             "output.overwrite: true, choose another output.model, or resume"
         )
     if tc.early_stopping is not None and store.n_split("validation") == 0:
-        raise ConfigError(
-            "train.early_stopping needs a validation split, and the store has none: set "
-            "split.validation (and re-ingest) or remove train.early_stopping"
+        # On by default; without a validation split it has nothing to go by. Said louder when
+        # the config asked for it.
+        explicit = "early_stopping" in tc.model_fields_set
+        (log.warning if explicit else log.info)(
+            "dmf: early stopping is off: the store has no validation split (set "
+            "split.validation and re-ingest to have one); training runs all %d iterations",
+            tc.iterations,
         )
     if not (resume or fresh):
         ckpts = list_checkpoints(model_dir / "checkpoints")
@@ -246,8 +251,10 @@ class Trainer:
         client,
         quiet: bool = False,
         locks: RunLocks | None = None,
+        callback: Callable[[dict[str, Any]], Any] | None = None,
     ):
         self.store = store
+        self.callback = callback
         self.config = config
         self.client = client
         self.quiet = quiet
@@ -392,6 +399,8 @@ class Trainer:
             progress.history.append(rec)
             self._report(rec)
             stopping.update(rec, state)
+            if self.callback is not None and self.callback(dict(rec)) is True:
+                stopping.reason = stopping.reason or f"stopped by the callback after iteration {it}"
             if tc.checkpoint_every and (
                 it % tc.checkpoint_every == 0 or stopping.reason or it == tc.iterations
             ):
@@ -540,6 +549,9 @@ class Trainer:
             }
             doc = {
                 "mu": self.store.mu,
+                # What predictions are clipped to while model.clip is on (the model's config
+                # has it; Model.clip switches it).
+                "rating_range": prediction_range(self.config, self.store),
                 "rank": m.rank,
                 "n_users": self.store.n_users,
                 "n_items": self.store.n_items,
@@ -597,6 +609,7 @@ def train(
     quiet: bool = False,
     in_memory: bool | None = None,
     fresh: bool = False,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
 ) -> Model:
     """Train a model on ``store`` with ``config``; save it to ``config.output.model`` and return it.
 
@@ -620,6 +633,11 @@ def train(
     in_memory
         How the returned model holds its factors (:meth:`dmf.model.model.Model.load`): by
         default each side that takes at most 1 GiB is read into memory.
+    callback
+        Called after every iteration with a copy of its history record (``iteration``,
+        ``train_rmse``, ``validation_rmse``, ``objective``, ``seconds``, ...). Returning
+        ``True`` stops training there, as a stopping rule does (the model is saved, the best
+        one under early stopping); an exception it raises ends the run without a model.
     """
     if not isinstance(store, Store):
         store = Store.open(config.resolve(store), options=config.storage.options)
@@ -627,5 +645,5 @@ def train(
         raise TrainingError(f"store {store.path} has no train ratings")
     with hold_run(store, config, resume, fresh) as locks:  # and its checks, before a cluster
         with maybe_connect(config, client, address, scheduler_file, quiet=quiet) as c:
-            trainer = Trainer(store, config, c, quiet=quiet, locks=locks)
+            trainer = Trainer(store, config, c, quiet=quiet, locks=locks, callback=callback)
             return trainer.run(resume=resume, in_memory=in_memory, fresh=fresh)
