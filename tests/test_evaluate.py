@@ -186,3 +186,28 @@ def test_cli_evaluate_writes_json(tiny, client, tmp_path, capsys):
     )
     assert rc == 2
     assert "missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("use_client", [False, True])
+def test_rmse_of_clipped_predictions_by_hand(tiny, request, use_client):
+    """Clipped to [3.0, 3.3], the predictions 3.4 3.2 3.3 3.5 2.8 (cold 3.0) become
+    3.3 3.2 3.3 3.3 3.0 3.0: errors 1.7 0.8 -1.3 -0.3 1.5 1.0. The ranking is unchanged."""
+    store, model = tiny
+    client = request.getfixturevalue("client") if use_client else None
+    model.rating_range = (3.0, 3.3)
+    errors = np.array([1.7, 0.8, -1.3, -0.3, 1.5, 1.0])
+    res = evaluate(model, store, k=2, threshold=4.0, client=client)
+    _check(
+        res,
+        float(errors @ errors),
+        float(np.abs(errors).sum()),
+        6,
+        [*KNOWN["users"], COLD_USER],
+    )
+    assert res["clip"] == [3.0, 3.3]
+    # Off for this call, or for the model: the raw predictions of test_tiny_case_by_hand.
+    raw = evaluate(model, store, k=2, threshold=4.0, client=client, clip=False)
+    _check(raw, KNOWN["sse"] + 1.0, KNOWN["sae"] + 1.0, 6, [*KNOWN["users"], COLD_USER])
+    model.clip = False
+    assert evaluate(model, store, k=2, threshold=4.0, client=client)["rmse"] == raw["rmse"]
+    assert raw["clip"] is None

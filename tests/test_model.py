@@ -187,8 +187,16 @@ def test_similar_items_by_cosine(str_store):
         assert rows.column("similar").to_pylist() == [f"i{k}" for k in want]
         np.testing.assert_allclose(rows.column("score").to_numpy(), cos[want], rtol=1e-5)
         assert "i6" not in rows.column("similar").to_pylist()
-    with pytest.raises(InputError, match="unknown item"):
-        m.similar_items(["i3", "nope"])
+    # An unknown query item gets no rows, and is reported as every call reports it.
+    t2, info = m.similar_items(["i3", "nope"], n=4, return_info=True)
+    first = t.filter(pa.compute.equal(t.column("item"), "i3"))
+    assert t2.column("item").to_pylist() == ["i3"] * 4
+    assert t2.column("similar").to_pylist() == first.column("similar").to_pylist()
+    assert (info.total, info.cold, info.cold_items, info.handled) == (2, 1, 1, "dropped")
+    assert (
+        str(info)
+        == "similar_items: 2 items, 1 cold-start (0 unknown users, 1 unknown items) dropped"
+    )
 
 
 def test_similar_items_needs_factors(small_store):
@@ -288,7 +296,9 @@ def test_a_model_read_block_by_block_answers_as_the_model_in_memory(tmp_path, cl
     items = mem.item_ids.take(pa.array([1, 2, 3, 39, 0])).to_pylist()
     np.testing.assert_array_equal(disk.index_of(some, "user"), mem.index_of(some, "user"))
     np.testing.assert_array_equal(disk.predict(some, items), mem.predict(some, items))
-    assert disk.recommend(some, n=5, exclude=store).equals(mem.recommend(some, n=5, exclude=store))
+    assert disk.recommend(some, n=5, exclude_seen=store).equals(
+        mem.recommend(some, n=5, exclude_seen=store)
+    )
     everyone = recommend_all(disk, store, n=3, client=client)
     assert everyone.equals(recommend_all(mem, store, n=3, client=client))
     assert evaluate(disk, store, client=client) == evaluate(mem, store, client=client)
@@ -307,5 +317,173 @@ def test_a_model_read_block_by_block_answers_as_the_model_in_memory(tmp_path, cl
         np.testing.assert_array_equal(got.known, want.known)
         np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12)
         assert (got.cold_users, got.cold_items) == (want.cold_users, want.cold_items)
+    # The top users of items and similar users, the user side streamed block by block on the
+    # cluster: as in memory.
+    q_items = items[:3] + ["nope"]
+    for kw in ({}, {"exclude_seen": store, "exclude": some[:2]}):
+        got = disk.recommend_users(q_items, n=6, client=client, **kw)
+        want = mem.recommend_users(q_items, n=6, **kw)
+        assert got.drop_columns("score").equals(want.drop_columns("score"))
+        np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-6)
+    got = disk.similar_users(some, n=4, client=client)
+    assert got.drop_columns("score").equals(mem.similar_users(some, n=4).drop_columns("score"))
     assert not disk.users.in_memory  # none of the above read the whole user side
     np.testing.assert_array_equal(disk.user_factors, mem.user_factors)  # this one does
+
+
+# -- one way to report unknown ids, in every call ---------------------------------------------
+def test_every_call_reports_unknown_ids_the_same_way(str_store, caplog):
+    import logging
+
+    m = random_model(str_store, seed=8)
+    caplog.set_level(logging.INFO, logger="dmf")
+    calls = {
+        "predict": lambda: (
+            m.predict(["u1", "ghost", "u2"], ["i1", "i2", "zzz"], return_info=True).cold_start
+        ),
+        "recommend": lambda: m.recommend(["u1", "ghost"], n=3, exclude=["zzz"], return_info=True)[
+            1
+        ],
+        "recommend_users": lambda: m.recommend_users(
+            ["i1", "zzz", "yyy"], n=3, cold_start="drop", return_info=True
+        )[1],
+        "similar_items": lambda: m.similar_items(["i1", "zzz"], n=3, return_info=True)[1],
+        "similar_users": lambda: m.similar_users(["ghost", "u3"], n=3, return_info=True)[1],
+        "fold_in": lambda: m.fold_in(["i1", "zzz", "i4"], [4.0, 2.0, 1.0], return_info=True)[2],
+    }
+    want = {
+        "predict": "3 pairs, 2 cold-start (1 unknown users, 1 unknown items) predicted from biases",
+        "recommend": "2 users, 1 cold-start (1 unknown users, 1 unknown items) predicted from biases",
+        "recommend_users": "3 items, 2 cold-start (0 unknown users, 2 unknown items) dropped",
+        "similar_items": "2 items, 1 cold-start (0 unknown users, 1 unknown items) dropped",
+        "similar_users": "2 users, 1 cold-start (1 unknown users, 0 unknown items) dropped",
+        "fold_in": "3 ratings, 1 cold-start (0 unknown users, 1 unknown items) dropped",
+    }
+    for name, call in calls.items():
+        caplog.clear()
+        info = call()
+        assert str(info) == f"{name}: {want[name]}", name
+        assert [r.getMessage() for r in caplog.records] == [f"dmf {name}: {want[name]}"], name
+    # Known ids only: nothing is logged, and the report says so.
+    caplog.clear()
+    _, info = m.recommend(["u1"], n=2, return_info=True)
+    assert not info.any and caplog.records == []
+    # The fallback rows are there, and so are the known users' (no exception, no silent drop).
+    t = m.recommend(["u1", "ghost"], n=3)
+    assert t.column("user").to_pylist() == ["u1"] * 3 + ["ghost"] * 3
+
+
+def test_outputs_arrow_or_pandas(str_store):
+    import pandas as pd
+
+    m = random_model(str_store, seed=9)
+    scores = m.predict(["u1", "u2"], ["i1", "i2"])
+    assert isinstance(scores, np.ndarray)
+    s = m.predict(["u1", "u2"], ["i1", "i2"], output="pandas")
+    assert isinstance(s, pd.Series) and s.name == "score" and s.tolist() == scores.tolist()
+    assert m.predict(["u1", "u2"], ["i1", "i2"], output="arrow").to_pylist() == scores.tolist()
+    for call in (
+        lambda o: m.recommend(["u1", "u2"], n=3, output=o),
+        lambda o: m.recommend_users(["i1"], n=3, output=o),
+        lambda o: m.similar_items(["i1"], n=3, output=o),
+        lambda o: m.similar_users(["u1"], n=3, output=o),
+        lambda o: m.recommend_for_ratings(["i1"], [5.0], n=3, output=o),
+    ):
+        table, frame = call("arrow"), call("pandas")
+        assert isinstance(table, pa.Table) and isinstance(frame, pd.DataFrame)
+        assert frame.to_dict("list") == table.to_pydict()
+    with pytest.raises(InputError, match="output"):
+        m.recommend(["u1"], output="polars")
+
+
+def test_repr_is_short(tmp_path):
+    n = 200_000
+    m = Model(
+        mu=3.0,
+        user_ids=pa.array(np.arange(n)),
+        item_ids=pa.array(np.arange(50)),
+        user_factors=np.zeros((n, 8), np.float32),
+        user_bias=np.zeros(n, np.float32),
+        item_factors=np.zeros((50, 8), np.float32),
+        item_bias=np.zeros(50, np.float32),
+    )
+    want = (
+        "Model(rank=8, users=200,000, items=50, dtype=float32, iterations=0, path=None (in memory))"
+    )
+    assert repr(m) == want and str(m) == want
+    m.save(tmp_path / "m", plot=False)
+    assert repr(load(tmp_path / "m")) == want.replace("None (in memory)", repr(str(tmp_path / "m")))
+
+
+# -- clipping to the rating range ------------------------------------------------------------------
+def test_predictions_are_clipped_to_the_rating_range(str_store, tmp_path):
+    m = random_model(str_store, rank=3, seed=10)
+    m.user_factors[:] *= 6  # predictions well outside [1, 5]
+    users = [f"u{k}" for k in range(30)] + ["ghost"]
+    items = [f"i{k % 20}" for k in range(30)] + ["i0"]
+    uf, vf = m.user_factors.astype(np.float64), m.item_factors.astype(np.float64)
+    k = np.arange(30)
+    raw = m.mu + m.user_bias[k] + m.item_bias[k % 20] + np.einsum("ij,ij->i", uf[k], vf[k % 20])
+    raw = np.append(raw, m.mu + m.item_bias[0])
+    assert raw.min() < 1 and raw.max() > 5
+
+    # A model that records no rating range (older models): never clipped.
+    np.testing.assert_allclose(m.predict(users, items), raw, rtol=1e-6)
+    m.meta["rating_range"] = [1.0, 5.0]  # what the trainer writes into model.json
+    assert m.rating_range == (1.0, 5.0) and m.clip
+    np.testing.assert_allclose(m.predict(users, items), np.clip(raw, 1, 5), rtol=1e-6)
+    np.testing.assert_allclose(m.predict(users, items, clip=False), raw, rtol=1e-6)
+    idx_u, idx_i = m.index_of(users, "user"), m.index_of(items, "item")
+    np.testing.assert_allclose(m.predict_indices(idx_u, idx_i), np.clip(raw, 1, 5), rtol=1e-6)
+    # Off for the model, on for one call; the config's model.clip sets the model's default.
+    m.clip = False
+    np.testing.assert_allclose(m.predict(users, items), raw, rtol=1e-6)
+    np.testing.assert_allclose(m.predict(users, items, clip=True), np.clip(raw, 1, 5), rtol=1e-6)
+    m.clip = True
+    # Saved and loaded: the range and the setting travel in model.json.
+    m.config["model"]["clip"] = False
+    m.save(tmp_path / "m", plot=False)
+    loaded = load(tmp_path / "m")
+    assert loaded.rating_range == (1.0, 5.0) and loaded.clip is False
+    np.testing.assert_allclose(loaded.predict(users, items), raw, rtol=1e-6)
+    # Ranking is unaffected: recommend scores are the raw ones.
+    rec = m.recommend(["u0"], n=20)
+    s = m.mu + m.user_bias[0] + m.item_bias.astype(np.float64) + vf @ uf[0]
+    np.testing.assert_allclose(
+        rec.column("score").to_numpy(), np.sort(s)[::-1], rtol=1e-5, atol=1e-5
+    )
+
+
+# -- single calls are fast on a large model --------------------------------------------------------
+def test_single_calls_are_fast_on_a_200k_user_model():
+    """The id lookups are built once per model: later calls cost what their own ids cost."""
+    import time
+
+    n, n_items, rank = 200_000, 300, 16
+    rng = np.random.default_rng(0)
+    m = Model(
+        mu=3.5,
+        user_ids=pa.array([f"user-{k:07d}" for k in rng.permutation(n)]),
+        item_ids=pa.array(np.arange(n_items) * 7),
+        user_factors=rng.normal(size=(n, rank)).astype(np.float32),
+        user_bias=np.zeros(n, np.float32),
+        item_factors=rng.normal(size=(n_items, rank)).astype(np.float32),
+        item_bias=np.zeros(n_items, np.float32),
+        config={"model": {"rank": rank, "reg": 0.1}},
+    )
+    user = m.user_ids[12345].as_py()
+    m.predict([user], [7])  # builds the lookups
+    m.recommend([user], n=10)
+    m.fold_in([7, 14], [4.0, 2.0])
+
+    def best_of(call, repeats=5):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    assert best_of(lambda: m.predict([user], [7])) < 0.05
+    assert best_of(lambda: m.recommend([user], n=10)) < 0.05
+    assert best_of(lambda: m.fold_in([7, 14], [4.0, 2.0])) < 0.05

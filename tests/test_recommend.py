@@ -15,7 +15,7 @@ from test_model import random_model
 
 from dmf.cli import main
 from dmf.dist.tasks import run_windowed
-from dmf.errors import InputError
+from dmf.errors import InputError, ModelError
 from dmf.model.recommend import recommend_all
 from dmf.model.scoring import top_n
 from dmf.store.layout import store_from_arrays
@@ -47,16 +47,24 @@ def rated(tmp_path):
     return store, u, i
 
 
-def brute_force(model, seen_u, seen_i, users, n):
-    """Full scores, seen items set to -inf, full sort: {user index: [(item index, score)]}."""
-    s = (
+def full_scores(model):
+    """Every user's score of every item, float64, shape (n_users, n_items)."""
+    return (
         model.mu
         + model.user_bias.astype(np.float64)[:, None]
         + model.item_bias.astype(np.float64)[None, :]
         + model.user_factors.astype(np.float64) @ model.item_factors.astype(np.float64).T
     )
+
+
+def brute_force(model, seen_u, seen_i, users, n, allowed=None):
+    """Full scores, seen items (and items not ``allowed``) set to -inf, full sort:
+    {user index: [(item index, score)]}."""
+    s = full_scores(model)
     if seen_u is not None:
         s[seen_u, seen_i] = -np.inf
+    if allowed is not None:
+        s[:, ~allowed] = -np.inf
     out = {}
     for k in users:
         order = np.argsort(-s[k], kind="stable")[:n]
@@ -68,9 +76,9 @@ def check_against(table, ref, user_ids):
     by_user = {}
     for row in table.to_pylist():
         by_user.setdefault(row["user"], []).append(row)
-    assert set(by_user) == {user_ids[k] for k in ref}
+    assert set(by_user) == {user_ids[k] for k, want in ref.items() if want}
     for k, want in ref.items():
-        got = by_user[user_ids[k]]
+        got = by_user.get(user_ids[k], [])
         assert [g["rank"] for g in got] == list(range(1, len(want) + 1))
         assert [g["item"] for g in got] == [f"i{j}" for j, _ in want]
         np.testing.assert_allclose([g["score"] for g in got], [s for _, s in want], rtol=1e-5)
@@ -115,7 +123,7 @@ def test_recommend_all_to_file_and_directory(rated, client, tmp_path):
 def test_recommend_some_users_in_order_with_cold_start(rated):
     store, u, i = rated
     model = random_model(store, rank=3, seed=5)
-    t = model.recommend(["u7", "stranger", "u2"], n=4, exclude=store)
+    t = model.recommend(["u7", "stranger", "u2"], n=4, exclude_seen=store)
     assert t.column("user").to_pylist() == ["u7"] * 4 + ["stranger"] * 4 + ["u2"] * 4
     ref = brute_force(model, u, i, [7, 2], 4)
     check_against(
@@ -128,7 +136,7 @@ def test_recommend_some_users_in_order_with_cold_start(rated):
     np.testing.assert_allclose(
         cold.column("score").to_numpy(), model.mu + model.item_bias[pop], rtol=1e-6
     )
-    dropped = model.recommend(["u7", "stranger"], n=4, exclude="store", cold_start="drop")
+    dropped = model.recommend(["u7", "stranger"], n=4, exclude_seen="store", cold_start="drop")
     assert set(dropped.column("user").to_pylist()) == {"u7"}
 
 
@@ -259,3 +267,138 @@ def test_cli_recommend_everyone_needs_out(rated, tmp_path, capsys):
     random_model(store).save(tmp_path / "model", plot=False)
     assert main(["recommend", str(tmp_path / "model")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+# -- item filters ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_client", [False, True])
+def test_recommend_include_and_exclude_equal_brute_force(rated, request, use_client):
+    store, u, i = rated
+    client = request.getfixturevalue("client") if use_client else None
+    model = random_model(store, rank=4, seed=13)
+    ids = [f"u{k}" for k in range(N_USERS)]
+    # Few candidates (the narrow path: only they are scored), some excluded again, two unknown.
+    include = [f"i{k}" for k in (1, 3, 4, 7, 8, 11, 20, 24)] + ["ghost"]
+    exclude = ["i3", "i20", "nope"]
+    t, info = model.recommend(
+        n=4,
+        include=include,
+        exclude=exclude,
+        exclude_seen=store,
+        client=client,
+        tile_users=5,
+        return_info=True,
+    )
+    allowed = np.zeros(N_ITEMS, dtype=bool)
+    allowed[[1, 4, 7, 8, 11, 24]] = True
+    check_against(t, brute_force(model, u, i, range(N_USERS), 4, allowed), ids)
+    assert (info.total, info.cold, info.cold_users, info.cold_items) == (N_USERS, 0, 0, 2)
+
+    # Many candidates (the masked path), some users, an unknown one ranked by mu + c_j.
+    allowed = np.ones(N_ITEMS, dtype=bool)
+    allowed[[0, 2, 5, 6]] = False
+    t = model.recommend(
+        ["u7", "stranger", "u44"],
+        n=5,
+        exclude=["i0", "i2", "i5", "i6"],
+        exclude_seen="store",
+        client=client,
+    )
+    ref = brute_force(model, u, i, [7, 44], 5, allowed)
+    check_against(t.filter(pa.compute.not_equal(t.column("user"), "stranger")), ref, ids)
+    assert not t.filter(pa.compute.equal(t.column("user"), "u44")).num_rows  # rated the rest
+    pop = np.where(allowed, model.item_bias.astype(np.float64), -np.inf)
+    want = np.argsort(-pop, kind="stable")[:5]
+    cold = t.filter(pa.compute.equal(t.column("user"), "stranger"))
+    assert cold.column("item").to_pylist() == [f"i{j}" for j in want]
+    with pytest.raises(ModelError, match="exclude_seen"):
+        model.recommend(["u7"], exclude="store")
+
+
+def test_recommend_for_ratings_with_filters_and_pandas_output(rated):
+    store, _, _ = rated
+    model = random_model(store, rank=3, seed=15)
+    items, ratings = ["i2", "i7", "gone"], [5.0, 1.0, 3.0]
+    df, info = model.recommend_for_ratings(
+        items, ratings, n=3, exclude=["i1", "i9"], output="pandas", return_info=True
+    )
+    f, b = model.fold_in(items, ratings)
+    s = (
+        model.mu
+        + b
+        + model.item_bias.astype(np.float64)
+        + model.item_factors.astype(np.float64) @ f
+    )
+    s[[1, 2, 7, 9]] = -np.inf
+    want = np.argsort(-s, kind="stable")[:3]
+    assert list(df.columns) == ["rank", "item", "score"]
+    assert df["item"].tolist() == [f"i{k}" for k in want] and df["rank"].tolist() == [1, 2, 3]
+    assert str(info) == (
+        "recommend_for_ratings: 3 ratings, 1 cold-start (0 unknown users, 1 unknown items) dropped"
+    )
+
+
+# -- users for items -------------------------------------------------------------------------------
+def _top_users(scores, n):
+    order = np.argsort(-scores, kind="stable")[:n]
+    return [int(k) for k in order if np.isfinite(scores[k])]
+
+
+@pytest.mark.parametrize("use_client", [False, True])
+def test_recommend_users_equals_brute_force(rated, request, use_client):
+    store, u, i = rated
+    client = request.getfixturevalue("client") if use_client else None
+    model = random_model(store, rank=3, seed=14)
+    s = full_scores(model)
+    s[u, i] = -np.inf  # exclude_seen: users who rated the item
+    allowed = np.ones(N_USERS, dtype=bool)
+    allowed[[3, 10, 41]] = False
+    t, info = model.recommend_users(
+        ["i4", "i0", "ghost", "i4"],
+        n=5,
+        exclude=["u3", "u10", "u41", "nobody"],
+        exclude_seen=store,
+        tile_users=7,  # several tiles: the running top-n merges them
+        client=client,
+        return_info=True,
+    )
+    assert t.column_names == ["item", "rank", "user", "score"]
+    assert t.column("item").to_pylist() == ["i4"] * 5 + ["i0"] * 5 + ["ghost"] * 5
+    for j in (4, 0):
+        got = t.filter(pa.compute.equal(t.column("item"), f"i{j}"))
+        want = _top_users(np.where(allowed, s[:, j], -np.inf), 5)
+        assert got.column("user").to_pylist() == [f"u{k}" for k in want]
+        np.testing.assert_allclose(got.column("score").to_numpy(), s[want, j], rtol=1e-5)
+        assert got.column("rank").to_pylist() == [1, 2, 3, 4, 5]
+    # An unknown item: the users ranked by mu + b_u (the cold-start fallback).
+    pop = np.where(allowed, model.mu + model.user_bias.astype(np.float64), -np.inf)
+    ghost = t.filter(pa.compute.equal(t.column("item"), "ghost"))
+    assert ghost.column("user").to_pylist() == [f"u{k}" for k in _top_users(pop, 5)]
+    assert (info.total, info.cold, info.cold_users, info.cold_items) == (4, 1, 1, 1)
+    assert info.handled == "predicted from biases"
+    dropped = model.recommend_users(["ghost", "i1"], n=2, cold_start="drop", output="pandas")
+    assert dropped["item"].tolist() == ["i1", "i1"]
+    full = model.recommend_users(["i1"], n=N_USERS + 5)  # n above the number of users
+    assert sorted(full.column("user").to_pylist()) == sorted(f"u{k}" for k in range(N_USERS))
+
+
+def test_similar_users_by_cosine(rated):
+    store, _, _ = rated
+    model = random_model(store, rank=4, seed=16)
+    model.user_factors[9] = 0.0  # no direction: never similar, and no rows as a query
+    v = model.user_factors.astype(np.float64)
+    norm = np.linalg.norm(v, axis=1)
+    t, info = model.similar_users(["u5", "u9", "who", "u30"], n=4, tile_users=6, return_info=True)
+    assert t.column_names == ["user", "rank", "similar", "score"]
+    assert t.column("user").to_pylist() == ["u5"] * 4 + ["u30"] * 4
+    for k in (5, 30):
+        cos = np.full(N_USERS, -np.inf)
+        ok = norm > 0
+        cos[ok] = v[ok] @ v[k] / (norm[ok] * norm[k])
+        cos[k] = -np.inf
+        want = _top_users(cos, 4)
+        got = t.filter(pa.compute.equal(t.column("user"), f"u{k}"))
+        assert got.column("similar").to_pylist() == [f"u{j}" for j in want]
+        np.testing.assert_allclose(got.column("score").to_numpy(), cos[want], rtol=1e-5)
+    assert str(info) == (
+        "similar_users: 4 users, 1 cold-start (1 unknown users, 0 unknown items) dropped"
+    )

@@ -94,6 +94,7 @@ class EvalItems:
     store_to_model: np.ndarray | None  # (n_items_store,) or None when the indices are the same
     store_known: np.ndarray | None  # (n_items_store,) bool: has train ratings (own store only)
     n_store: int  # items in the store: held-out item indices must be below
+    clip: tuple[float, float] | None = None  # predictions clipped to this range (RMSE, MAE)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,8 @@ def evaluate_block_task(
         users.factors[lu[both]].astype(np.float64),
         items.factors[mi[both]].astype(np.float64),
     )
+    if items.clip is not None:
+        np.clip(pred, items.clip[0], items.clip[1], out=pred)
     err = r - pred
     out.update(n=len(r), sse=float(err @ err), sae=float(np.abs(err).sum()))
     out.update({f"{m}_sum": 0.0 for m in METRICS}, n_users_ranked=0)
@@ -227,6 +230,7 @@ def evaluate(
     ranking: bool = True,
     tile_users: int | None = None,
     batch_rows: int = 1 << 20,
+    clip: bool | None = None,
 ) -> dict[str, Any]:
     """Error and ranking metrics of ``model`` on a held-out split of ``store``.
 
@@ -250,13 +254,18 @@ def evaluate(
     ranking
         Compute the ranking metrics (they score every item for each user with a relevant item:
         the costly part); RMSE and MAE alone need only the held-out pairs.
+    clip
+        Clip the predictions to the model's rating range for RMSE and MAE (as
+        :meth:`Model.predict` does); None: the model's ``clip`` setting. The ranking metrics
+        rank by the raw scores.
 
     Returns
     -------
     dict with ``rmse``, ``mae``, ``n`` (held-out ratings scored), ``precision``, ``recall``,
     ``ndcg``, ``map`` (at ``k``; None when no user has a relevant item), ``n_users_ranked``,
     ``cold_users``, ``cold_items``, ``cold_pairs`` (pairs with an unknown user, item, either),
-    and the arguments ``split``, ``k``, ``threshold``, ``cold_start``.
+    ``clip`` (the range predictions were clipped to, or None), and the arguments ``split``,
+    ``k``, ``threshold``, ``cold_start``.
     """
     check_cold_start(cold_start)
     if k < 1:
@@ -274,7 +283,10 @@ def evaluate(
     u_map, i_map = maps.user, maps.item
     # On the model's own store, a user or item without train ratings is a cold start too.
     i_has = store.counts("item") > 0 if maps.same else None
-    items = EvalItems(model.item_factors, model.item_bias, model.mu, i_map, i_has, store.n_items)
+    bounds_clip = model.clip_bounds(clip)
+    items = EvalItems(
+        model.item_factors, model.item_bias, model.mu, i_map, i_has, store.n_items, bounds_clip
+    )
     params = EvalParams(k, threshold, cold_start, ranking, tile_users)
     bounds = store.bounds("user")
 
@@ -331,6 +343,7 @@ def evaluate(
         cold_items=int(total.get("cold_items", 0)),
         cold_pairs=int(total.get("cold_pairs", 0)),
         n_heldout=int(total.get("n_heldout", 0)),
+        clip=None if bounds_clip is None else list(bounds_clip),
     )
     return result
 

@@ -16,6 +16,7 @@ An id the model does not know has index -1 (the cold-start fallback decides what
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,11 +29,63 @@ from dmf.errors import InputError
 
 COLD_START_POLICIES = ("fallback", "drop")
 
+log = logging.getLogger("dmf")
+
 
 def check_cold_start(policy: str) -> None:
     """Refuse a cold-start policy other than 'fallback' or 'drop'."""
     if policy not in COLD_START_POLICIES:
         raise InputError(f"cold_start must be one of {COLD_START_POLICIES}, not {policy!r}")
+
+
+@dataclass(frozen=True)
+class ColdStart:
+    """What one call did with ids the model does not know. Every call that takes raw ids
+    reports it the same way: returned with ``return_info=True``, and logged on the ``dmf``
+    logger at INFO when there is any, in the words ``dmf predict`` prints::
+
+        recommend: 3 users, 1 cold-start (1 unknown users, 0 unknown items) predicted from biases
+
+    Attributes
+    ----------
+    call : the method ('predict', 'recommend', 'recommend_users', 'similar_items', ...)
+    total : queries given (pairs, users, items or ratings: ``unit``), repeats counted
+    cold : queries with an unknown id
+    cold_users, cold_items : unknown user (item) ids among the queries and the id filters
+        (``include``, ``exclude``), repeats counted
+    handled : 'predicted from biases' (``cold_start='fallback'``) or 'dropped' (no rows, or
+        ignored)
+    """
+
+    call: str
+    total: int
+    unit: str
+    cold: int
+    cold_users: int
+    cold_items: int
+    handled: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.call}: {self.total} {self.unit}, {self.cold} cold-start ({self.cold_users} "
+            f"unknown users, {self.cold_items} unknown items) {self.handled}"
+        )
+
+    @property
+    def any(self) -> bool:
+        return bool(self.cold or self.cold_users or self.cold_items)
+
+
+def handled(policy: str) -> str:
+    """What a cold-start policy does, in the report's words."""
+    return "predicted from biases" if policy == "fallback" else "dropped"
+
+
+def report(info: ColdStart) -> ColdStart:
+    """Log ``info`` (when it counts any unknown id) on the ``dmf`` logger; returns it."""
+    if info.any:
+        log.info("dmf %s", info)
+    return info
 
 
 def as_id_array(ids: Any, id_type: pa.DataType, what: str = "id") -> pa.Array:

@@ -15,9 +15,10 @@ The directory is committed by :class:`dmf.store.storage.Commit`: the factor file
 their own, ``model.json`` last, no rename; a reader never sees a half-written model and the
 previous model stays readable until the new ``model.json`` lands. ``history.csv`` and
 ``convergence.png`` are views of the history in ``model.json``, rewritten after it. The uses of
-a model live in their own modules: :mod:`dmf.model.predict` (pairs, fold-in, similar items),
-:mod:`dmf.model.recommend` (top-N, blockwise on Dask) and :mod:`dmf.model.evaluate`; the methods
-here call them.
+a model live in their own modules: :mod:`dmf.model.predict` (pairs, fold-in, similar items and
+users, the cold-start reports), :mod:`dmf.model.recommend` (top-N, blockwise on Dask),
+:mod:`dmf.model.top_users` (the top users for items, the user side streamed block by block) and
+:mod:`dmf.model.evaluate`; the methods here call them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,15 @@ from dmf.als.solver import predict
 from dmf.config import ModelConfig
 from dmf.errors import ModelError
 from dmf.model import predict as _uses
-from dmf.model.ids import IdIndex, IndexMaps, as_id_array, store_index_maps
+from dmf.model.ids import (
+    ColdStart,
+    IdIndex,
+    IndexMaps,
+    as_id_array,
+    handled,
+    report,
+    store_index_maps,
+)
 from dmf.model.plot import plot_history
 from dmf.model.recommend import recommend_all
 from dmf.model.side import IN_MEMORY_BYTES, ModelSide, factor_part_rel, factor_table
@@ -100,6 +109,12 @@ class Model:
     user_bias : ndarray, shape (n_users,)
     item_factors : ndarray, shape (n_items, rank)
     item_bias : ndarray, shape (n_items,)
+    clip : bool
+        Clip predictions to :attr:`rating_range` (when it is known). Starts as the config's
+        ``model.clip`` (true by default); set it to False to get the raw
+        ``mu + b_i + c_j + u_i . v_j``. Each call may override it (``predict(..., clip=False)``).
+    path : str or None
+        The model directory it was loaded from or last saved to (None: only in memory).
     """
 
     def __init__(
@@ -128,9 +143,19 @@ class Model:
         self.store_fingerprint = store_fingerprint
         self.store_path = store_path
         self.meta = meta or {}
+        self.clip = bool((self.config.get("model") or {}).get("clip", True))
+        self.path: str | None = None
+        # A temporary store this model was trained on (dmf.ALS.fit on in-memory data): kept,
+        # for exclude_seen='store', as long as this object lives; removed with it.
+        self._scratch: Any = None
 
     def side(self, name: str) -> ModelSide:
         return self.users if name == "user" else self.items
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (pickled, sent to a worker) does not own the temporary store: it goes with
+        # this object.
+        return {**self.__dict__, "_scratch": None}
 
     # -- the arrays (a whole side each) -------------------------------------------------------
     @property
@@ -173,10 +198,43 @@ class Model:
     def dtype(self) -> str:
         return self.items.dtype
 
+    @property
+    def rating_range(self) -> tuple[float, float] | None:
+        """(lowest, highest) rating predictions are clipped to: ``rating_range`` of
+        ``model.json`` (``data.rating_range`` when set, else the lowest and highest train
+        rating); None for a model that does not record it (no clipping)."""
+        r = self.meta.get("rating_range")
+        return None if r is None else (float(r[0]), float(r[1]))
+
+    @rating_range.setter
+    def rating_range(self, value: tuple[float, float] | None) -> None:
+        if value is None:
+            self.meta.pop("rating_range", None)
+            return
+        lo, hi = (float(v) for v in value)
+        if not lo <= hi:
+            raise ModelError(f"rating_range must be [low, high] with low <= high, not {value}")
+        self.meta["rating_range"] = [lo, hi]
+
+    def clip_bounds(self, clip: bool | None = None) -> tuple[float, float] | None:
+        """The range a prediction is clipped to: :attr:`rating_range` when ``clip`` (None: the
+        model's :attr:`clip`) is on and the range is known, else None."""
+        on = self.clip if clip is None else bool(clip)
+        return self.rating_range if on else None
+
+    def clip_scores(self, scores: np.ndarray, clip: bool | None = None) -> np.ndarray:
+        """``scores`` clipped to :meth:`clip_bounds` (in place; returned)."""
+        bounds = self.clip_bounds(clip)
+        if bounds is not None:
+            np.clip(scores, bounds[0], bounds[1], out=scores)
+        return scores
+
     def __repr__(self) -> str:
+        # Sizes and settings only: never ids or factors, whatever the model's size.
+        where = repr(self.path) if self.path else "None (in memory)"
         return (
             f"Model(rank={self.rank}, users={self.n_users:,}, items={self.n_items:,}, "
-            f"mu={self.mu:.4f}, iterations={len(self.history)})"
+            f"dtype={self.dtype}, iterations={len(self.history)}, path={where})"
         )
 
     # -- persistence -----------------------------------------------------------------------------
@@ -200,7 +258,8 @@ class Model:
                 write_factor_part(c.target, side.name, 0, side.ids, side.factors, side.bias, c)
             bounds = {"user": [0, self.n_users], "item": [0, self.n_items]}
             c.commit({**self._model_json(), "blocks": bounds})
-        write_views(root, self.history, plot)
+        write_views(root, self.history, plot, self._model_json())
+        self.path = str(root)
         return root
 
     def manifest(self) -> dict[str, Any]:
@@ -216,7 +275,8 @@ class Model:
             "n_items": self.n_items,
             "dtype": self.dtype,
             "store_fingerprint": self.store_fingerprint,
-            "store_path": self.store_path,
+            # A temporary store goes with this object: a saved model does not point at it.
+            "store_path": "" if self._scratch is not None else self.store_path,
             "config": self.config,
             "history": self.history,
             "versions": versions(),
@@ -269,7 +329,7 @@ class Model:
             if in_memory or (in_memory is None and side.nbytes <= IN_MEMORY_BYTES):
                 side.load()
             sides[name] = side
-        return cls(
+        model = cls(
             mu=mu,
             config=meta.get("config", {}),
             history=meta.get("history", []),
@@ -279,6 +339,8 @@ class Model:
             users=sides["user"],
             items=sides["item"],
         )
+        model.path = str(root)
+        return model
 
     # -- ids -----------------------------------------------------------------------------------
     @property
@@ -337,8 +399,11 @@ class Model:
         }
 
     # -- using the model (see dmf.model.predict and dmf.model.recommend) -------------------------
-    def predict_indices(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """mu + b_i + c_j + u_i . v_j for dense indices, shape (n,), float64.
+    def predict_indices(
+        self, users: np.ndarray, items: np.ndarray, clip: bool | None = None
+    ) -> np.ndarray:
+        """mu + b_i + c_j + u_i . v_j for dense indices, shape (n,), float64, clipped to
+        :attr:`rating_range` when ``clip`` (None: :attr:`clip`) is on and the range is known.
 
         An index of -1 is an unknown user or item: its bias and factors count as zero, which is
         the cold-start fallback (mu + c_j, mu + b_i, or mu).
@@ -346,7 +411,7 @@ class Model:
         users = np.asarray(users, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
         if self.users.in_memory and self.items.in_memory:
-            return predict(
+            scores = predict(
                 self.mu,
                 self.user_factors,
                 self.user_bias,
@@ -355,6 +420,7 @@ class Model:
                 users,
                 items,
             )
+            return self.clip_scores(scores, clip)
         # A side on disk: only the rows of the indices given, read from their blocks.
         ku, ki = users >= 0, items >= 0
         uf, ub = self.users.rows(users[ku])
@@ -363,7 +429,7 @@ class Model:
         u_rows[ku] = np.arange(int(ku.sum()))
         i_rows = np.full(len(items), -1)
         i_rows[ki] = np.arange(int(ki.sum()))
-        return predict(self.mu, uf, ub, vf, vb, u_rows, i_rows)
+        return self.clip_scores(predict(self.mu, uf, ub, vf, vb, u_rows, i_rows), clip)
 
     def predict(
         self,
@@ -371,7 +437,9 @@ class Model:
         items: Any,
         cold_start: str = "fallback",
         return_info: bool = False,
-    ) -> np.ndarray | _uses.Prediction:
+        clip: bool | None = None,
+        output: str = "numpy",
+    ) -> Any:
         """Predicted ratings for (user, item) pairs given by raw ids.
 
         Parameters
@@ -384,72 +452,172 @@ class Model:
             ``drop`` leaves such pairs out (as Spark's coldStartStrategy).
         return_info
             Return a :class:`dmf.model.predict.Prediction` (scores, the mask of known pairs,
-            cold-start counts) instead of the scores alone.
+            cold-start counts, and ``.cold_start``: the report every call gives) instead of the
+            scores alone.
+        clip
+            Clip to :attr:`rating_range`; None: the model's :attr:`clip` (on by default).
+        output : 'numpy', 'arrow' or 'pandas'
+            The scores as an ndarray, a ``pyarrow.Array`` or a ``pandas.Series`` named score.
 
         Returns
         -------
-        ndarray, shape (n,) with ``fallback``; shape (n_known,) with ``drop``, in input order:
+        Scores of shape (n,) with ``fallback``; shape (n_known,) with ``drop``, in input order:
         the rows kept are those where ``Prediction.known`` is true.
         """
-        return _uses.predict_pairs(self, users, items, cold_start, return_info)
+        _uses.check_output(output, ("numpy", *_uses.OUTPUTS))
+        p = _uses.predict_pairs(self, users, items, cold_start, True, clip)
+        report(p.cold_start)
+        p.scores = _scores_as(p.scores, output)
+        return p if return_info else p.scores
 
     def recommend(
         self,
         users: Any = None,
         n: int = 10,
+        *,
+        include: Any = None,
         exclude: Any = None,
+        exclude_seen: Any = None,
         cold_start: str = "fallback",
         client=None,
         tile_users: int | None = None,
-    ) -> pa.Table:
+        output: str = "arrow",
+        return_info: bool = False,
+    ) -> Any:
         """Top-``n`` items for ``users`` (raw ids; default all users).
 
         Parameters
         ----------
         users : array-like of raw ids, shape (m,), or None for every user of the model
         n : int
-        exclude : None, 'store', a :class:`dmf.store.Store` or a store path
-            Items not to recommend to a user: ``None`` excludes nothing; ``'store'`` the user's
-            train ratings in the store recorded in the model (``model.store_path``); a store, the
-            user's ratings in that store's ``by_user`` blocks.
+        include : array-like of raw item ids, or None
+            Only these items are candidates (for every user).
+        exclude : array-like of raw item ids, or None
+            These items are never recommended. Unknown ids in ``include`` and ``exclude`` are
+            ignored and counted as unknown items in the cold-start report.
+        exclude_seen : None, 'store', a :class:`dmf.store.Store` or a store path
+            Items each user rated in train, not to recommend to them: ``None`` excludes nothing;
+            ``'store'`` the user's train ratings in the store recorded in the model
+            (``model.store_path``); a store, the user's ratings in that store's ``by_user``
+            blocks.
         cold_start : 'fallback' or 'drop'
             Unknown users get the items ranked by mu + c_j, or no rows.
         client
             A ``distributed.Client`` to run one task per user block; ``None`` runs locally.
         tile_users
             Users scored at once (memory: ``tile_users x n_items`` float32).
+        output : 'arrow' or 'pandas'
+        return_info
+            Also return the cold-start report (:class:`dmf.model.ids.ColdStart`).
 
         Returns
         -------
-        pyarrow.Table (user, rank, item, score): up to ``n`` rows per user, ranks from 1, in the
-        order the users were given. Computed by :func:`dmf.model.recommend.recommend_all`.
+        Table (user, rank, item, score): up to ``n`` rows per user, ranks from 1, in the order
+        the users were given; a ``pyarrow.Table`` or a ``pandas.DataFrame``. Scores are the raw
+        ``mu + b_i + c_j + u_i . v_j`` (never clipped: clipping would tie the top items).
+        Computed by :func:`dmf.model.recommend.recommend_all`.
         """
-        return recommend_all(
+        _uses.check_output(output)
+        _check_filter(exclude, "exclude")
+        allowed, unknown_items = _uses.id_filter(self, "item", include, exclude)
+        given = None if users is None else self.as_ids(users, "user")
+        unknown = 0 if given is None else int((self.index_of(given, "user") < 0).sum())
+        table = recommend_all(
             self,
-            self._exclude_store(exclude),
+            self._seen_store(exclude_seen),
             n,
-            users=users,
+            users=given,
             client=client,
             tile_users=tile_users,
             cold_start=cold_start,
+            allowed_items=allowed,
         )
+        total = self.n_users if given is None else len(given)
+        info = ColdStart(
+            "recommend", total, "users", unknown, unknown, unknown_items, handled(cold_start)
+        )
+        return self._result(table, info, output, return_info)
 
-    def _exclude_store(self, exclude: Any) -> Store | None:
-        if exclude is None or isinstance(exclude, Store):
-            return exclude
-        if isinstance(exclude, str) and exclude == "store":
+    def recommend_users(
+        self,
+        items: Any,
+        n: int = 10,
+        *,
+        include: Any = None,
+        exclude: Any = None,
+        exclude_seen: Any = None,
+        cold_start: str = "fallback",
+        client=None,
+        tile_users: int | None = None,
+        output: str = "arrow",
+        return_info: bool = False,
+    ) -> Any:
+        """Top-``n`` users for each of ``items`` (raw ids) by predicted rating: the users to
+        show an item to.
+
+        The user side is streamed block by block with a running top-``n`` per item
+        (:mod:`dmf.model.top_users`): a model whose users are on disk is read one block at a
+        time, on the cluster with ``client`` (one task per block).
+
+        Parameters
+        ----------
+        items : array-like of raw item ids, shape (q,)
+        n : int
+        include, exclude : array-like of raw user ids, or None
+            Only these users are candidates; these users never are.
+        exclude_seen : None, 'store', a Store or a store path
+            Leave out the users who rated the item in train (the store's ``by_item`` blocks).
+        cold_start : 'fallback' or 'drop'
+            Unknown items get the users ranked by mu + b_u, or no rows.
+        client, tile_users
+            A ``distributed.Client`` for a user side on disk; users scored at once per query
+            tile (default: a 64 MiB tile).
+        output : 'arrow' or 'pandas'
+        return_info : also return the cold-start report
+
+        Returns
+        -------
+        Table (item, rank, user, score): up to ``n`` rows per item, in the order the items
+        were first given; ties go to the lower user index.
+        """
+        _uses.check_output(output)
+        _check_filter(exclude, "exclude")
+        allowed, unknown_users = _uses.id_filter(self, "user", include, exclude)
+        table, info = _uses.recommend_users(
+            self, items, n, allowed, self._seen_store(exclude_seen), cold_start, client, tile_users
+        )
+        info = ColdStart(
+            info.call,
+            info.total,
+            info.unit,
+            info.cold,
+            info.cold_users + unknown_users,
+            info.cold_items,
+            info.handled,
+        )
+        return self._result(table, info, output, return_info)
+
+    def _result(self, table: pa.Table, info: ColdStart, output: str, return_info: bool) -> Any:
+        report(info)
+        out = _uses.as_output(table, output)
+        return (out, info) if return_info else out
+
+    def _seen_store(self, exclude_seen: Any) -> Store | None:
+        if exclude_seen is None or isinstance(exclude_seen, Store):
+            return exclude_seen
+        if isinstance(exclude_seen, str) and exclude_seen == "store":
             if not self.store_path:
                 raise ModelError(
-                    "exclude='store': this model records no store path; pass the store itself"
+                    "exclude_seen='store': this model records no store path; pass the store itself"
                 )
             return Store.open(self.store_path, options=self.storage_options())
-        return Store.open(exclude, options=self.storage_options())
+        return Store.open(exclude_seen, options=self.storage_options())
 
     def storage_options(self) -> dict[str, Any]:
         """The storage options the model was trained with (the config's ``storage.options``)."""
         return dict((self.config.get("storage") or {}).get("options") or {})
 
-    def fold_in(self, items: Any, ratings: Any) -> tuple[np.ndarray, float]:
+    def fold_in(self, items: Any, ratings: Any, return_info: bool = False) -> tuple:
         """Factors and bias of a new user from their ratings, without retraining.
 
         Solves exactly the training equations for one user (the augmented normal equations of
@@ -460,32 +628,69 @@ class Model:
         ----------
         items : array-like of raw item ids, shape (k,)
         ratings : array-like of float, shape (k,)
-            Items the model does not know are ignored (they have no factors).
+            Items the model does not know are ignored (they have no factors); they are counted
+            in the cold-start report.
+        return_info : also return the cold-start report (a third element)
 
         Returns
         -------
         (factors, bias): ndarray of shape (rank,) and a float. A user with no known items gets
         zeros (the cold-start fallback).
         """
-        return _uses.fold_in(self, items, ratings)
+        factors, bias, info = _uses.fold_in(self, items, ratings)
+        report(info)
+        return (factors, bias, info) if return_info else (factors, bias)
 
     def recommend_for_ratings(
-        self, items: Any, ratings: Any, n: int = 10, exclude_rated: bool = True
-    ) -> pa.Table:
+        self,
+        items: Any,
+        ratings: Any,
+        n: int = 10,
+        exclude_rated: bool = True,
+        *,
+        include: Any = None,
+        exclude: Any = None,
+        output: str = "arrow",
+        return_info: bool = False,
+    ) -> Any:
         """Top-``n`` items for a new user given their ratings (fold-in, then score every item).
 
         Parameters
         ----------
         items : array-like of raw item ids, shape (k,); ratings : array-like, shape (k,)
         exclude_rated : do not recommend the items given.
+        include, exclude : array-like of raw item ids: the only candidates; never these.
+        output : 'arrow' or 'pandas'
+        return_info : also return the cold-start report (unknown items rated or in the filters)
 
         Returns
         -------
-        pyarrow.Table (rank, item, score), up to ``n`` rows.
+        Table (rank, item, score), up to ``n`` rows.
         """
-        return _uses.recommend_for_ratings(self, items, ratings, n, exclude_rated)
+        _uses.check_output(output)
+        _check_filter(exclude, "exclude")
+        allowed, unknown = _uses.id_filter(self, "item", include, exclude)
+        table, info = _uses.recommend_for_ratings(self, items, ratings, n, exclude_rated, allowed)
+        info = ColdStart(
+            info.call,
+            info.total,
+            info.unit,
+            info.cold,
+            info.cold_users,
+            info.cold_items + unknown,
+            info.handled,
+        )
+        return self._result(table, info, output, return_info)
 
-    def similar_items(self, items: Any, n: int = 10, tile_items: int | None = None) -> pa.Table:
+    def similar_items(
+        self,
+        items: Any,
+        n: int = 10,
+        tile_items: int | None = None,
+        *,
+        output: str = "arrow",
+        return_info: bool = False,
+    ) -> Any:
         """The ``n`` items most similar to each of ``items``, by cosine of the item factors.
 
         Parameters
@@ -493,15 +698,42 @@ class Model:
         items : array-like of raw item ids, shape (q,)
         n : int
         tile_items : query items scored at once (memory ``tile_items x n_items`` float32)
+        output : 'arrow' or 'pandas'
+        return_info : also return the cold-start report
 
         Returns
         -------
-        pyarrow.Table (item, rank, similar, score): for each query item (in the order given) up
-        to ``n`` other items, best first; score is the cosine similarity in [-1, 1]. Items whose
+        Table (item, rank, similar, score): for each query item (in the order given) up to
+        ``n`` other items, best first; score is the cosine similarity in [-1, 1]. Items whose
         factors are all zero (no train ratings) have no direction: they are never returned, and
-        as a query they get no rows.
+        as a query they get no rows. Unknown query items get no rows either (reported).
         """
-        return _uses.similar_items(self, items, n, tile_items)
+        _uses.check_output(output)
+        table, info = _uses.similar_items(self, items, n, tile_items)
+        return self._result(table, info, output, return_info)
+
+    def similar_users(
+        self,
+        users: Any,
+        n: int = 10,
+        *,
+        client=None,
+        tile_users: int | None = None,
+        output: str = "arrow",
+        return_info: bool = False,
+    ) -> Any:
+        """The ``n`` users most similar to each of ``users``, by cosine of the user factors
+        (the user side streamed block by block, as :meth:`recommend_users`).
+
+        Returns
+        -------
+        Table (user, rank, similar, score): for each query user (in the order first given) up
+        to ``n`` other users, best first. Users whose factors are all zero are never returned
+        and get no rows as a query; so do unknown users (reported).
+        """
+        _uses.check_output(output)
+        table, info = _uses.similar_users(self, users, n, client, tile_users)
+        return self._result(table, info, output, return_info)
 
 
 SIDES = ("user", "item")
@@ -522,6 +754,25 @@ _MODEL_JSON_KEYS = {
     "blocks",
     "first_ids",
 }
+
+
+def _check_filter(value: Any, name: str) -> None:
+    """``exclude=`` takes item ids; the train items to leave out are ``exclude_seen=``."""
+    if isinstance(value, Store | Path) or (isinstance(value, str) and value == "store"):
+        raise ModelError(
+            f"{name}= takes raw ids; to leave out each user's train items pass "
+            f"exclude_seen={value!r}"
+        )
+
+
+def _scores_as(scores: np.ndarray, output: str) -> Any:
+    if output == "arrow":
+        return pa.array(scores)
+    if output == "pandas":
+        import pandas as pd
+
+        return pd.Series(scores, name="score")
+    return scores
 
 
 def check_replaceable(root: Location) -> None:
@@ -575,19 +826,22 @@ def write_factor_part(
     return entry
 
 
-def write_views(root: Location, history: list[dict[str, Any]], plot: bool) -> None:
+def write_views(
+    root: Location, history: list[dict[str, Any]], plot: bool, doc: dict[str, Any] | None = None
+) -> None:
     """``history.csv`` and ``convergence.png``: views of the history in ``model.json``, written
-    after it (not listed in it)."""
+    after it (not listed in it). ``doc`` (the ``model.json`` document) gives the plot its title
+    (rank, regularisation) and the iteration kept under early stopping."""
     write_atomic(root / "history.csv", history_csv(history))
     if plot and history:
-        write_atomic(root / "convergence.png", plot_history(history))
+        write_atomic(root / "convergence.png", plot_history(history, doc))
 
 
 def commit_model(root: Location, c: Commit, doc: dict[str, Any], plot: bool) -> Location:
     """Write ``model.json`` (``doc``, with the files of ``c``) last: the model is in place.
     For a model whose factor files workers wrote through ``c.target``."""
     c.commit({"format": MODEL_FORMAT, "versions": versions(), **doc})
-    write_views(root, doc.get("history", []), plot)
+    write_views(root, doc.get("history", []), plot, doc)
     return root
 
 

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 
 # Users per task when there is no store to take the blocks from.
 _CHUNK_USERS = 100_000
+# At most this many users of a side on disk are read on the driver (single calls).
+_IN_HAND_USERS = 1_000
 
 
 def recs_table(
@@ -77,6 +79,7 @@ class ItemSide:
     bias: np.ndarray  # (n_items,)
     ids: pa.Array  # (n_items,) raw ids
     mu: float
+    allowed: np.ndarray | None = None  # (n_items,) bool: the candidates (None: every item)
 
 
 @dataclass(frozen=True)
@@ -107,11 +110,19 @@ class UserRows:
         )
 
 
-def model_rows(model: Model, sel: np.ndarray) -> list[tuple[np.ndarray, UserRows]]:
+def model_rows(
+    model: Model, sel: np.ndarray, in_hand: bool = False
+) -> list[tuple[np.ndarray, UserRows]]:
     """The model users ``sel`` (sorted dense indices) as :class:`UserRows`, one per model block
-    they fall in (one in all for users in memory); each with the positions in ``sel`` it
+    they fall in (one in all for users in memory, or with ``in_hand``: a few users of a side on
+    disk, read on the driver from the blocks it keeps); each with the positions in ``sel`` it
     covers."""
     users = model.users
+    if in_hand and not users.in_memory:
+        # A single call (a few users): their rows from the driver's cached blocks, not a read
+        # of each whole block file per call.
+        f, b = users.rows(sel)
+        return [(np.arange(len(sel)), UserRows(f, b, users.take_ids(sel)))]
     if users.in_memory:
         return [
             (
@@ -176,7 +187,7 @@ def recommend_block_task(
     factors, bias, ids = part.users.resolve()
     with blas_single_thread():
         row, rank, item, score = recommend_rows(
-            factors, bias, items.factors, items.bias, items.mu, n, seen, tile_users
+            factors, bias, items.factors, items.bias, items.mu, n, seen, tile_users, items.allowed
         )
     table = recs_table(ids.take(pa.array(row)), rank, items.ids.take(pa.array(item)), score)
     if out_file is None:
@@ -188,14 +199,17 @@ def recommend_block_task(
 # ---------------------------------------------------------------------------------------------
 # Orchestration
 # ---------------------------------------------------------------------------------------------
-def _parts(model: Model, user_idx: np.ndarray, store: Store | None) -> list[UserPart]:
+def _parts(
+    model: Model, user_idx: np.ndarray, store: Store | None, in_hand: bool
+) -> list[UserPart]:
     """Split the model users ``user_idx`` (sorted) into one part per store user block (and per
-    model block, for a model whose users are read from their block files)."""
+    model block, for a model whose users are read from their block files, unless ``in_hand``:
+    a few users, read on the driver)."""
     if store is None:
         return [
             UserPart(rows)
             for a in range(0, len(user_idx), _CHUNK_USERS)
-            for _, rows in model_rows(model, user_idx[a : a + _CHUNK_USERS])
+            for _, rows in model_rows(model, user_idx[a : a + _CHUNK_USERS], in_hand)
         ]
     maps = model.store_maps(store)
     sidx = user_idx if maps.user is None else inverse_map(maps.user, model.n_users)[user_idx]
@@ -214,7 +228,7 @@ def _parts(model: Model, user_idx: np.ndarray, store: Store | None) -> list[User
             continue
         sel = user_idx[lo:hi]
         rows = np.where(sidx[lo:hi] >= 0, sidx[lo:hi] - bounds[b], -1).astype(np.int64)
-        for pos, users in model_rows(model, sel):
+        for pos, users in model_rows(model, sel, in_hand):
             parts.append(UserPart(users, store.block_ref("user", b), rows[pos]))
     return parts
 
@@ -252,6 +266,7 @@ def recommend_all(
     out: str | Path | None = None,
     tile_users: int | None = None,
     cold_start: str = "fallback",
+    allowed_items: np.ndarray | None = None,
 ) -> pa.Table | Path:
     """Top-``n`` items for every user (or for ``users``), excluding items each rated in train.
 
@@ -277,6 +292,10 @@ def recommend_all(
         (:mod:`dmf.store.storage`).
     tile_users
         Users scored at once per task; the tile is ``tile_users x n_items`` float32.
+    allowed_items
+        Bool mask (n_items,) of the model's items that may be recommended at all (the
+        ``include`` and ``exclude`` filters of :meth:`dmf.Model.recommend`), applied in every
+        tile; ``None``: every item.
 
     Returns
     -------
@@ -307,11 +326,13 @@ def recommend_all(
         reads=[store.root / MANIFEST] if store is not None else [],
         writes=[out.parent] if out is not None else [],
     )
-    items = ItemSide(model.item_factors, model.item_bias, model.item_ids, model.mu)
-    parts = _parts(model, user_idx, store)
+    items = ItemSide(model.item_factors, model.item_bias, model.item_ids, model.mu, allowed_items)
+    # A few users given (a single call): on a side on disk, their rows are read on the driver.
+    in_hand = wanted is not None and len(user_idx) <= _IN_HAND_USERS
+    parts = _parts(model, user_idx, store, in_hand)
     if client is not None:
         parts = _spread(parts, len(user_idx), client)
-    cold = None if cold_ids is None else _cold_recs(model, cold_ids, n, tile_users)
+    cold = None if cold_ids is None else _cold_recs(model, cold_ids, n, tile_users, allowed_items)
     if out is None:
         tables = _run_parts(client, parts, items, n, tile_users, item_map, None)
         table = _concat(tables + ([cold] if cold is not None else []), model)
@@ -394,11 +415,21 @@ def _in_given_order(table: pa.Table, wanted: pa.Array) -> pa.Table:
     return table.take(pa.array(order))
 
 
-def _cold_recs(model: Model, cold_ids: pa.Array, n: int, tile_users: int | None) -> pa.Table:
+def _cold_recs(
+    model: Model, cold_ids: pa.Array, n: int, tile_users: int | None, allowed=None
+) -> pa.Table:
     """Fallback recommendations for users the model does not know: ranked by mu + c_j."""
     rank0 = np.zeros((1, model.rank), dtype=model.item_factors.dtype)
     _, rank, item, score = recommend_rows(
-        rank0, np.zeros(1), model.item_factors, model.item_bias, model.mu, n, None, tile_users
+        rank0,
+        np.zeros(1),
+        model.item_factors,
+        model.item_bias,
+        model.mu,
+        n,
+        None,
+        tile_users,
+        allowed,
     )
     m = len(cold_ids)
     k = len(item)

@@ -170,6 +170,36 @@ class SeenItems:
     def none(cls, m: int) -> SeenItems:
         return cls(np.zeros(m + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
+    def restrict(self, cand: np.ndarray) -> SeenItems:
+        """The same sets over the columns ``cand`` (sorted item indices) only, each item given
+        as its position in ``cand``; items outside ``cand`` are left out."""
+        m = len(self.indptr) - 1
+        pos = np.searchsorted(cand, self.cols)
+        ok = pos < len(cand)
+        ok[ok] = cand[pos[ok]] == self.cols[ok]
+        row = np.repeat(np.arange(m), np.diff(self.indptr))[ok]
+        indptr = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row, minlength=m), out=indptr[1:])
+        return SeenItems(indptr, pos[ok].astype(np.int64))
+
+
+def candidate_columns(allowed: np.ndarray | None, n_cols: int) -> tuple[np.ndarray | None, ...]:
+    """How to honour an ``allowed`` mask (n_cols,) of columns: (cand, blocked).
+
+    Few candidates (at most half the columns): ``cand``, their sorted indices, to score only
+    those columns (a narrower GEMM). Otherwise ``blocked``, the indices of the columns to set to
+    -inf in every tile. ``(None, None)`` without a mask.
+    """
+    if allowed is None:
+        return None, None
+    allowed = np.asarray(allowed, dtype=bool)
+    if len(allowed) != n_cols:
+        raise ValueError(f"allowed mask has {len(allowed)} entries for {n_cols} columns")
+    cand = np.flatnonzero(allowed)
+    if 2 * len(cand) <= n_cols:
+        return cand, None
+    return None, np.flatnonzero(~allowed)
+
 
 def recommend_rows(
     user_factors: np.ndarray,
@@ -194,7 +224,9 @@ def recommend_rows(
         Users scored at once; the score tile is ``tile_users x n_items`` float32. Default: as many
         as fit in :data:`DEFAULT_TILE_BYTES`.
     allowed_items
-        Optional bool mask, shape (n_items,): items that may be recommended at all.
+        Optional bool mask, shape (n_items,): items that may be recommended at all (the same for
+        every user). When at most half the items are allowed, only those are scored; otherwise
+        the others are masked in each tile. Either way no Python loop over users.
 
     Returns
     -------
@@ -202,19 +234,23 @@ def recommend_rows(
     the m users, ``rank`` counts from 1, ``item`` is an item index.
     """
     m = len(user_bias)
+    seen = seen if seen is not None else SeenItems.none(m)
+    cand, blocked = candidate_columns(allowed_items, len(item_bias))
+    if cand is not None:
+        # Columns in the order of the items, so ties still go to the lower item index.
+        item_factors, item_bias, seen = item_factors[cand], item_bias[cand], seen.restrict(cand)
     n_items = len(item_bias)
     if tile_users is None:
         tile_users = default_tile_users(n_items)
     tile_users = max(1, int(tile_users))
-    seen = seen if seen is not None else SeenItems.none(m)
     scorer = ItemScorer(item_factors, item_bias, mu)
     buf = np.empty((min(tile_users, m), n_items), dtype=np.float32)  # one tile, reused
     out_row, out_rank, out_item, out_score = [], [], [], []
     for a in range(0, m, tile_users):
         b = min(m, a + tile_users)
         s = scorer(user_factors[a:b], user_bias[a:b], out=buf[: b - a])
-        if allowed_items is not None:
-            s[:, ~allowed_items] = -np.inf
+        if blocked is not None:
+            s[:, blocked] = -np.inf
         rep, cols, _ = csr_rows(seen.indptr, seen.cols, np.arange(a, b))
         s[rep, cols] = -np.inf
         cols_top, vals = top_n(s, n)
@@ -228,12 +264,54 @@ def recommend_rows(
     if not out_row:
         z = np.zeros(0, dtype=np.int64)
         return z, z.astype(np.int32), z, np.zeros(0, dtype=np.float32)
+    item = np.concatenate(out_item).astype(np.int64)
     return (
         np.concatenate(out_row).astype(np.int64),
         np.concatenate(out_rank).astype(np.int32),
-        np.concatenate(out_item).astype(np.int64),
+        item if cand is None else cand[item],
         np.concatenate(out_score).astype(np.float32),
     )
+
+
+class RunningTop:
+    """The best ``k`` columns of each of ``m`` rows, over column ranges seen one at a time
+    (blocks of a side streamed from disk): each range's top ``k`` is merged into the best so
+    far, so memory is ``m x k`` whatever the number of columns. Ties go to the lower column, as
+    in :func:`top_n`, so the result does not depend on how the columns were cut.
+    """
+
+    def __init__(self, m: int, k: int):
+        self.k = k
+        self.cols = np.zeros((m, 0), dtype=np.int64)
+        self.vals = np.zeros((m, 0), dtype=np.float32)
+
+    def add(self, scores: np.ndarray, offset: int = 0) -> None:
+        """Merge a tile of scores (m, c) of columns ``offset .. offset + c - 1`` (-inf: may not
+        be chosen)."""
+        cols, vals = top_n(scores, self.k)
+        self.merge(cols + offset, vals)
+
+    def merge(self, cols: np.ndarray, vals: np.ndarray) -> None:
+        """Merge candidates (m, c) given with their column indices (another RunningTop's)."""
+        cols = np.concatenate([self.cols, cols], axis=1)
+        vals = np.concatenate([self.vals, vals.astype(np.float32, copy=False)], axis=1)
+        k = min(self.k, cols.shape[1])
+        if k == 0 or len(cols) == 0:
+            self.cols, self.vals = cols[:, :k], vals[:, :k]
+            return
+        self.cols, self.vals = _select(vals, k, cols)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(row, rank, col, score) of the finite entries, sorted by row then rank."""
+        ok = np.isfinite(self.vals)
+        ranks = np.broadcast_to(np.arange(1, self.cols.shape[1] + 1), self.cols.shape)
+        rows = np.broadcast_to(np.arange(len(self.cols))[:, None], self.cols.shape)
+        return (
+            rows[ok].astype(np.int64),
+            ranks[ok].astype(np.int32),
+            self.cols[ok].astype(np.int64),
+            self.vals[ok].astype(np.float32),
+        )
 
 
 def default_tile_users(n_items: int, tile_bytes: int = DEFAULT_TILE_BYTES) -> int:
