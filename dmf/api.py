@@ -312,6 +312,11 @@ class ALS:
             model = train(store, config, client=c, in_memory=in_memory, callback=callback, **kwargs)
         if not explicit_store:
             model._scratch = scratch.keep("store")
+            if model.path is not None and not scratch.owns(model.path):
+                # The model directory asked for (output=) names the temporary store in its
+                # model.json, gone with this object: write it again naming none, so that
+                # `dmf evaluate` asks for --store instead of failing on a missing directory.
+                model.save(model.path, overwrite=True)
         return model
 
 
@@ -368,9 +373,13 @@ def _ratings_table(data: Any, columns: Columns) -> pa.Table:
             )
         names = _column_names(columns, [str(c) for c in data.columns])
         by_str = {str(c): c for c in data.columns}
-        data = pa.Table.from_pandas(data[[by_str[n] for n in names.values()]], preserve_index=False)
-    names = _column_names(columns, data.column_names)
-    table = data.select(list(names.values())).rename_columns(list(names))
+        picked = data[[by_str[n] for n in names.values()]]
+        # Selected in the fields' order: name them now (positions in data.columns count in
+        # the frame's own order, not in this one's).
+        table = pa.Table.from_pandas(picked, preserve_index=False).rename_columns(list(names))
+    else:
+        names = _column_names(columns, data.column_names)
+        table = data.select(list(names.values())).rename_columns(list(names))
     return pa.table(
         {name: _plain(col) for name, col in zip(table.column_names, table.columns, strict=True)}
     )

@@ -240,11 +240,13 @@ class BlocksConfig(Section):
     bytes a rating (the solver's own working set is a few hundred KiB)."""
     n_blocks: int | None = Field(default=None, ge=1)
     """If set, overrides target_ratings: this many blocks per side (fewer if there are fewer rows)."""
-    min_blocks: int | Literal["auto"] = "auto"
+    min_blocks: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     """At least this many blocks per side (fewer only if there are fewer rows), so that a small
     store still gives every worker thread a block to solve: a 1M-rating store in one block left
-    one of two workers idle. ``auto``: ``cluster.n_workers`` x ``cluster.threads_per_worker``.
-    The blocks change the speed of training, never its result."""
+    one of two workers idle. ``auto``: the worker threads of the cluster that ingests (for a
+    store made on threads beside a cluster dmf starts, ``cluster.n_workers`` x
+    ``cluster.threads_per_worker``). The blocks change the speed of training, never its result,
+    so this is not part of the store's fingerprint: a store made on another cluster is reused."""
 
 
 class ModelConfig(Section):
@@ -300,9 +302,10 @@ class TrainConfig(Section):
     tolerance: float = Field(default=0.0, ge=0)
     """Stop when the relative decrease of the objective over an iteration is below this."""
     early_stopping: EarlyStopping | None = Field(default_factory=EarlyStopping)
-    """Stop when the validation RMSE no longer improves (``{patience, min_delta}``), and keep the
-    model of the best iteration; needs ``split.validation``. ``null``: no early stopping, the
-    model of the last iteration is kept."""
+    """Stop when the validation RMSE no longer improves (``{patience, min_delta,
+    min_iterations}``), and keep the model of the best iteration; needs ``split.validation``
+    (without one it is off, and the log says so). On by default. ``null``: no early stopping,
+    the model of the last iteration is kept."""
     checkpoint_every: int = Field(default=1, ge=0)
     """Write a checkpoint every N iterations (0: never)."""
     keep_checkpoints: int = Field(default=2, ge=1)

@@ -67,7 +67,7 @@ from typing import Any
 
 from dmf.config import Config, TuneConfig
 from dmf.dist.cluster import maybe_connect
-from dmf.errors import ConfigError, TrainingError
+from dmf.errors import ConfigError, DmfError, TrainingError
 from dmf.store.layout import Store
 from dmf.store.storage import Location, config_location, write_atomic
 
@@ -171,7 +171,15 @@ def tune(
     with maybe_connect(config, client, address, scheduler_file, quiet=quiet) as c:
         with hold_blocks(store, config, c, out):
             objective = Objective(store, config, c, out, quiet)
-            study.optimize(objective, n_trials=tc.trials, timeout=tc.timeout, n_jobs=tc.parallel)
+            # A trial that fails (a dmf error: its settings gave non-finite factors, a worker was
+            # lost past its retries...) is recorded as failed; the search goes on.
+            study.optimize(
+                objective,
+                n_trials=tc.trials,
+                timeout=tc.timeout,
+                n_jobs=tc.parallel,
+                catch=(DmfError,),
+            )
     trials = [trial_result(t) for t in study.get_trials(deepcopy=False)]
     return write_results(config, store, out, trials, quiet)
 
@@ -328,6 +336,10 @@ class Objective:
         except optuna.TrialPruned as exc:
             model_dir.remove()  # the side versions of a run that saved no model
             self._say(f"trial {trial.number}: {describe(params)}: pruned, {exc}")
+            raise
+        except DmfError as exc:
+            model_dir.remove()
+            self._say(f"trial {trial.number}: {describe(params)}: failed: {exc}")
             raise
         meta = model.meta
         best_it, value = meta["best_iteration"], float(meta["best_validation_rmse"])

@@ -3,7 +3,7 @@ biases-only model, dmf's old defaults, and the peers' defaults, on realistic exp
 
 Data sets (``--data``):
 
-- ``realistic-100k``: the REALISTIC spec of ``tests/test_defaults.py`` (3,000 users x 1,500
+- ``realistic-100k``: the REALISTIC spec of ``tests/conftest.py`` (that of ``tests/test_defaults.py``) (3,000 users x 1,500
   items, 100k ratings: heavy-tailed users and items, few ratings per user, a rank-4 signal plus
   a tail of 40 more dimensions, noise, whole stars in [1, 5]), written by ``dmf synth``;
 - ``realistic-1m``: the same spec scaled to 30,000 users x 6,000 items and 1M ratings (every
@@ -92,9 +92,10 @@ ALL_DATA = ["realistic-100k", "realistic-1m", "ml-100k", "ml-1m"]
 
 # -- data ------------------------------------------------------------------------------------------
 def realistic_spec() -> dict:
-    """REALISTIC of tests/test_defaults.py (read from the file, so the two never drift)."""
-    path = REPO / "tests" / "test_defaults.py"
-    spec = importlib.util.spec_from_file_location("_test_defaults", path)
+    """REALISTIC of tests/conftest.py, the data of tests/test_defaults.py (read from the file,
+    so the two never drift)."""
+    path = REPO / "tests" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_dmf_tests_conftest", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return dict(mod.REALISTIC)
@@ -661,11 +662,12 @@ def render(report, results, notes, peer_versions, jvm_start, args, total, load) 
         first = [r for r in rows["grid"] if r["kept"] == 1 and r["iterations"] > 1]
         if first:
             line += (
-                f" Early stopping (patience 3) kept iteration 1 for {len(first)} of the "
+                f" Early stopping kept iteration 1 for {len(first)} of the "
                 f"{len(rows['grid'])} grid points ("
                 + "; ".join(grid_label(r["params"]) for r in first)
-                + "): their validation RMSE at iterations 2 to 4 was no better than at "
-                "iteration 1, so they stopped at 4 and kept a model of one iteration."
+                + f"): no later iteration up to {max(r['iterations'] for r in first)} had a "
+                "better validation RMSE, so they stopped there and kept a model of one "
+                "iteration."
             )
         capped = dflt["iterations"] >= dflt["max_iterations"]
         line += (

@@ -126,3 +126,24 @@ def s3_bucket(s3, request):
     fs.mkdir(bucket)
     fs.invalidate_cache()
     return f"s3://{bucket}"
+
+
+# Ratings that overfit as real ones do (tests/test_defaults.py, tests/test_tune.py): ~100k
+# ratings of 3,000 users and 1,500 items, 28 a user on average, the median user far fewer.
+REALISTIC = {
+    "n_users": 3000,
+    "n_items": 1500,
+    "n_ratings": 100_000,
+    "rank": 4,
+    "factor_scale": 0.45,
+    "tail_rank": 40,
+    "tail_scale": 0.45,
+    "noise": 0.75,
+    "user_skew": 1.0,
+    "item_skew": 1.0,
+    "mu": 3.6,
+    "bias_scale": 0.4,
+    "clip": [1, 5],
+    "round_to": 1,
+    "seed": 1,
+}

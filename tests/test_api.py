@@ -173,6 +173,17 @@ def test_fit_reads_configured_column_names_and_string_ids(client, tmp_path):
     assert model.predict(["c001"], ["s3"]).shape == (1,)
     with pytest.raises(InputError, match="data.columns.user"):
         dmf.ALS(**FIT).fit(df.rename(columns={"user": "who"}), client=client)
+    # Columns by position, in an order other than user, item, rating: a pandas frame and the
+    # same table in Arrow give the model of the plain frame (positions count in the input's
+    # own order).
+    shuffled = df[["item", "rating", "user"]]
+    by_position = {"data__columns__user": 2, "data__columns__item": 0, "data__columns__rating": 1}
+    plain = dmf.ALS(**FIT).fit(df, client=client, quiet=True)
+    for data in (shuffled, pa.Table.from_pandas(shuffled, preserve_index=False)):
+        got = dmf.ALS(**FIT, **by_position).fit(data, client=client, quiet=True)
+        assert got.user_ids.to_pylist() == plain.user_ids.to_pylist()
+        np.testing.assert_array_equal(got.user_factors, plain.user_factors)
+        np.testing.assert_array_equal(got.item_bias, plain.item_bias)
     # No ratings are read from the leftover Parquet input: nothing beside the store.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept-store"]
 
@@ -220,10 +231,15 @@ def test_fit_writes_a_model_directory_only_when_asked(client, small_store, tmp_p
     assert model.recommend([0], n=3, exclude_seen="store").num_rows == 3
     model.save("m4")
     assert json.loads((work / "m4" / "model.json").read_text())["store_path"] == ""
+    # The same with output= asked for: the model directory does not name the temporary store.
+    m5 = dmf.ALS(**params, output="m5").fit(df, client=client, quiet=True)
+    assert json.loads((work / "m5" / "model.json").read_text())["store_path"] == ""
+    np.testing.assert_array_equal(dmf.load("m5").user_factors, m5.user_factors)
+    del m5
     del model
     gc.collect()
     assert list(scratch.iterdir()) == []
-    assert sorted(p.name for p in work.iterdir()) == ["m1", "m3", "m4", "plain.yaml", "sub"]
+    assert sorted(p.name for p in work.iterdir()) == ["m1", "m3", "m4", "m5", "plain.yaml", "sub"]
 
 
 # -- scikit-learn's conventions, the callback ----------------------------------------------------

@@ -15,6 +15,7 @@ biases-only model clearly. Every model is trained by dmf on the same store, and 
 from __future__ import annotations
 
 import pytest
+from conftest import REALISTIC
 
 from dmf.cli.train import prepare_store
 from dmf.config import load_config
@@ -22,25 +23,6 @@ from dmf.model.evaluate import evaluate
 from dmf.train.loop import train
 
 pytestmark = pytest.mark.cluster
-
-# ~100k ratings of 3,000 users and 1,500 items: 28 a user on average, the median user far fewer.
-REALISTIC = {
-    "n_users": 3000,
-    "n_items": 1500,
-    "n_ratings": 100_000,
-    "rank": 4,
-    "factor_scale": 0.45,
-    "tail_rank": 40,
-    "tail_scale": 0.45,
-    "noise": 0.75,
-    "user_skew": 1.0,
-    "item_skew": 1.0,
-    "mu": 3.6,
-    "bias_scale": 0.4,
-    "clip": [1, 5],
-    "round_to": 1,
-    "seed": 1,
-}
 
 # The hand-tuned grid: ALS-WR over rank and reg, and the unweighted penalties that tuning on
 # MovieLens found best (reg 10-20 on the factors, about 3 on the biases).
@@ -67,13 +49,15 @@ def realistic(tmp_path_factory):
     return root, raw, store
 
 
-def _test_rmse(realistic, client, name: str, model: dict | None = None) -> float:
+def _test_rmse(
+    realistic, client, name: str, model: dict | None = None, train_: dict | None = None
+) -> float:
     root, raw, store = realistic
     cfg = load_config(
         raw={
             **raw,
             "model": model or {},
-            "train": {"checkpoint_every": 0, "progress": "off"},
+            "train": {"checkpoint_every": 0, "progress": "off", **(train_ or {})},
             "output": {"model": str(root / name), "plot": False},
         }
     )
@@ -96,8 +80,29 @@ def test_defaults_come_within_1pct_of_tuned_and_beat_biases_only(realistic, clie
     print(summary, "grid:", {k: round(v, 4) for k, v in tuned.items()})
     assert default <= 1.01 * best, summary
     assert default <= 0.98 * biases, summary
-    # The old defaults (unweighted reg 0.1, no clipping) overfit: what the new ones fixed.
+    # The old defaults (unweighted reg 0.1, 10 iterations, no early stopping, no clipping)
+    # overfit: what the new ones fixed.
     old = _test_rmse(
-        realistic, client, "old", {"rank": 10, "reg": 0.1, "weighted_reg": False, "clip": False}
+        realistic,
+        client,
+        "old",
+        {"rank": 10, "reg": 0.1, "weighted_reg": False, "clip": False},
+        {"iterations": 10, "early_stopping": None},
     )
     assert old > biases > default, f"{summary}, old defaults {old:.4f}"
+
+
+def test_the_blocks_follow_the_cluster_but_the_store_is_reused(realistic):
+    # blocks.min_blocks: auto gives a block per worker thread of the cluster that ingests; it
+    # changes training's speed, never its result, so a store made for a cluster of another
+    # size is still the store of this config (no re-ingest).
+    from dmf.cli.train import store_is_current
+
+    _, raw, store = realistic
+    assert store_is_current(store, load_config(raw=raw))
+    for n_workers in (1, 4):
+        bigger = load_config(raw={**raw, "cluster": {"n_workers": n_workers}})
+        assert bigger.min_blocks == n_workers
+        assert store_is_current(store, bigger)
+    # Another target size is another store (as before).
+    assert not store_is_current(store, load_config(raw={**raw, "blocks": {"n_blocks": 7}}))

@@ -640,3 +640,14 @@ def test_temporal_cutoffs_do_not_depend_on_the_batching(tmp_path, monkeypatch):
     cutoffs = [s.manifest.split.cutoffs for s in stores]
     assert cutoffs[0] == cutoffs[1]
     assert store_triples(stores[0]) == store_triples(stores[1])
+
+
+def test_min_blocks_auto_is_the_threads_of_the_cluster_that_ingests(tmp_path, client):
+    # The config says one worker, the cluster ingesting has two threads: two blocks a side.
+    f = write_csv(tmp_path / "r.csv", make_rows(nnz=600, seed=8))
+    s = run_store(tmp_path, "s", str(f), client=client, cluster={"n_workers": 1})
+    assert sum(client.nthreads().values()) == 2
+    assert (s.n_blocks("user"), s.n_blocks("item")) == (2, 2)
+    # On threads (no cluster), the config's cluster decides.
+    s1 = run_store(tmp_path, "t", str(f), cluster={"n_workers": 1})
+    assert (s1.n_blocks("user"), s1.n_blocks("item")) == (1, 1)

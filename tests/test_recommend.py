@@ -310,8 +310,13 @@ def test_recommend_include_and_exclude_equal_brute_force(rated, request, use_cli
     want = np.argsort(-pop, kind="stable")[:5]
     cold = t.filter(pa.compute.equal(t.column("user"), "stranger"))
     assert cold.column("item").to_pylist() == [f"i{j}" for j in want]
+    # The old API took the store (or its path) in exclude=: now that is exclude_seen=, and a
+    # path given to exclude= is refused rather than read as one unknown item id.
+    for old in ("store", str(store.root), store.root, store):
+        with pytest.raises(ModelError, match="exclude_seen"):
+            model.recommend(["u7"], exclude=old)
     with pytest.raises(ModelError, match="exclude_seen"):
-        model.recommend(["u7"], exclude="store")
+        model.recommend(["u7"], include="i1")
 
 
 def test_recommend_for_ratings_with_filters_and_pandas_output(rated):

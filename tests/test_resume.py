@@ -193,6 +193,26 @@ def test_checkpoint_of_other_config_is_refused(store, client, tmp_path, change, 
     assert str(err.value).count("checkpoint has") == 1, err.value
 
 
+def test_clipping_is_no_reason_to_refuse_a_checkpoint(store, client, tmp_path):
+    # model.clip changes predictions, never the factors: a run resumes across it (and so do
+    # checkpoints written before the key existed), giving the factors of an unbroken run.
+    first = train(
+        store, load_config(raw=raw_config(store, tmp_path / "m", 2)), client=client, quiet=True
+    )
+    again = train(
+        store,
+        load_config(raw=raw_config(store, tmp_path / "m", 4, clip=False)),
+        client=client,
+        resume=True,
+        quiet=True,
+    )
+    assert again.history[:2] == first.history and len(again.history) == 4
+    whole = train(
+        store, load_config(raw=raw_config(store, tmp_path / "w", 4)), client=client, quiet=True
+    )
+    assert_same_model(whole, again, rtol=0)
+
+
 def test_checkpoint_of_other_store_is_refused(store, client, tmp_path):
     train(store, load_config(raw=raw_config(store, tmp_path / "m", 2)), client=client, quiet=True)
     u, i, r = random_ratings(1500, 800, 120_000, seed=6)

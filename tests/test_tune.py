@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import store_with_validation
+from conftest import REALISTIC, store_with_validation
 
 from dmf.cli import main
 from dmf.config import load_config
@@ -29,26 +29,8 @@ from dmf.tune import TRIALS, suggest, tune
 
 pytestmark = pytest.mark.cluster
 
-# ~100k ratings of 3,000 users and 1,500 items, rounded to whole stars (tests/test_defaults.py).
-SYNTH = {
-    "enabled": True,
-    "path": "synth",
-    "n_users": 3000,
-    "n_items": 1500,
-    "n_ratings": 100_000,
-    "rank": 4,
-    "factor_scale": 0.45,
-    "tail_rank": 40,
-    "tail_scale": 0.45,
-    "noise": 0.75,
-    "user_skew": 1.0,
-    "item_skew": 1.0,
-    "mu": 3.6,
-    "bias_scale": 0.4,
-    "clip": [1, 5],
-    "round_to": 1,
-    "seed": 1,
-}
+# ~100k ratings of 3,000 users and 1,500 items, rounded to whole stars (conftest.REALISTIC).
+SYNTH = {"enabled": True, "path": "synth", **REALISTIC}
 # The search: ALS-WR, rank and both penalties. 16 trials, two at a time, up to 8 iterations,
 # pruned from iteration 5 on. Measured over 20 sampler seeds (each a different draw, as a
 # different thread interleaving is): best validation RMSE 0.915-0.931, 0-6 trials pruned,

@@ -744,13 +744,25 @@ def fingerprint(config: Config, spec: InputSpec) -> str:
             {
                 "data": data,
                 "split": cfg["split"],
-                # min_blocks "auto" as resolved: the blocks it gives depend on the cluster.
-                "blocks": {**cfg["blocks"], "min_blocks": config.min_blocks},
+                # Without min_blocks: it resolves from the cluster's size, and the blocks it
+                # adds change training's speed, never its result (nor what a store holds).
+                "blocks": {k: v for k, v in cfg["blocks"].items() if k != "min_blocks"},
             },
             sort_keys=True,
         ).encode()
     )
     return h.hexdigest()
+
+
+def _with_min_blocks(config: Config, client: Any | None) -> Config:
+    """``config`` with ``blocks.min_blocks: auto`` resolved from the cluster that ingests:
+    its worker threads (the config's ``cluster`` section describes it only when dmf starts
+    it)."""
+    if config.blocks.min_blocks != "auto" or client is None:
+        return config
+    threads = sum(client.nthreads().values()) or 1
+    blocks = config.blocks.model_copy(update={"min_blocks": threads})
+    return config.model_copy(update={"blocks": blocks})
 
 
 def ingest(config: Config, client: Any | None = None, progress: bool | None = None) -> Store:
@@ -783,6 +795,7 @@ def ingest(config: Config, client: Any | None = None, progress: bool | None = No
         The store directory is not empty and ``store.overwrite`` is false.
     """
     t_start = time.perf_counter()
+    config = _with_min_blocks(config, client)
     spec = resolve_inputs(data_to_ingest(config), config.resolve, config.storage.options)
     if config.split.method == "temporal" and not spec.has_timestamp:
         raise ConfigError(

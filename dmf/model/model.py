@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -518,6 +519,7 @@ class Model:
         Computed by :func:`dmf.model.recommend.recommend_all`.
         """
         _uses.check_output(output)
+        _check_filter(include, "include")
         _check_filter(exclude, "exclude")
         allowed, unknown_items = _uses.id_filter(self, "item", include, exclude)
         given = None if users is None else self.as_ids(users, "user")
@@ -581,6 +583,7 @@ class Model:
         were first given; ties go to the lower user index.
         """
         _uses.check_output(output)
+        _check_filter(include, "include")
         _check_filter(exclude, "exclude")
         allowed, unknown_users = _uses.id_filter(self, "user", include, exclude)
         table, info = _uses.recommend_users(
@@ -668,6 +671,7 @@ class Model:
         Table (rank, item, score), up to ``n`` rows.
         """
         _uses.check_output(output)
+        _check_filter(include, "include")
         _check_filter(exclude, "exclude")
         allowed, unknown = _uses.id_filter(self, "item", include, exclude)
         table, info = _uses.recommend_for_ratings(self, items, ratings, n, exclude_rated, allowed)
@@ -758,10 +762,10 @@ _MODEL_JSON_KEYS = {
 
 def _check_filter(value: Any, name: str) -> None:
     """``exclude=`` takes item ids; the train items to leave out are ``exclude_seen=``."""
-    if isinstance(value, Store | Path) or (isinstance(value, str) and value == "store"):
+    if isinstance(value, Store | Location | str | os.PathLike):
         raise ModelError(
-            f"{name}= takes raw ids; to leave out each user's train items pass "
-            f"exclude_seen={value!r}"
+            f"{name}= takes a list or array of raw item ids, not {value!r}; to leave out each "
+            f"user's train items pass exclude_seen={value!r}"
         )
 
 

@@ -274,8 +274,11 @@ class Trainer:
         return None if mode == "auto" else False
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint must match to be resumed: the model section and the store."""
-        return {"model": self.config.to_dict()["model"], "store": self.store.fingerprint}
+        """What a checkpoint must match to be resumed: the model section and the store.
+        ``model.clip`` is left out: it changes predictions, never the factors (and checkpoints
+        made before it existed resume)."""
+        model = {k: v for k, v in self.config.to_dict()["model"].items() if k != "clip"}
+        return {"model": model, "store": self.store.fingerprint}
 
     def _may_overwrite(self, resume: bool) -> bool:
         return _may_overwrite(self.config, self.model_dir, resume)
