@@ -533,3 +533,30 @@ def read_md_table(text: str, first_header: str) -> tuple[list[str], list[list[st
 def provenance() -> dict[str, str]:
     """When, how and on which commit a measurement ran (for sections a page keeps across runs)."""
     return {"date": now_utc(), "command": command_line(), "git": git_state(), "cpu": _cpu_model()}
+
+
+def spark_session(threads: int, memory: str, app: str = "dmf-bench"):
+    """A quiet Spark session in ``local[threads]``, as the Spark comparisons use it: Java 17
+    (``JAVA_HOME`` found when unset), one BLAS thread per Spark task thread, as dmf's workers
+    (netlib loads a native BLAS, libblas.so.3, when the system has one, e.g. Debian's
+    libopenblas0-pthread; otherwise its slower Java one: :func:`bench_vs_spark.spark_blas`)."""
+    from pyspark.sql import SparkSession
+
+    if not os.environ.get("JAVA_HOME"):
+        for cand in ("/usr/lib/jvm/java-17-openjdk-amd64", "/usr/lib/jvm/default-java"):
+            if Path(cand).is_dir():
+                os.environ["JAVA_HOME"] = cand
+                break
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    spark = (
+        SparkSession.builder.master(f"local[{threads}]")
+        .appName(app)
+        .config("spark.driver.memory", memory)
+        .config("spark.sql.shuffle.partitions", str(max(4, 2 * threads)))
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.driver.extraJavaOptions", "-XX:+UseParallelGC")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark

@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from bench_common import REPO, Report, embed_data, log, md_table  # noqa: E402
+from bench_common import REPO, Report, embed_data, log, md_table, spark_session  # noqa: E402
 
 NAN = float("nan")
 
@@ -246,29 +246,6 @@ def _fit_in(store, client, base, models: Path, split_dir, rng, tag: str, model, 
 
 
 # -- peers -----------------------------------------------------------------------------------------
-def spark_session(threads: int, memory: str):
-    """A local[threads] session as bench_vs_spark's (one BLAS thread per task thread), quiet."""
-    from pyspark.sql import SparkSession
-
-    if not os.environ.get("JAVA_HOME"):
-        for cand in ("/usr/lib/jvm/java-17-openjdk-amd64", "/usr/lib/jvm/default-java"):
-            if Path(cand).is_dir():
-                os.environ["JAVA_HOME"] = cand
-                break
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    spark = (
-        SparkSession.builder.master(f"local[{threads}]")
-        .appName("dmf-bench-defaults")
-        .config("spark.driver.memory", memory)
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.driver.extraJavaOptions", "-XX:+UseParallelGC")
-        .getOrCreate()
-    )
-    spark.sparkContext.setLogLevel("ERROR")
-    return spark
-
-
 def spark_fit(spark, split_dir: Path, with_validation: bool, rng, max_iter: int | None = None):
     """Spark's ALS at its defaults (rank 10, maxIter 10, regParam 0.1, no biases), dropping
     cold pairs; ``max_iter`` only for the untimed warm-up."""
@@ -487,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
 
                 if spark is None:
                     t = time.perf_counter()
-                    spark = spark_session(args.workers, args.spark_memory)
+                    spark = spark_session(args.workers, args.spark_memory, "dmf-bench-defaults")
                     jvm_start = time.perf_counter() - t
                     info_blas = spark_blas(spark)
                     log(f"Spark BLAS: {info_blas}")

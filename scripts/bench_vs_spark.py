@@ -49,6 +49,7 @@ from bench_common import (  # noqa: E402
     log,
     md_table,
     planted_ratings,
+    spark_session,
     split_test,
     tree_cpu_seconds,
 )
@@ -201,28 +202,6 @@ def test_rmse_dmf(model, split_dir: Path) -> tuple[float, int]:
 
 
 # -- Spark -----------------------------------------------------------------------------------------
-def spark_session(threads: int, memory: str):
-    from pyspark.sql import SparkSession
-
-    if not os.environ.get("JAVA_HOME"):
-        for cand in ("/usr/lib/jvm/java-17-openjdk-amd64", "/usr/lib/jvm/default-java"):
-            if Path(cand).is_dir():
-                os.environ["JAVA_HOME"] = cand
-                break
-    # Native BLAS in the JVM (netlib finds libblas.so.3 when the system has one, e.g. Debian's
-    # libopenblas0-pthread): one thread per Spark task thread, as dmf's workers.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    return (
-        SparkSession.builder.master(f"local[{threads}]")
-        .appName("dmf-bench")
-        .config("spark.driver.memory", memory)
-        .config("spark.sql.shuffle.partitions", str(max(4, 2 * threads)))
-        .config("spark.ui.enabled", "false")
-        .config("spark.driver.extraJavaOptions", "-XX:+UseParallelGC")
-        .getOrCreate()
-    )
-
-
 def spark_blas(spark) -> str:
     """Which BLAS implementation Spark's netlib wrapper loaded (native, or Java fallback)."""
     try:
