@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from dmf.als.solver import predict, solve_block
 from dmf.errors import InputError, ModelError
 from dmf.model.ids import ColdStart, check_cold_start, handled, inverse_map
+from dmf.model.recommend import ranked_table
 from dmf.model.scoring import SeenItems, csr_rows, recommend_rows
 from dmf.model.side import Part, read_part
 from dmf.model.top_users import Queries, top_users
@@ -310,13 +311,8 @@ def similar_items(
     )
     keep = has[q][row]
     row, rank, sim, score = row[keep], rank[keep], sim[keep], score[keep]
-    table = pa.table(
-        {
-            "item": q_ids.take(pa.array(row)),
-            "rank": pa.array(rank, type=pa.int32()),
-            "similar": model.item_index.take(sim),
-            "score": pa.array(score, type=pa.float32()),
-        }
+    table = ranked_table(
+        "item", q_ids.take(pa.array(row)), rank, "similar", model.item_index.take(sim), score
     )
     return table, info
 
@@ -363,13 +359,8 @@ def recommend_users(
     pairs = None if seen_store is None else _raters(model, seen_store, q)
     queries = Queries(factors, offset, False, n, tile_users)
     row, rank, user, score = top_users(model, queries, pairs, allowed, client)
-    table = pa.table(
-        {
-            "item": q_ids.take(pa.array(row)),
-            "rank": pa.array(rank, type=pa.int32()),
-            "user": model.users.take_ids(user),
-            "score": pa.array(score, type=pa.float32()),
-        }
+    table = ranked_table(
+        "item", q_ids.take(pa.array(row)), rank, "user", model.users.take_ids(user), score
     )
     return table, info
 
@@ -422,12 +413,7 @@ def similar_users(
     queries = Queries(uf / norm[:, None], np.zeros(len(q)), True, n, tile_users)
     pairs = (np.arange(len(q), dtype=np.int64), q.astype(np.int64))  # never the user itself
     row, rank, sim, score = top_users(model, queries, pairs, None, client)
-    table = pa.table(
-        {
-            "user": q_ids.take(pa.array(row)),
-            "rank": pa.array(rank, type=pa.int32()),
-            "similar": model.users.take_ids(sim),
-            "score": pa.array(score, type=pa.float32()),
-        }
+    table = ranked_table(
+        "user", q_ids.take(pa.array(row)), rank, "similar", model.users.take_ids(sim), score
     )
     return table, info

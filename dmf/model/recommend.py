@@ -54,18 +54,26 @@ _CHUNK_USERS = 100_000
 _IN_HAND_USERS = 1_000
 
 
+def ranked_table(
+    query: str, query_ids: pa.Array, rank: np.ndarray, found: str, found_ids, score: np.ndarray
+) -> pa.Table:
+    """A top-n table: the raw id queried (column ``query``), rank (int32), the raw id found
+    (column ``found``), score (float32)."""
+    return pa.table(
+        {
+            query: query_ids,
+            "rank": pa.array(rank, type=pa.int32()),
+            found: found_ids,
+            "score": pa.array(score, type=pa.float32()),
+        }
+    )
+
+
 def recs_table(
     user_ids: pa.Array, rank: np.ndarray, item_ids: pa.Array, score: np.ndarray
 ) -> pa.Table:
     """The output table: raw user id, rank (int32), raw item id, score (float32)."""
-    return pa.table(
-        {
-            "user": user_ids,
-            "rank": pa.array(rank, type=pa.int32()),
-            "item": item_ids,
-            "score": pa.array(score, type=pa.float32()),
-        }
-    )
+    return ranked_table("user", user_ids, rank, "item", item_ids, score)
 
 
 # ---------------------------------------------------------------------------------------------
