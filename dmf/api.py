@@ -45,6 +45,8 @@ _CONFIG_KEYS = {
     "dtype": "model.dtype",
     "seed": "model.seed",
     "clip": "model.clip",
+    "feedback": "model.feedback",
+    "alpha": "model.alpha",
     "iterations": "train.iterations",
     "store": "store.path",
     "output": "output.model",
@@ -83,6 +85,13 @@ class ALS:
         Seed of the initial item factors; results do not depend on the number of workers.
     clip : bool [True]
         Clip the model's predictions to the rating range (``model.clip``).
+    feedback : 'explicit' or 'implicit' ['explicit']
+        ``implicit``: the data are events (plays, clicks; no rating column counts each event 1,
+        repeats add up) and the model is Hu, Koren & Volinsky's confidence-weighted ALS over
+        every user-item cell, without biases or ALS-WR unless asked (as Spark's
+        ``implicitPrefs`` and implicit's ``AlternatingLeastSquares``).
+    alpha : float [1.0]
+        Implicit feedback: confidence 1 + alpha r of a cell with summed events r.
     store : path or None
         Where :meth:`fit` builds the store from in-memory ratings (``store.path``). Not set
         here nor in ``config``: a temporary directory, kept as long as the fitted model
@@ -121,6 +130,8 @@ class ALS:
         dtype: str | None = None,
         seed: int | None = None,
         clip: bool | None = None,
+        feedback: str | None = None,
+        alpha: float | None = None,
         store: str | Path | None = None,
         output: str | Path | None = None,
         config: Config | str | Path | None = None,
@@ -135,6 +146,8 @@ class ALS:
         self.dtype = dtype
         self.seed = seed
         self.clip = clip
+        self.feedback = feedback
+        self.alpha = alpha
         self.store = store
         self.output = output
         self.config_source = config
@@ -300,7 +313,8 @@ class ALS:
                         "format": "parquet",
                         "preset": None,
                         "columns": Columns(
-                            timestamp="timestamp" if config.data.columns.timestamp else None
+                            rating="rating" if config.data.columns.rating is not None else None,
+                            timestamp="timestamp" if config.data.columns.timestamp else None,
                         ),
                     }
                 )

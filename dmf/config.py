@@ -69,8 +69,10 @@ class Columns(Section):
     """The raw user id: a column name from the header, or a 0-based position."""
     item: str | int = "item"
     """The raw item id: a column name from the header, or a 0-based position."""
-    rating: str | int = "rating"
-    """The rating, a number: a column name from the header, or a 0-based position."""
+    rating: str | int | None = "rating"
+    """The rating, a number: a column name from the header, or a 0-based position. For implicit
+    feedback (``model.feedback: implicit``) it is the event's weight (plays, seconds watched);
+    ``null``: the input has no such column and every event counts 1."""
     timestamp: str | int | None = None
     """The time of the rating (integer, float or date): a column name or a 0-based position. Needed
     by ``split.method: temporal``; ``data.duplicates: last`` keeps the latest by it. ``null``:
@@ -124,9 +126,10 @@ class DataConfig(Section):
     """Longest string id accepted, in UTF-8 bytes; a longer one is an error naming its line or
     row (integer ids are held in 8 bytes whatever their digits). The item side's id map lives
     on the driver and grows with the total length of the item ids."""
-    duplicates: Literal["error", "last", "mean"] = "error"
+    duplicates: Literal["error", "last", "mean", "sum"] | None = None
     """Policy for repeated (user, item) pairs: fail, keep the latest by timestamp (then by input
-    order), or average them."""
+    order), average them, or add them up (``sum``: repeated events of implicit feedback). Unset:
+    ``error`` for explicit ratings, ``sum`` under ``model.feedback: implicit``."""
     invalid_ratings: Literal["error", "drop"] = "error"
     """Policy for NaN, infinite or null ratings."""
     rating_range: tuple[float, float] | None = None
@@ -147,6 +150,11 @@ class SynthConfig(Section):
     """Planted-truth ratings, written by ``dmf synth`` or by ``dmf run`` when ``data.source`` is
     missing."""
 
+    implicit: bool = False
+    """Planted-preference events instead of ratings (implicit feedback, ``dmf synth
+    --implicit``): each event row's item is drawn with probability proportional to popularity
+    x exp(beta u_i . v_j), its rating is a count (1 + geometric), and favourite items come
+    again as repeated rows; the truth also records each user's top items (``top_items``)."""
     enabled: bool = False
     """Synthetic input: ``dmf run`` writes the planted ratings to ``path`` first (again when these
     settings change), and ingest reads them when ``data.source`` is not set."""
@@ -159,7 +167,7 @@ class SynthConfig(Section):
     """Number of items (columns of the rating matrix)."""
     n_ratings: int = Field(default=500_000, ge=1)
     """Number of ratings written, each a distinct (user, item) pair: at most ``n_users`` x
-    ``n_items``."""
+    ``n_items``. Under ``implicit``: the number of event rows (pairs may repeat)."""
     rank: int = Field(default=8, ge=0)
     """Rank of the true factors u_i and v_j (0: biases and noise only)."""
     noise: float = Field(default=0.5, ge=0)
@@ -261,7 +269,25 @@ class ModelConfig(Section):
     """L2 penalty on the biases; defaults to ``reg``."""
     weighted_reg: bool = True
     """ALS-WR (Zhou et al. 2008, Spark's regParam): each row's penalty is scaled by its number of
-    train ratings."""
+    train ratings. Unset under ``feedback: implicit`` it is ``false``, as in implicit and
+    LensKit (the penalty is lambda |x|^2 for every row)."""
+    feedback: Literal["explicit", "implicit"] = "explicit"
+    """``explicit``: ratings, fitted where observed. ``implicit``: events (plays, clicks,
+    purchases), Hu, Koren & Volinsky (2008): every user-item cell is fitted, with preference
+    p = 1 where the summed events r > 0 (else 0) and confidence c = 1 + alpha r (see
+    ``confidence``); the objective sums c (p - u_i . v_j)^2 over all cells. ``mu`` is 0."""
+    alpha: float = Field(default=1.0, ge=0)
+    """Implicit feedback: the confidence's slope, c = 1 + alpha r (``confidence: linear``) or
+    c = 1 + alpha log(1 + r / eps) (``log``). Spark's and implicit's default is 1.0; Hu et al.
+    used 40 on counts of TV watching."""
+    confidence: Literal["linear", "log"] = "linear"
+    """Implicit feedback: how the summed events r of a cell become its confidence (``alpha``)."""
+    eps: float = Field(default=1.0, gt=0)
+    """Implicit feedback, ``confidence: log``: the scale of r in c = 1 + alpha log(1 + r / eps)."""
+    biases: bool = True
+    """Fit the user and item biases b_i and c_j. Unset under ``feedback: implicit`` it is
+    ``false`` (u_i . v_j alone, as Spark, implicit and LensKit fit implicit feedback); explicit
+    ratings are always fitted with biases."""
     dtype: Literal["float32", "float64"] = "float32"
     """Storage type of the factors; normal equations are always accumulated in float64."""
     clip: bool = True
@@ -277,6 +303,20 @@ class ModelConfig(Section):
     @property
     def effective_reg_bias(self) -> float:
         return self.reg if self.reg_bias is None else self.reg_bias
+
+    @property
+    def implicit(self) -> bool:
+        return self.feedback == "implicit"
+
+    @model_validator(mode="after")
+    def _implicit_defaults(self) -> ModelConfig:
+        # Defaults that follow the feedback, when not set: written straight into the instance
+        # (not by assignment, which would validate again), so `dmf config show` prints them.
+        if self.implicit:
+            for name in ("weighted_reg", "biases"):
+                if name not in self.model_fields_set:
+                    object.__setattr__(self, name, False)
+        return self
 
 
 class EarlyStopping(Section):
@@ -324,6 +364,18 @@ class TrainConfig(Section):
     drops)."""
     retries: int = Field(default=2, ge=0)
     """How often Dask reruns a block task whose worker died."""
+    solver: Literal["cholesky", "cg"] = "cholesky"
+    """How each row's normal equations are solved: ``cholesky`` exactly (the objective never
+    increases), or, for implicit feedback, ``cg``: ``cg_steps`` conjugate-gradient steps from
+    the row's previous factors (Takacs et al. 2011, implicit's default), cheaper at high rank
+    but inexact: the history records the objective it reaches."""
+    cg_steps: int = Field(default=3, ge=1)
+    """Conjugate-gradient steps per row and half-step under ``solver: cg``."""
+    validation_users: int = Field(default=2000, ge=1)
+    """Implicit feedback: the validation metric of every iteration (NDCG at ``evaluate.k`` over
+    all items, train items excluded) is computed on at most this many validation users, a
+    seeded sample spread over the user blocks: ranking every item costs items x rank per
+    user."""
     exchange: Literal["auto", "broadcast", "partitioned"] = "auto"
     """How each half-step's tasks get the side held fixed: ``broadcast`` (the whole side, one
     copy per worker: the fast path), ``partitioned`` (each block only the rows its ratings
@@ -501,17 +553,26 @@ class ClusterConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """Metrics on a held-out split: RMSE and MAE, and precision, recall, NDCG and MAP at k."""
+    """Metrics on a held-out split: RMSE and MAE, and precision, recall, NDCG, MAP and hit rate at
+    k (implicit feedback: the ranking metrics only)."""
 
     split: Literal["test", "validation"] = "test"
     """Held-out split evaluated by ``dmf run`` and, unless ``--split`` says otherwise, by ``dmf
     evaluate``."""
     k: int = Field(default=10, ge=1)
-    """Length of the top-k lists of the ranking metrics (precision, recall, NDCG and MAP at k)."""
+    """Length of the top-k lists of the ranking metrics (precision, recall, NDCG, MAP and hit rate
+    at k), and of the validation NDCG of implicit-feedback training."""
     threshold: float = 4.0
-    """A held-out rating at or above this is relevant for the ranking metrics."""
+    """A held-out rating at or above this is relevant for the ranking metrics. Not used for
+    implicit feedback: every held-out event (weight > 0) is relevant."""
     cold_start: Literal["fallback", "drop"] = "fallback"
     """Unknown users or items: predict from the known biases (``fallback``) or skip (``drop``)."""
+    negatives: int | None = Field(default=None, ge=1)
+    """Sampled-negative evaluation, for very large catalogues: each user's candidates are its
+    held-out items and this many items drawn at random (seeded) from those it has no train or
+    held-out event with, instead of every item. Reported under its own label
+    (``sampled_negatives``), as such figures run far higher than full-catalogue ones and are
+    not comparable with them. ``null``: rank every item."""
     ranking: bool = True
     """Compute the ranking metrics, which score every item for each evaluated user; ``false``: RMSE
     and MAE only, much faster with many items."""
@@ -591,6 +652,9 @@ class TuneConfig(Section):
     weighted_reg: list[bool] = Field(default_factory=lambda: [True, False], min_length=1)
     """Values of ``model.weighted_reg`` (ALS-WR) tried: ``[true, false]`` searches both, a
     single value fixes it."""
+    alpha: tuple[float, float] | None = (0.3, 100.0)
+    """Implicit feedback: the range of ``model.alpha`` searched, on a log scale. ``null``: not
+    searched, ``model.alpha`` as the config has it. Not searched for explicit ratings."""
     iterations: int = Field(default=15, ge=1)
     """Most iterations a trial runs. The number of iterations is searched along the way: a
     trial's value is its best validation RMSE over its iterations, and best.yaml's
@@ -599,7 +663,7 @@ class TuneConfig(Section):
     """A trial stops after this many iterations without a better validation RMSE (its
     ``train.early_stopping.patience``)."""
 
-    @field_validator("rank", "reg", "reg_bias")
+    @field_validator("rank", "reg", "reg_bias", "alpha")
     @classmethod
     def _range(cls, value, info):
         if value is None:
@@ -671,6 +735,34 @@ class Config(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"base_dir"})
+
+    @model_validator(mode="after")
+    def _feedback(self) -> Config:
+        if self.data.duplicates is None:
+            # Written straight into the section (see ModelConfig._implicit_defaults).
+            object.__setattr__(self.data, "duplicates", "sum" if self.model.implicit else "error")
+        m = self.model
+        if self.train.solver == "cg" and not m.implicit:
+            raise ValueError(
+                "train.solver 'cg' is for model.feedback 'implicit'; explicit ratings are solved "
+                "exactly (cholesky)"
+            )
+        if not m.implicit and not m.biases:
+            raise ValueError(
+                "model.biases false is for model.feedback 'implicit'; explicit ratings are fitted "
+                "with biases (rank 0 fits the biases alone)"
+            )
+        if not m.implicit and self.data.columns.rating is None:
+            raise ValueError(
+                "data.columns.rating is null (every event counts 1): that is implicit feedback, "
+                "set model.feedback: implicit; explicit ratings need a rating column"
+            )
+        if m.implicit and m.rank == 0 and not m.biases:
+            raise ValueError(
+                "model.rank 0 under implicit feedback without biases leaves nothing to fit: "
+                "raise model.rank (or set model.biases: true)"
+            )
+        return self
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -78,7 +78,31 @@ PLOT = "trials.png"
 BEST = "best.yaml"
 # What a search writes in tune.output: a directory holding only these may be replaced.
 OURS = {TRIALS, SUMMARY, TABLE, PLOT, BEST}
-SEARCHED = ("rank", "reg", "reg_bias", "weighted_reg")
+SEARCHED = ("rank", "reg", "reg_bias", "weighted_reg", "alpha")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What trials are scored by: the validation RMSE (explicit ratings, lower is better) or,
+    for implicit feedback, the validation NDCG@k (higher is better)."""
+
+    key: str
+    label: str
+    direction: str
+
+    @classmethod
+    def of(cls, config: Config) -> Metric:
+        if config.model.implicit:
+            return cls("validation_ndcg", f"validation NDCG@{config.evaluate.k}", "maximize")
+        return cls("validation_rmse", "validation RMSE", "minimize")
+
+    def order(self, value: float) -> float:
+        """A sort key, best first."""
+        return value if self.direction == "minimize" else -value
+
+    @property
+    def short(self) -> str:
+        return "val NDCG" if self.key == "validation_ndcg" else "val RMSE"
 
 
 @dataclass(frozen=True)
@@ -96,6 +120,8 @@ class TrialResult:
     best_iteration: int | None = None
     seconds: float = 0.0
     model: str | None = None
+    metric: str = "validation_rmse"
+    """The history key the trial was scored by (:class:`Metric`)."""
 
     def row(self) -> dict[str, Any]:
         """The trial's row of ``trials.csv``."""
@@ -104,10 +130,10 @@ class TrialResult:
             "trial": self.number,
             "state": self.state,
             **{k: self.params.get(k) for k in SEARCHED},
-            "validation_rmse": self.value,
+            self.metric: self.value,
             "best_iteration": self.best_iteration,
             "iterations_run": last[0],
-            "last_validation_rmse": last[1],
+            f"last_{self.metric}": last[1],
             "seconds": round(self.seconds, 3),
             "model": self.model,
         }
@@ -126,7 +152,13 @@ class TuneResult:
 
     @property
     def validation_rmse(self) -> float:
-        """The best trial's validation RMSE: what ``dmf run best.yaml`` reproduces."""
+        """The best trial's validation RMSE (NDCG for implicit feedback): what ``dmf run
+        best.yaml`` reproduces."""
+        return float(self.best.value)
+
+    @property
+    def value(self) -> float:
+        """The best trial's score (:class:`Metric`)."""
         return float(self.best.value)
 
 
@@ -164,7 +196,7 @@ def tune(
     tc = config.tune
     study = optuna.create_study(
         study_name="dmf-tune",
-        direction="minimize",
+        direction=Metric.of(config).direction,
         sampler=optuna.samplers.TPESampler(n_startup_trials=tc.startup_trials, seed=tc.seed),
         pruner=make_pruner(tc),
     )
@@ -180,7 +212,7 @@ def tune(
                 n_jobs=tc.parallel,
                 catch=(DmfError,),
             )
-    trials = [trial_result(t) for t in study.get_trials(deepcopy=False)]
+    trials = [trial_result(t, Metric.of(config)) for t in study.get_trials(deepcopy=False)]
     return write_results(config, store, out, trials, quiet)
 
 
@@ -230,14 +262,17 @@ def make_pruner(tc: TuneConfig):
     return optuna.pruners.NopPruner()
 
 
-def suggest(trial, tc: TuneConfig) -> dict[str, Any]:
-    """A trial's settings, drawn by Optuna from the search space of ``tc``."""
+def suggest(trial, tc: TuneConfig, implicit: bool = False, biases: bool = True) -> dict[str, Any]:
+    """A trial's settings, drawn by Optuna from the search space of ``tc`` (``alpha`` under
+    implicit feedback; ``reg_bias`` only for a model with biases)."""
     lo, hi = tc.rank
     params: dict[str, Any] = {"rank": trial.suggest_int("rank", lo, hi, log=lo >= 1)}
     params["reg"] = trial.suggest_float("reg", *tc.reg, log=True)
-    if tc.reg_bias is not None:
+    if tc.reg_bias is not None and biases:
         params["reg_bias"] = trial.suggest_float("reg_bias", *tc.reg_bias, log=True)
     params["weighted_reg"] = trial.suggest_categorical("weighted_reg", list(tc.weighted_reg))
+    if implicit and tc.alpha is not None:
+        params["alpha"] = trial.suggest_float("alpha", *tc.alpha, log=True)
     return params
 
 
@@ -318,16 +353,19 @@ class Objective:
 
         from dmf.train.loop import train
 
-        params = suggest(trial, self.config.tune)
+        m = self.config.model
+        params = suggest(trial, self.config.tune, m.implicit, m.biases)
         model_dir = self.out / TRIALS / f"{trial.number:05d}"
         cfg = trial_config(self.config, params, model_dir)
         t0 = time.perf_counter()
 
+        metric = Metric.of(self.config)
+
         def report(rec: dict[str, Any]) -> None:
-            it, rmse = rec["iteration"], rec["validation_rmse"]
-            trial.report(rmse, it)
+            it, value = rec["iteration"], rec[metric.key]
+            trial.report(value, it)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"validation RMSE {rmse:.4f} at iteration {it}")
+                raise optuna.TrialPruned(f"{metric.label} {value:.4f} at iteration {it}")
 
         try:
             model = train(
@@ -342,11 +380,11 @@ class Objective:
             self._say(f"trial {trial.number}: {describe(params)}: failed: {exc}")
             raise
         meta = model.meta
-        best_it, value = meta["best_iteration"], float(meta["best_validation_rmse"])
+        best_it, value = meta["best_iteration"], float(meta[f"best_{metric.key}"])
         trial.set_user_attr("best_iteration", int(best_it))
         trial.set_user_attr("model", model_dir.url)
         self._say(
-            f"trial {trial.number}: {describe(params)}: validation RMSE {value:.4f} at "
+            f"trial {trial.number}: {describe(params)}: {metric.label} {value:.4f} at "
             f"iteration {best_it} ({time.perf_counter() - t0:.1f} s)"
         )
         return value
@@ -373,7 +411,7 @@ def describe(params: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def trial_result(t) -> TrialResult:
+def trial_result(t, metric: Metric | None = None) -> TrialResult:
     """A :class:`TrialResult` from Optuna's record of a trial (a ``FrozenTrial``)."""
     state = {"COMPLETE": "complete", "PRUNED": "pruned"}.get(t.state.name, "failed")
     done = state == "complete"
@@ -386,6 +424,7 @@ def trial_result(t) -> TrialResult:
         best_iteration=t.user_attrs.get("best_iteration") if done else None,
         seconds=t.duration.total_seconds() if t.duration is not None else 0.0,
         model=t.user_attrs.get("model"),
+        metric=(metric or Metric("validation_rmse", "", "minimize")).key,
     )
 
 
@@ -403,7 +442,8 @@ def write_results(
             f"dmf tune: none of the {len(trials)} trials finished (pruned or failed): raise "
             "tune.trials or tune.warmup, or set tune.pruner: none"
         )
-    best = min(done, key=lambda t: (t.value, t.number))
+    metric = Metric.of(config)
+    best = min(done, key=lambda t: (metric.order(t.value), t.number))
     cfg = best_config(config, best.params, best.best_iteration)
     files = {
         "table": out / TABLE,
@@ -412,8 +452,8 @@ def write_results(
         "summary": out / SUMMARY,
     }
     write_atomic(files["table"], trials_csv(trials))
-    write_atomic(files["plot"], plot_trials(trials, best, config.tune))
-    write_atomic(files["best"], best_yaml(cfg, best, len(trials)))
+    write_atomic(files["plot"], plot_trials(trials, best, config.tune, metric))
+    write_atomic(files["best"], best_yaml(cfg, best, len(trials), metric))
     write_atomic(files["summary"], json.dumps(summary(config, store, trials, best), indent=1))
     result = TuneResult(best, trials, cfg, out, {k: v.url for k, v in files.items()})
     if not quiet:
@@ -432,15 +472,16 @@ def trials_csv(trials: list[TrialResult]) -> str:
     return buf.getvalue()
 
 
-def best_yaml(cfg: Config, best: TrialResult, n_trials: int) -> str:
+def best_yaml(cfg: Config, best: TrialResult, n_trials: int, metric: Metric | None = None) -> str:
     """``best.yaml``: the best config with every key and absolute paths, after a comment saying
     what it scored."""
     from dmf.cli.config import show_text
 
+    label = (metric or Metric.of(cfg)).label
     head = (
-        f"# dmf tune: the best of {n_trials} trials (trial {best.number}): validation RMSE "
+        f"# dmf tune: the best of {n_trials} trials (trial {best.number}): {label} "
         f"{best.value!r} at iteration {best.best_iteration}.\n"
-        "# `dmf run` this file as it is to train that model again (same validation RMSE).\n"
+        f"# `dmf run` this file as it is to train that model again (same {label}).\n"
     )
     return head + show_text(cfg, f"dmf tune's trial {best.number}", absolute_paths=True)
 
@@ -464,9 +505,10 @@ def format_summary(result: TuneResult) -> str:
     states = [t.state for t in result.trials]
     counts = ", ".join(f"{states.count(s)} {s}" for s in ("complete", "pruned", "failed"))
     b = result.best
+    label = Metric.of(result.config).label
     lines = [
         f"dmf tune: {len(states)} trials ({counts}); best: trial {b.number}, "
-        f"{describe(b.params)}, {b.best_iteration} iterations: validation RMSE {b.value:.6f}",
+        f"{describe(b.params)}, {b.best_iteration} iterations: {label} {b.value:.6f}",
         f"dmf tune: wrote {TABLE}, {PLOT}, {BEST} and {SUMMARY} to {result.output}; train the "
         f"best with: dmf run {result.files['best']}",
     ]
@@ -478,12 +520,22 @@ def format_summary(result: TuneResult) -> str:
     return "\n".join(lines)
 
 
-def format_table(trials: list[TrialResult]) -> str:
+def format_table(trials: list[TrialResult], metric: Metric | None = None) -> str:
     """The trials as an aligned text table, best first (pruned and failed ones last)."""
-    order = sorted(trials, key=lambda t: (t.value is None, t.value or math.inf, t.number))
+    metric = metric or Metric("validation_rmse", "validation RMSE", "minimize")
+    order = sorted(
+        trials,
+        key=lambda t: (
+            t.value is None,
+            metric.order(t.value) if t.value is not None else math.inf,
+            t.number,
+        ),
+    )
+    alpha = any("alpha" in t.params for t in trials)
     lines = [
         f"{'trial':>5}  {'state':8}  {'rank':>4}  {'reg':>9}  {'reg_bias':>9}  {'ALS-WR':6}  "
-        f"{'val RMSE':>9}  {'at iter':>7}"
+        + (f"{'alpha':>8}  " if alpha else "")
+        + f"{metric.short:>9}  {'at iter':>7}"
     ]
     for t in order:
         p = t.params
@@ -493,12 +545,15 @@ def format_table(trials: list[TrialResult]) -> str:
         lines.append(
             f"{t.number:>5}  {t.state:8}  {p.get('rank', ''):>4}  {p.get('reg', math.nan):>9.4g}  "
             f"{'' if rb is None else f'{rb:.4g}':>9}  {str(p.get('weighted_reg', '')).lower():6}  "
-            f"{rmse:>9.5f}  {it:>7}"
+            + (f"{p.get('alpha', math.nan):>8.4g}  " if alpha else "")
+            + f"{rmse:>9.5f}  {it:>7}"
         )
     return "\n".join(lines)
 
 
-def plot_trials(trials: list[TrialResult], best: TrialResult, tc: TuneConfig) -> bytes:
+def plot_trials(
+    trials: list[TrialResult], best: TrialResult, tc: TuneConfig, metric: Metric | None = None
+) -> bytes:
     """``trials.png``: validation RMSE per iteration of every trial; pruned trials dashed grey
     (ending in a cross), the best trial thick, its best iteration starred; the title says what
     was searched. PNG bytes (matplotlib's object API with the Agg canvas: no pyplot state)."""
@@ -531,11 +586,12 @@ def plot_trials(trials: list[TrialResult], best: TrialResult, tc: TuneConfig) ->
         fontsize=9,
         bbox={"fc": "white", "ec": "none", "alpha": 0.8},
     )
-    _y_limits(ax, trials, best)
+    metric = metric or Metric("validation_rmse", "validation RMSE", "minimize")
+    _y_limits(ax, trials, best, metric)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
-    ax.set_ylabel("validation RMSE")
-    ax.set_title(_title(trials, tc), fontsize=9.5)
+    ax.set_ylabel(metric.label)
+    ax.set_title(_title(trials, tc, metric), fontsize=9.5)
     ax.legend(
         handles=[
             Line2D([], [], color="tab:blue", alpha=0.55, lw=1.2, label="completed trial"),
@@ -554,26 +610,30 @@ def plot_trials(trials: list[TrialResult], best: TrialResult, tc: TuneConfig) ->
     return buf.getvalue()
 
 
-def _y_limits(ax, trials: list[TrialResult], best: TrialResult) -> None:
-    """Keep the interesting band in view: from just below the best to the 90th percentile of
-    every value plotted (a few wild early iterations go off the top)."""
+def _y_limits(ax, trials: list[TrialResult], best: TrialResult, metric: Metric) -> None:
+    """Keep the interesting band in view: from just past the best to the 90th percentile of
+    every value plotted, counted from the best (a few wild early iterations go off the plot)."""
     import numpy as np
 
-    vals = np.array([v for t in trials for _, v in t.curve], dtype=float)
+    vals = np.array([metric.order(v) for t in trials for _, v in t.curve], dtype=float)
     top = float(np.quantile(vals, 0.9))
-    span = max(top - best.value, 1e-6)
-    ax.set_ylim(best.value - 0.08 * span, top + 0.08 * span)
+    b = metric.order(best.value)
+    span = max(top - b, 1e-6)
+    lo, hi = b - 0.08 * span, top + 0.08 * span
+    ax.set_ylim(*((lo, hi) if metric.direction == "minimize" else (-hi, -lo)))
 
 
-def _title(trials: list[TrialResult], tc: TuneConfig) -> str:
+def _title(trials: list[TrialResult], tc: TuneConfig, metric: Metric) -> str:
     states = [t.state for t in trials]
     space = [f"rank {tc.rank[0]}-{tc.rank[1]}", f"reg {tc.reg[0]:g}-{tc.reg[1]:g} (log)"]
     if tc.reg_bias is not None:
         space.append(f"reg_bias {tc.reg_bias[0]:g}-{tc.reg_bias[1]:g} (log)")
     choices = "/".join(str(v).lower() for v in tc.weighted_reg)
     space += [f"weighted_reg {choices}", f"iterations 1-{tc.iterations}"]
+    if any("alpha" in t.params for t in trials) and tc.alpha is not None:
+        space.append(f"alpha {tc.alpha[0]:g}-{tc.alpha[1]:g} (log)")
     return (
-        f"dmf tune: validation RMSE of {len(trials)} trials ({states.count('complete')} "
+        f"dmf tune: {metric.label} of {len(trials)} trials ({states.count('complete')} "
         f"completed, {states.count('pruned')} pruned; TPE seed {tc.seed}, {tc.pruner} pruner)\n"
         f"searched: {', '.join(space)}"
     )

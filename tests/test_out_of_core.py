@@ -61,14 +61,22 @@ def in_memory_bytes(store) -> int:
     return int(b.nbytes / b.nnz * store.n_train * 2)
 
 
-def make_config(model_dir, cache_blocks, iterations=2):
+# Implicit feedback runs on the same engine: the same out-of-core checks apply.
+IMPLICIT = {"feedback": "implicit", "alpha": 4.0}
+IMPLICIT_CG = {**IMPLICIT, "solver": "cg"}
+
+
+def make_config(model_dir, cache_blocks, iterations=2, feedback=None):
+    feedback = dict(feedback or {})
+    solver = feedback.pop("solver", "cholesky")
     return load_config(
         raw={
-            "model": {"rank": 8, "reg": 0.1, "dtype": "float64", "seed": 4},
+            "model": {"rank": 8, "reg": 0.1, "dtype": "float64", "seed": 4, **feedback},
             "train": {
                 "iterations": iterations,
                 "cache_blocks": cache_blocks,
                 "progress": "off",
+                "solver": solver,
             },
             "output": {"model": str(model_dir), "plot": False},
         }
@@ -84,7 +92,7 @@ def removed_workers(dask_scheduler) -> int:
     )
 
 
-def check_trains_within_limit(store, memory_limit, tmp_path):
+def check_trains_within_limit(store, memory_limit, tmp_path, feedback=None):
     """Train with blocks streamed from disk under ``memory_limit``: no worker may restart."""
     from distributed import Client, LocalCluster, get_task_stream
 
@@ -101,7 +109,12 @@ def check_trains_within_limit(store, memory_limit, tmp_path):
     ):
         workers_before = client.run(os.getpid)
         with get_task_stream(client) as ts:
-            model = train(store, make_config(tmp_path / "m", "never"), client=client, quiet=True)
+            model = train(
+                store,
+                make_config(tmp_path / "m", "never", feedback=feedback),
+                client=client,
+                quiet=True,
+            )
         workers_after = client.run(os.getpid)
         removed = client.run_on_scheduler(removed_workers)
         limits = [w["memory_limit"] for w in client.scheduler_info()["workers"].values()]
@@ -127,19 +140,29 @@ def test_store_larger_than_worker_memory_trains(tmp_path):
     check_trains_within_limit(store, limit, tmp_path)
 
 
-def test_tight_memory_limit_streams_blocks(tmp_path):
+@pytest.mark.parametrize("feedback", [None, IMPLICIT], ids=["explicit", "implicit"])
+def test_tight_memory_limit_streams_blocks(tmp_path, feedback):
     """The same checks at a scale that runs in seconds (see the module docstring)."""
     store = make_store(tmp_path / "store", 1_500_000, target_ratings=100_000)
     assert store.n_blocks("user") >= 10 and store.n_blocks("item") >= 10
     # 512 MiB leaves room over a worker's baseline (400 MiB paused the workers for good in a
     # fresh CI virtualenv); the slow test above is the one below the store's size.
-    check_trains_within_limit(store, 512 * MiB, tmp_path)
+    model = check_trains_within_limit(store, 512 * MiB, tmp_path, feedback)
+    if feedback:
+        assert model.mu == 0.0 and "train_loss" in model.history[-1]
 
 
-def test_cached_and_streamed_blocks_give_identical_factors(client, tmp_path):
+@pytest.mark.parametrize(
+    "feedback", [None, IMPLICIT, IMPLICIT_CG], ids=["explicit", "implicit", "implicit-cg"]
+)
+def test_cached_and_streamed_blocks_give_identical_factors(client, tmp_path, feedback):
     store = make_store(tmp_path / "store", 60_000, target_ratings=8_000)
-    streamed = train(store, make_config(tmp_path / "a", "never", 3), client=client, quiet=True)
-    cached = train(store, make_config(tmp_path / "b", "always", 3), client=client, quiet=True)
+    streamed = train(
+        store, make_config(tmp_path / "a", "never", 3, feedback), client=client, quiet=True
+    )
+    cached = train(
+        store, make_config(tmp_path / "b", "always", 3, feedback), client=client, quiet=True
+    )
     for k in ("user_factors", "user_bias", "item_factors", "item_bias"):
         np.testing.assert_array_equal(getattr(cached, k), getattr(streamed, k), err_msg=k)
     assert [h["objective"] for h in cached.history] == [h["objective"] for h in streamed.history]

@@ -42,11 +42,16 @@ def store(tmp_path_factory):
     return store_from_arrays(tmp_path_factory.mktemp("resume") / "store", u, i, r, n_blocks=6)
 
 
-def raw_config(store, model_dir: Path, iterations: int = N_ITER, **model) -> dict:
+def raw_config(store, model_dir: Path, iterations: int = N_ITER, train_=None, **model) -> dict:
     return {
         "store": {"path": str(store.path)},
         "model": {"rank": 12, "reg": 0.05, "dtype": "float64", "seed": 3, **model},
-        "train": {"iterations": iterations, "checkpoint_every": 1, "progress": "off"},
+        "train": {
+            "iterations": iterations,
+            "checkpoint_every": 1,
+            "progress": "off",
+            **(train_ or {}),
+        },
         "cluster": {
             "n_workers": 2,
             "threads_per_worker": 1,
@@ -82,16 +87,23 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(store, client, tmp_path):
+# Implicit feedback with the CG solver: each half-step starts from the factors it replaces, so
+# a resumed run must start from exactly the checkpoint's.
+IMPLICIT_CG = ({"solver": "cg", "cg_steps": 3}, {"feedback": "implicit", "alpha": 5.0})
+
+
+@pytest.mark.parametrize("settings", [({}, {}), IMPLICIT_CG], ids=["explicit", "implicit-cg"])
+def test_resume_after_sigkill_equals_uninterrupted_run(store, client, tmp_path, settings):
+    train_, model = settings
     # Uninterrupted reference.
-    cfg_a = load_config(raw=raw_config(store, tmp_path / "model-a"))
+    cfg_a = load_config(raw=raw_config(store, tmp_path / "model-a", train_=train_, **model))
     a = train(store, cfg_a, client=client, quiet=True)
     assert [h["iteration"] for h in a.history] == list(range(1, N_ITER + 1))
 
     # The same training in another process, killed after its second checkpoint.
     model_b = tmp_path / "model-b"
     config_path = tmp_path / "train.yaml"
-    raw_b = raw_config(store, model_b)
+    raw_b = raw_config(store, model_b, train_=train_, **model)
     raw_b["train"]["lease_seconds"] = 3  # the killed run's lease on model-b lapses soon
     config_path.write_text(yaml.safe_dump(raw_b))
     proc = start_training(config_path, tmp_path)

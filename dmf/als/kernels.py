@@ -256,7 +256,7 @@ def solve(indptr, cols, vals, mu, fixed_bias, aug, lam, lam_b, short_ok, round32
     return x, sse, status
 
 
-def warm_up(factor_dtype) -> None:
+def warm_up(factor_dtype, implicit: bool = False) -> None:
     """Compile the kernel for ``factor_dtype`` in this process, or load it from numba's on-disk
     cache. The trainer calls it on the driver before the first half-iteration: a worker then
     loads the cached code (well under a second, ~50 MB) instead of compiling it (~4 s and
@@ -276,3 +276,282 @@ def warm_up(factor_dtype) -> None:
         True,
         dt == np.float32,
     )
+    if implicit:
+        from dmf.als.solver import Implicit, ImplicitGram
+
+        for solver in ("cholesky", "cg"):
+            solve_implicit(
+                np.array([0, 1]), np.array([0]), np.array([1.0]), np.zeros(1), aug, 1,
+                ImplicitGram(np.ones((1, 1)), np.zeros(1), 0.0), Implicit(solver=solver),
+                np.ones(1), np.ones(1), None, dt == np.float32,
+            )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Implicit feedback (Hu, Koren & Volinsky 2008): every cell of the row is fitted
+# ---------------------------------------------------------------------------------------------
+@numba.njit(cache=True, nogil=True)
+def _confidence(r, alpha, log_conf, eps):  # pragma: no cover - compiled
+    """c = 1 + alpha r, or 1 + alpha log(1 + r / eps); a negative r counts by its size."""
+    a = abs(r)
+    if log_conf:
+        return 1.0 + alpha * np.log1p(a / eps)
+    return 1.0 + alpha * a
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _add_sparse_product(ap, vec, aug, cols, wts, lo, length, k, kb, lam, lam_b):  # pragma: no cover
+    """ap += P vec + sum over the row's events of (conf - 1) (a.vec) a: the part of a
+    conjugate-gradient product that is not gram0's. Reassociation lets LLVM vectorise the two
+    k-long loops (dot product, then axpy) per event; the result is still deterministic."""
+    for a in range(k):
+        ap[a] += (lam if a < kb else lam_b) * vec[a]
+    for t in range(length):
+        c = cols[lo + t]
+        d = 0.0
+        for a in range(k):
+            d += aug[c, a] * vec[a]
+        d *= wts[t]
+        for a in range(k):
+            ap[a] += d * aug[c, a]
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _weighted_squares(x, aug, cols, wts, lo, length, k):  # pragma: no cover
+    """sum over the row's events of (conf - 1) (a.x)^2."""
+    total = 0.0
+    for t in range(length):
+        c = cols[lo + t]
+        d = 0.0
+        for a in range(k):
+            d += aug[c, a] * x[a]
+        total += wts[t] * d * d
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def solve_rows_implicit(
+    indptr,
+    cols,
+    vals,
+    fixed_bias,
+    aug,
+    k,
+    gram0,
+    rhs0,
+    tt0,
+    lam,
+    lam_b,
+    alpha,
+    log_conf,
+    eps,
+    cg_steps,
+    x_prev,
+    round32,
+    x_out,
+    loss_out,
+    status,
+):  # pragma: no cover - compiled; exercised through dmf.als.solver.solve_block
+    """Solve every row of a CSR block of events under the implicit-feedback objective.
+
+    The row's unknowns x are its first ``k`` columns of [u, b] (``k`` = rank without biases,
+    rank + 1 with), against the fixed rows a_j = ``aug[j, :k]``; the target of cell j is
+    t_j = p_j - c_j (c_j the fixed side's bias, 0 without biases), weighted by the confidence,
+    1 at an unobserved cell. With ``gram0`` = sum over ALL fixed rows of a_j a_j^T, ``rhs0`` =
+    sum_j t0_j a_j and ``tt0`` = sum_j t0_j^2 (t0_j = -c_j, the target of an unobserved cell),
+    the row's normal equations are
+
+        (gram0 + sum_obs (conf - 1) a a^T + P) x = rhs0 + sum_obs (conf t - t0) a
+
+    and its share of the objective (before penalties) is
+
+        sum_all conf (t - a.x)^2 = tt0 + sum_obs (conf t^2 - t0^2) - 2 x.rhs + x^T G x
+
+    with G the unpenalised matrix. ``cg_steps`` 0: Cholesky (exact); else that many
+    conjugate-gradient steps from ``x_prev`` (implicit's and Takacs et al.'s scheme), which never
+    forms G: each step costs O(length k + k^2). Writes x_out (n, k), loss_out (n,), status (n,):
+    0 solved, 1 left to the caller (Cholesky failed).
+    """
+    n = len(indptr) - 1
+    g = np.empty((k, k))
+    gp = np.empty((k, k))
+    rhs = np.empty(k)
+    x = np.empty(k)
+    buf = np.empty((GEMM_CHUNK, k))
+    longest = 0
+    if cg_steps:
+        for r in range(n):
+            longest = max(longest, indptr[r + 1] - indptr[r])
+    wts = np.empty(longest)  # the row's conf - 1 (conjugate gradients)
+    res = np.empty(k)
+    p = np.empty(k)
+    ap = np.empty(k)
+    chars = np.array([ord("L"), ord("N"), ord("T")], dtype=np.uint8)
+    ints = np.zeros(4, dtype=np.int32)  # k, m, info, 1
+    ints[0] = k
+    ints[3] = 1
+    dbl = np.array([1.0, 0.0])
+    lo_c, n_c, t_c = chars[0:].ctypes, chars[1:].ctypes, chars[2:].ctypes
+    k_p, m_p, info_p, one_i = ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes, ints[3:].ctypes
+    one_d, zero_d = dbl[0:].ctypes, dbl[1:].ctypes
+    kb = k - 1 if k == aug.shape[1] else k  # the unknowns with the factor penalty
+    for r in range(n):
+        lo = indptr[r]
+        hi = indptr[r + 1]
+        status[r] = 0
+        if hi == lo and kb == k:
+            # No events and no bias: rhs0 = 0, so x = 0 and the row's cells cost nothing.
+            for a in range(k):
+                x_out[r, a] = 0.0
+            loss_out[r] = 0.0
+            continue
+        # rhs and the constant term, over the observed cells.
+        tt = tt0
+        for a in range(k):
+            rhs[a] = rhs0[a]
+        for s in range(lo, hi):
+            c = cols[s]
+            v = vals[s]
+            conf = _confidence(v, alpha, log_conf, eps)
+            pref = 1.0 if v > 0 else 0.0
+            cb = fixed_bias[c] if k == aug.shape[1] else 0.0
+            t = pref - cb
+            coef = conf * t + cb
+            tt += conf * t * t - cb * cb
+            for a in range(k):
+                rhs[a] += coef * aug[c, a]
+        if cg_steps == 0:
+            # G = gram0 + sum_obs (conf - 1) a a^T: full dgemm on chunks of sqrt(conf - 1) a.
+            g[:, :] = gram0
+            for s in range(lo, hi, GEMM_CHUNK):
+                m = min(GEMM_CHUNK, hi - s)
+                for t in range(m):
+                    c = cols[s + t]
+                    w = np.sqrt(_confidence(vals[s + t], alpha, log_conf, eps) - 1.0)
+                    for a in range(k):
+                        buf[t, a] = w * aug[c, a]
+                ints[1] = m
+                _dgemm(
+                    n_c, t_c, k_p, k_p, m_p, one_d, buf.ctypes, k_p, buf.ctypes, k_p, one_d,
+                    g.ctypes, k_p,
+                )  # fmt: skip
+            # Factor a penalised copy; g stays unpenalised for the objective.
+            gp[:, :] = g
+            for a in range(kb):
+                gp[a, a] += lam[r]
+            if kb < k:
+                gp[k - 1, k - 1] += lam_b[r]
+            x[:] = rhs
+            _dpotrf(lo_c, k_p, gp.ctypes, k_p, info_p)
+            if ints[2] != 0:
+                status[r] = 1
+                continue
+            _dpotrs(lo_c, k_p, one_i, gp.ctypes, k_p, x.ctypes, k_p, info_p)
+            if round32:
+                for a in range(k):
+                    x[a] = np.float64(np.float32(x[a]))
+            # x^T G x from the lower triangle (g[b, a], a >= b, in C indexing; dgemm fills both).
+            quad = 0.0
+            for b in range(k):
+                quad += g[b, b] * x[b] * x[b]
+                for a in range(b + 1, k):
+                    quad += 2.0 * g[b, a] * x[a] * x[b]
+        else:
+            # Conjugate gradients on (G + P) x = rhs from the previous x; A v computed as
+            # (gram0 + P) v + sum_obs (conf - 1) (a.v) a, gram0 v by BLAS (dgemv: gram0 is
+            # symmetric, so its C order is its Fortran order).
+            length = hi - lo
+            for t in range(length):
+                wts[t] = _confidence(vals[lo + t], alpha, log_conf, eps) - 1.0
+            for a in range(k):
+                x[a] = x_prev[r, a]
+            rs = 0.0
+            for step in range(cg_steps + 1):
+                # step 0: ap = A x (then res = rhs - ap); later: ap = A p.
+                vec = x if step == 0 else p
+                _dgemv(
+                    n_c, k_p, k_p, one_d, gram0.ctypes, k_p, vec.ctypes, one_i, zero_d,
+                    ap.ctypes, one_i,
+                )  # fmt: skip
+                _add_sparse_product(ap, vec, aug, cols, wts, lo, length, k, kb, lam[r], lam_b[r])
+                if step == 0:
+                    rs = 0.0
+                    for a in range(k):
+                        res[a] = rhs[a] - ap[a]
+                        p[a] = res[a]
+                        rs += res[a] * res[a]
+                    if rs < 1e-20:
+                        break
+                    continue
+                pap = 0.0
+                for a in range(k):
+                    pap += p[a] * ap[a]
+                if pap <= 0.0:
+                    break
+                step_len = rs / pap
+                rs_new = 0.0
+                for a in range(k):
+                    x[a] += step_len * p[a]
+                    res[a] -= step_len * ap[a]
+                    rs_new += res[a] * res[a]
+                if rs_new < 1e-20:
+                    break
+                beta = rs_new / rs
+                for a in range(k):
+                    p[a] = res[a] + beta * p[a]
+                rs = rs_new
+            if round32:
+                for a in range(k):
+                    x[a] = np.float64(np.float32(x[a]))
+            # x^T G x = x^T gram0 x + sum_obs (conf - 1) (a.x)^2 (ap: scratch).
+            _dgemv(
+                n_c, k_p, k_p, one_d, gram0.ctypes, k_p, x.ctypes, one_i, zero_d, ap.ctypes,
+                one_i,
+            )  # fmt: skip
+            quad = 0.0
+            for a in range(k):
+                quad += ap[a] * x[a]
+            quad += _weighted_squares(x, aug, cols, wts, lo, length, k)
+        cross = 0.0
+        for a in range(k):
+            cross += x[a] * rhs[a]
+            x_out[r, a] = x[a]
+        loss_out[r] = max(tt - 2.0 * cross + quad, 0.0)
+
+
+def solve_implicit(indptr, cols, vals, fixed_bias, aug, k, gram, imp, lam, lam_b, x_prev, round32):
+    """:func:`solve_rows_implicit` on canonical types (see :func:`solve`). ``gram`` is the fixed
+    side's :class:`dmf.als.solver.ImplicitGram`, ``imp`` the :class:`dmf.als.solver.Implicit`
+    settings. Returns (x (n, k) float64, loss (n,) float64, status (n,) int8)."""
+    n = len(indptr) - 1
+    if aug.dtype not in (np.float32, np.float64):
+        aug = aug.astype(np.float64)
+    x = np.empty((n, k), dtype=np.float64)
+    loss = np.empty(n, dtype=np.float64)
+    status = np.empty(n, dtype=np.int8)
+    steps = imp.cg_steps if imp.solver == "cg" else 0
+    if x_prev is None or not steps:
+        x_prev = np.zeros((n if steps else 0, k))
+    solve_rows_implicit(
+        _readonly(np.ascontiguousarray(indptr, dtype=np.int64)),
+        _readonly(np.ascontiguousarray(cols, dtype=np.int32)),
+        _readonly(np.ascontiguousarray(vals, dtype=np.float64)),
+        _readonly(np.ascontiguousarray(fixed_bias, dtype=np.float64)),
+        _readonly(np.ascontiguousarray(aug)),
+        int(k),
+        _readonly(np.ascontiguousarray(gram.gram, dtype=np.float64)),
+        _readonly(np.ascontiguousarray(gram.rhs, dtype=np.float64)),
+        float(gram.tt),
+        _readonly(np.ascontiguousarray(lam, dtype=np.float64)),
+        _readonly(np.ascontiguousarray(lam_b, dtype=np.float64)),
+        float(imp.alpha),
+        imp.confidence == "log",
+        float(imp.eps),
+        int(steps),
+        _readonly(np.ascontiguousarray(x_prev, dtype=np.float64)),
+        bool(round32),
+        x,
+        loss,
+        status,
+    )
+    return x, loss, status

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dmf.als.equations import predict as predict  # re-exported: callers import it from here
-from dmf.als.equations import solve_rows_numpy
+from dmf.als.equations import solve_rows_implicit_numpy, solve_rows_numpy
 from dmf.store.blocks import RatingBlock
 
 
@@ -87,6 +87,71 @@ def penalty_term(
 _PENALTY_CHUNK = 1 << 14
 
 
+@dataclass(frozen=True)
+class Implicit:
+    """The implicit-feedback settings of a solve (``model.feedback: implicit``): the confidence
+    ``1 + alpha r`` (or ``1 + alpha log(1 + r / eps)``), whether biases are fitted, and the
+    row solver (``cholesky``, exact, or ``cg`` with ``cg_steps`` steps)."""
+
+    alpha: float = 1.0
+    confidence: str = "linear"
+    eps: float = 1.0
+    biases: bool = False
+    solver: str = "cholesky"
+    cg_steps: int = 3
+
+    def unknowns(self, rank: int) -> int:
+        """Unknowns per row: the factors, and the bias when biases are fitted."""
+        return rank + 1 if self.biases else rank
+
+
+@dataclass(frozen=True)
+class ImplicitGram:
+    """What every row of an implicit half-step shares, from the whole fixed side (see
+    :mod:`dmf.als.equations`): G0 = sum_j a_j a_j^T, r0 = sum_j t0_j a_j, T0 = sum_j t0_j^2,
+    with a_j = [v_j, 1] (or v_j without biases) and t0_j = -c_j. (k, k) numbers: computed per
+    fixed block on the workers, added up on the driver in block order (so the same bits
+    whichever way the side travels), and sent with every solve task."""
+
+    gram: np.ndarray
+    rhs: np.ndarray
+    tt: float
+
+    def __add__(self, other: ImplicitGram) -> ImplicitGram:
+        return ImplicitGram(self.gram + other.gram, self.rhs + other.rhs, self.tt + other.tt)
+
+
+_GRAM_CHUNK = 1 << 14
+
+
+def implicit_gram(rows: np.ndarray, biases: bool) -> ImplicitGram:
+    """:class:`ImplicitGram` of one block of a side, ``rows`` (n, rank + 1) = [factors, bias]
+    as stored; float64, a fixed chunk of rows at a time (the same sums wherever it runs)."""
+    rank = rows.shape[1] - 1
+    k = rank + 1 if biases else rank
+    gram = np.zeros((k, k))
+    rhs = np.zeros(k)
+    tt = 0.0
+    for lo in range(0, len(rows), _GRAM_CHUNK):
+        chunk = rows[lo : lo + _GRAM_CHUNK].astype(np.float64)
+        a = chunk[:, :k].copy()
+        if biases:
+            bias = chunk[:, rank].copy()
+            a[:, rank] = 1.0
+            rhs -= a.T @ bias
+            tt += float(bias @ bias)
+        gram += a.T @ a
+    return ImplicitGram(gram, rhs, tt)
+
+
+def sum_grams(parts: list[ImplicitGram]) -> ImplicitGram:
+    """The blocks' :class:`ImplicitGram` added up in block order."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
+
+
 def augment(fixed_factors: np.ndarray) -> np.ndarray:
     """The rows [v_j, 1] of the fixed side plus one zero row, shape (n_other + 1, rank + 1).
 
@@ -112,6 +177,9 @@ def solve_block(
     dtype: np.dtype | str = np.float32,
     fixed_aug: np.ndarray | None = None,
     native: bool = True,
+    implicit: Implicit | None = None,
+    gram: ImplicitGram | None = None,
+    previous: np.ndarray | None = None,
 ) -> BlockSolution:
     """Solve the augmented normal equations of every row of ``block``.
 
@@ -134,6 +202,12 @@ def solve_block(
         Solve with the compiled kernel (the default); False solves row by row with the
         plain-NumPy :func:`dmf.als.equations.solve_rows_numpy`, the readable reference path,
         which is far slower and agrees to about 1e-10.
+    implicit, gram, previous
+        Implicit feedback: its settings, the fixed side's :class:`ImplicitGram` (computed from
+        ``fixed_factors`` when not given), and under ``solver: cg`` the block's rows before
+        this half-step ((n_rows, rank + 1); None: zeros), where conjugate gradients start. The
+        block's values are the summed events; ``mu`` must be 0; ``sse`` is then the rows' share
+        of the weighted loss over every cell, sum c (p - x.a)^2.
 
     Returns
     -------
@@ -158,7 +232,11 @@ def solve_block(
         )
     counts = block.counts
     lam, lam_b = row_penalties(counts, reg, reg_bias, weighted_reg)
-    if native:
+    if implicit is not None:
+        x_all, row_sse = _solve_implicit(
+            block, fixed_bias, aug, implicit, gram, previous, lam, lam_b, dtype, native
+        )
+    elif native:
         x_all, row_sse = _solve_native(block, mu, fixed_bias, aug, lam, lam_b, reg, reg_bias, dtype)
     else:
         x_all, row_sse = solve_rows_numpy(
@@ -176,6 +254,38 @@ def solve_block(
     del x_all
     penalty = penalty_term(rows[:, :rank], rows[:, rank], counts, reg, reg_bias, weighted_reg)
     return BlockSolution(block.start, rows, sse, penalty, block.nnz)
+
+
+def _solve_implicit(block, fixed_bias, aug, imp, gram, previous, lam, lam_b, dtype, native):
+    """The implicit kernel (or the NumPy path) on every row; rows whose Cholesky factorisation
+    fails go to the pseudo-inverse. Returns (x (n, rank + 1) float64, loss (n,))."""
+    from dmf.als.kernels import solve_implicit
+
+    rank = aug.shape[1] - 1
+    k = imp.unknowns(rank)
+    if gram is None:
+        gram = implicit_gram(np.hstack([aug[:-1, :rank], fixed_bias[:, None]]), imp.biases)
+    x_all = np.zeros((block.n_rows, rank + 1))
+    args = (gram.gram, gram.rhs, gram.tt, k, imp.alpha, imp.confidence, imp.eps)
+    if native:
+        prev = None if previous is None else previous[:, :k]
+        x, loss, status = solve_implicit(
+            block.indptr, block.cols, block.vals, fixed_bias, aug, k, gram, imp, lam, lam_b,
+            prev, dtype == np.float32,
+        )  # fmt: skip
+        for r in np.flatnonzero(status):
+            lo, hi = int(block.indptr[r]), int(block.indptr[r + 1])
+            xr, lr = solve_rows_implicit_numpy(
+                np.array([0, hi - lo]), block.cols[lo:hi], block.vals[lo:hi], aug, fixed_bias,
+                *args, lam[r : r + 1], lam_b[r : r + 1], dtype,
+            )  # fmt: skip
+            x[r], loss[r] = xr[0], lr[0]
+    else:
+        x, loss = solve_rows_implicit_numpy(
+            block.indptr, block.cols, block.vals, aug, fixed_bias, *args, lam, lam_b, dtype
+        )
+    x_all[:, :k] = x
+    return x_all, loss
 
 
 def _solve_native(block, mu, fixed_bias, aug, lam, lam_b, reg, reg_bias, dtype):

@@ -24,6 +24,7 @@ _SYNTH_FLAGS = {
     "seed": "seed",
     "files": "files",
     "format": "format",
+    "implicit": "implicit",
 }
 
 
@@ -34,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Write ratings r = mu + b_u + c_i + u.v + noise with known factors, streamed in "
             "bounded memory: DIR/ratings/part-NNNNN.parquet|csv, DIR/truth.npz, DIR/synth.json. "
+            "With --implicit, events of implicit feedback instead: each user's events fall on "
+            "items drawn in proportion to popularity x exp(beta u.v), with a count each (the "
+            "rating column), favourite items repeated over several rows. "
             "Settings come from CONFIG.yaml's synth section (if given), then --set, then flags."
         ),
     )
@@ -42,7 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output directory (default: synth.path of the config)")
     p.add_argument("--users", type=int, help="number of users")
     p.add_argument("--items", type=int, help="number of items")
-    p.add_argument("--ratings", type=int, help="number of distinct (user, item) ratings")
+    p.add_argument(
+        "--ratings",
+        type=int,
+        help="number of distinct (user, item) ratings (--implicit: of event rows)",
+    )
     p.add_argument("--rank", type=int, help="rank of the true factors")
     p.add_argument("--noise", type=float, help="standard deviation of the rating noise")
     p.add_argument("--user-skew", type=float, help="Zipf exponent of user activity (0: uniform)")
@@ -55,6 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--files", type=int, help="number of output files")
     p.add_argument("--format", choices=["parquet", "csv"], help="file format of the ratings")
+    p.add_argument(
+        "--implicit",
+        action="store_true",
+        default=None,
+        help="planted-preference events with counts (implicit feedback) instead of ratings "
+        "(synth.implicit)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR")
     p.add_argument("--chunk", type=int, default=None, help="ratings per generated chunk")
     g = p.add_mutually_exclusive_group()
@@ -123,8 +138,14 @@ def _synth(args: argparse.Namespace) -> int:
         progress=args.progress,
         chunk_ratings=args.chunk or DEFAULT_CHUNK_RATINGS,
     )
+    what = (
+        f"events ({summary['distinct_pairs']:,} distinct (user, item) pairs, "
+        f"{summary['repeated_rows']:,} repeated rows; "
+        if cfg.synth.implicit
+        else "ratings ("
+    )
     print(
-        f"wrote {summary['n_ratings']:,} ratings ({summary['users_with_ratings']:,} users x "
+        f"wrote {summary['n_ratings']:,} {what}{summary['users_with_ratings']:,} users x "
         f"{summary['items_with_ratings']:,} items rated) to {out}/ratings in "
         f"{summary['seconds']:.1f} s; truth in {out / summary['files']['truth.npz']['path']}, "
         f"summary in {out}/synth.json"

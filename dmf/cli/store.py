@@ -277,17 +277,24 @@ def format_model_info(model, loc) -> str:
         f"rank         {model.rank}",
         f"users        {model.n_users:,}",
         f"items        {model.n_items:,}",
-        f"mu           {model.mu:.4f}",
+        f"mu           {model.mu:.4f}" + (" (implicit feedback)" if model.implicit else ""),
         f"iterations   {len(h)}"
         + (f" ({model.meta['stopped']})" if "stopped" in model.meta else ""),
     ]
     if h:
         last = h[-1]
-        val = last.get("validation_rmse")
-        lines.append(
-            f"last         train RMSE {last['train_rmse']:.4f}"
-            + (f", validation RMSE {val:.4f}" if val is not None else "")
-        )
+        if "validation_ndcg" in last:
+            val = last["validation_ndcg"]
+            lines.append(
+                f"last         weighted loss {last['train_loss']:.6g}"
+                + (f", validation NDCG {val:.4f}" if val is not None else "")
+            )
+        else:
+            val = last.get("validation_rmse")
+            lines.append(
+                f"last         train RMSE {last['train_rmse']:.4f}"
+                + (f", validation RMSE {val:.4f}" if val is not None else "")
+            )
     if "best_iteration" in model.meta:
         lines.append(f"best         iteration {model.meta['best_iteration']}")
     lines.append(f"store        {model.store_path or '-'} ({model.store_fingerprint or '-'})")

@@ -94,6 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             threshold=e.threshold,
             cold_start=e.cold_start,
             ranking=e.ranking,
+            negatives=e.negatives,
             client=client,
         )
     out = config_location(cfg, cfg.output.model) / "evaluation.json"
@@ -159,8 +160,10 @@ def synth_is_current(cfg) -> bool:
     doc = read_manifest(config_location(cfg, cfg.synth.path), "synth.json", error=DmfError)
     if doc is None:
         return False
-    made = doc.get("config", {})
+    made = dict(doc.get("config", {}))
     want = cfg.to_dict()["synth"]
+    # Ratings written before synth.implicit existed are ratings: implicit false.
+    made.setdefault("implicit", False)
     skip = {"enabled", "path"}
     return {k: v for k, v in made.items() if k not in skip} == {
         k: v for k, v in want.items() if k not in skip

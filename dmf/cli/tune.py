@@ -44,7 +44,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     from dmf.cli.train import store_for_job
     from dmf.dist.cluster import connect
-    from dmf.tune import format_table, tune
+    from dmf.tune import Metric, format_table, tune
 
     for key, value in (("trials", args.trials), ("parallel", args.parallel)):
         if value is not None:
@@ -60,5 +60,5 @@ def cmd_tune(args: argparse.Namespace) -> int:
     with connect(cfg, quiet=args.quiet, **cluster_kwargs(args)) as client:
         store = store_for_job(cfg, client, args)
         result = tune(cfg, store, client=client, quiet=args.quiet)
-    print(format_table(result.trials))
+    print(format_table(result.trials, Metric.of(cfg)))
     return 0

@@ -32,8 +32,11 @@ def register(sub) -> None:
     p = sub.add_parser(
         "evaluate",
         help="RMSE, MAE and ranking metrics of a model on a held-out split",
-        description="RMSE and MAE on the held-out split, and precision, recall, NDCG and MAP at "
-        "k (relevant: a held-out rating >= threshold; candidates exclude train items).",
+        description="RMSE and MAE on the held-out split, and precision, recall, NDCG, MAP and "
+        "hit rate at k (relevant: a held-out rating >= threshold; candidates exclude train "
+        "items). An implicit-feedback model: ranking metrics only, every held-out event "
+        "relevant. With --negatives N, each user's candidates are its relevant held-out items "
+        "and N sampled items, reported under their own labels.",
     )
     p.add_argument("model", help="model directory")
     p.add_argument("--store", help="store directory (default: the one recorded in the model)")
@@ -52,13 +55,23 @@ def register(sub) -> None:
         "--threshold",
         type=float,
         help="a held-out rating at or above this is relevant (default: evaluate.threshold of the "
-        "model's config)",
+        "model's config); not used for an implicit-feedback model, where every held-out event "
+        "is relevant",
     )
     p.add_argument(
         "--cold-start",
         choices=["fallback", "drop"],
         help="unknown users or items: predicted from the known biases (fallback) or skipped "
         "(drop); default: evaluate.cold_start of the model's config",
+    )
+    p.add_argument(
+        "--negatives",
+        type=int,
+        metavar="N",
+        help="sampled-negative evaluation: rank each user's relevant held-out items among N items "
+        "drawn at random (seeded) from those it has no train or held-out event with, instead of "
+        "every item; reported as e.g. 'precision@10 (N sampled negatives)', not comparable with "
+        "full-catalogue figures. 0: every item (default: evaluate.negatives of the model's config)",
     )
     p.add_argument("--no-ranking", action="store_true", help="RMSE and MAE only")
     add_no_clip_arg(p)
@@ -143,6 +156,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ev = EvaluateConfig.model_validate(model.config.get("evaluate", {}))
     except Exception:  # noqa: BLE001 - an old or foreign config: use the defaults
         ev = EvaluateConfig()
+    if args.negatives is not None and args.negatives < 0:
+        raise InputError(f"--negatives must be at least 0, not {args.negatives}")
+    negatives = ev.negatives if args.negatives is None else (args.negatives or None)
     store = _store_arg(args.store, model, "evaluate")
     with _connect(model, args) as client:
         result = evaluate(
@@ -154,6 +170,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             cold_start=args.cold_start or ev.cold_start,
             client=client,
             ranking=ev.ranking and not args.no_ranking,
+            negatives=negatives,
         )
     result["model"] = str(Location.of(args.model))
     result["store"] = str(store.root)

@@ -3,7 +3,8 @@
 The pipeline (memory is bounded by one batch, one user range or one block; the driver holds the
 item side's id map, small, and never the user side's)::
 
-    pass 1   driver      read batches; clean (policies for invalid, out-of-range ratings); give
+    pass 1   driver      read batches (no rating column: each event counts 1); clean (policies
+                         for invalid ratings, negative implicit weights, out-of-range ones); give
                          items provisional codes; keep a bounded sample of the user ids; spill
                          (raw user id, item code, rating[, t]) chunks to disk. The item map is
                          then ranked: the dense index of an id is the rank of the raw id.
@@ -165,10 +166,15 @@ def _fmt(v: float) -> str:
 
 class _RatingPolicies:
     """``data.invalid_ratings``, ``data.rating_range`` and ``data.out_of_range``, applied batch
-    by batch; counts the rows they drop or clip."""
+    by batch; counts the rows they drop or clip.
 
-    def __init__(self, data: DataConfig):
+    Under implicit feedback (``implicit``: ``model.feedback: implicit``) a rating is an event's
+    weight (plays, seconds), which must be at least 0: a negative one is invalid, as a NaN is
+    (zero is allowed)."""
+
+    def __init__(self, data: DataConfig, implicit: bool = False):
         self.data = data
+        self.implicit = implicit
         self.invalid = 0
         self.out_of_range = 0
         self.clipped = 0
@@ -178,18 +184,30 @@ class _RatingPolicies:
         r = bt.rating
         keep = np.ones(len(bt), dtype=bool)
         bad = ~np.isfinite(r)
+        if self.implicit:
+            bad |= r < 0
         if bad.any():
             if self.data.invalid_ratings == "error":
                 k = int(np.flatnonzero(bad)[0])
-                raise InputError(
-                    f"{bt.where(k, 'rating')}: rating {_fmt(r[k])} is not a finite number; "
-                    "set data.invalid_ratings: drop to skip such rows"
-                )
+                raise InputError(f"{bt.where(k, 'rating')}: {self._why(r[k])}")
             self.invalid += int(bad.sum())
             keep &= ~bad
         if self.data.rating_range is not None:
             keep, r = self._apply_range(bt, keep, r)
         return keep, r
+
+    def _why(self, v: float) -> str:
+        """Why the rating ``v`` is invalid, and what to do."""
+        if np.isfinite(v):  # negative, under implicit feedback
+            return (
+                f"weight {_fmt(v)} is negative; implicit feedback (model.feedback: implicit) "
+                "takes event weights of at least 0: set data.invalid_ratings: drop to skip such "
+                "rows"
+            )
+        return (
+            f"rating {_fmt(v)} is not a finite number; set data.invalid_ratings: drop to skip "
+            "such rows"
+        )
 
     def _apply_range(
         self, bt: Batch, keep: np.ndarray, r: np.ndarray
@@ -337,7 +355,7 @@ def _pass1(spec: InputSpec, config: Config, spill: Location, progress: bool | No
     sp = config.split
     temporal = sp.method == "temporal" and (sp.test or sp.validation)
     sample = _TemporalSample(sp.seed, TEMPORAL_SAMPLE) if temporal else None
-    policies = _RatingPolicies(config.data)
+    policies = _RatingPolicies(config.data, config.model.implicit)
     res: _Pass1 | None = None
     chunks: _ChunkSpill | None = None
     bar = tqdm(
@@ -660,7 +678,7 @@ def _check_no_duplicates(
             f"duplicate ratings: user {user!r} rated item "
             f"{items.ids[i].as_py()!r} more than once ({total} repeated (user, item) rows in "
             f"all); data.duplicates is 'error': set it to 'last' (keep the latest by "
-            f"timestamp, then input order) or 'mean'"
+            f"timestamp, then input order), 'mean', or 'sum' (events of implicit feedback)"
         )
 
 
@@ -739,18 +757,18 @@ def fingerprint(config: Config, spec: InputSpec) -> str:
     # Settings that change how ingest runs (or whether it refuses), never what it writes.
     skip = ("batch_rows", "id_partition_rows", "max_id_length")
     data = {k: v for k, v in cfg["data"].items() if k not in skip}
-    h.update(
-        json.dumps(
-            {
-                "data": data,
-                "split": cfg["split"],
-                # Without min_blocks: it resolves from the cluster's size, and the blocks it
-                # adds change training's speed, never its result (nor what a store holds).
-                "blocks": {k: v for k, v in cfg["blocks"].items() if k != "min_blocks"},
-            },
-            sort_keys=True,
-        ).encode()
-    )
+    settings = {
+        "data": data,
+        "split": cfg["split"],
+        # Without min_blocks: it resolves from the cluster's size, and the blocks it
+        # adds change training's speed, never its result (nor what a store holds).
+        "blocks": {k: v for k, v in cfg["blocks"].items() if k != "min_blocks"},
+    }
+    if config.model.implicit:
+        # Implicit feedback refuses (or drops) negative weights: a store ingested for explicit
+        # ratings is not one for implicit feedback. Explicit stores keep their fingerprints.
+        settings["feedback"] = "implicit"
+    h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
 
 

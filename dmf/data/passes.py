@@ -276,7 +276,10 @@ def split_masks(
 
 
 def _merge_duplicates(u, i, r, t, order: np.ndarray, dup: np.ndarray, policy: str):
-    """One row per (user, item) under ``policy`` ('last' or 'mean'), in (user, item) order.
+    """One row per (user, item) under ``policy``, in (user, item) order: ``last`` keeps the
+    latest row (by timestamp, then input order); ``mean`` and ``sum`` (repeated events of
+    implicit feedback) average or add the ratings up, in float64, stored as float32, with the
+    latest timestamp.
 
     ``order`` sorts the rows by (user, item), stably; ``dup[k]`` says sorted row k + 1 repeats
     sorted row k.
@@ -293,8 +296,11 @@ def _merge_duplicates(u, i, r, t, order: np.ndarray, dup: np.ndarray, policy: st
         else:
             keep = order[starts + sizes - 1]
         return u[keep], i[keep], r[keep], (t[keep] if t is not None else None)
-    # mean
-    rs = np.add.reduceat(r[order].astype(np.float64), starts) / sizes
+    if policy not in ("mean", "sum"):
+        raise ValueError(f"unknown data.duplicates policy {policy!r}")
+    rs = np.add.reduceat(r[order].astype(np.float64), starts)
+    if policy == "mean":
+        rs /= sizes
     first = order[starts]
     t = np.maximum.reduceat(t[order], starts) if t is not None else None
     return u[first], i[first], rs.astype(np.float32), t

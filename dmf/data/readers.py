@@ -1,7 +1,8 @@
 """Reading raw ratings in streaming batches: CSV/TSV (any delimiter, gzip/zstd) and Parquet.
 
 :func:`resolve_inputs` turns the ``data`` config section into an :class:`InputSpec` (the files,
-their format and compression, which columns hold user, item, rating and timestamp).
+their format and compression, which columns hold user, item, rating and timestamp; an input
+without a rating column, ``data.columns.rating: null``, is events that count 1 each).
 :func:`iter_batches` then yields :class:`Batch` objects of about ``data.batch_rows`` rows each,
 never the whole input:
 
@@ -134,7 +135,9 @@ class InputSpec:
     files: list[InputFile]
     delimiter: str | None
     header: bool | str
-    columns: dict[str, str | int]  # field -> name or 0-based position; timestamp may be absent
+    columns: dict[str, str | int]
+    """Field -> column name or 0-based position; rating and timestamp may be absent (no rating
+    column: every event counts 1)."""
     batch_rows: int
     preset: str | None = None
     id_type: str = "auto"
@@ -149,6 +152,11 @@ class InputSpec:
     @property
     def has_timestamp(self) -> bool:
         return "timestamp" in self.columns
+
+    @property
+    def has_rating(self) -> bool:
+        """Whether the input has a rating column (``data.columns.rating`` is not null)."""
+        return "rating" in self.columns
 
     def describe(self) -> dict:
         return {
@@ -172,6 +180,7 @@ class Batch:
         Raw ids, shape (n,): ``pa.int64()`` or ``pa.string()`` arrays without nulls.
     rating
         float64, shape (n,); NaN where the input had a null or NaN (cleaned by ingest's policies).
+        All 1.0 when the input has no rating column (``data.columns.rating: null``).
     timestamp
         int64, shape (n,), or None when the input has none.
     """
@@ -191,8 +200,10 @@ class Batch:
     def where(self, k: int, fld: str | None = None) -> str:
         """'FILE, line N, column 'rating' (data.columns.rating)' for row ``k`` of the batch."""
         s = f"{self.file}, {self.kind} {self.first + int(k)}"
-        if fld is not None:
+        if fld is not None and fld in self.colnames:
             s += f", column {self.colnames[fld]!r} (data.columns.{fld})"
+        elif fld is not None:  # no such column: the rating of data.columns.rating: null
+            s += f" (no {fld} column: data.columns.{fld} is null)"
         return s
 
 
@@ -549,6 +560,17 @@ def _split_line(line: bytes, delimiter: str) -> list[str]:
         return text.split(delimiter)
 
 
+def _split_lines(lines: list[bytes], delimiter: str) -> list[list[str]]:
+    """The fields of each line (:func:`_split_line`); a line it cannot split gives none."""
+    out = []
+    for ln in lines:
+        try:
+            out.append(_split_line(ln, delimiter))
+        except csv.Error:
+            out.append([])
+    return out
+
+
 def _is_int(s: str) -> bool:
     """Whether Arrow reads ``s`` as an int64 (ASCII digits, an optional '-')."""
     return re.fullmatch(r"-?[0-9]+", s) is not None
@@ -569,15 +591,20 @@ def _sniff_delimiter(first: bytes) -> str:
     return ","
 
 
-def _has_header(f: InputFile, spec: InputSpec, first: list[str]) -> bool:
-    """Whether the file starts with a header line (``first``: its first line's fields)."""
+def _has_header(
+    f: InputFile, spec: InputSpec, first: list[str], rest: Callable[[], list[list[str]]] = list
+) -> bool:
+    """Whether the file starts with a header line (``first``: its first line's fields;
+    ``rest()``: those of the next lines sniffed)."""
     named = any(isinstance(v, str) for v in spec.columns.values())
     header = spec.header
     if header == "auto":
         if named:
             return True
         # Columns by position: a header unless the rating column of line 1 is a number.
-        pos = spec.columns["rating"]
+        pos = spec.columns.get("rating")
+        if pos is None:
+            return _header_without_ratings(f, spec, first, rest())
         return not (isinstance(pos, int) and pos < len(first) and _is_float(first[pos]))
     if named and not header:
         bad = [k for k, v in spec.columns.items() if isinstance(v, str)]
@@ -586,6 +613,33 @@ def _has_header(f: InputFile, spec: InputSpec, first: list[str]) -> bool:
             "data.header is false: give 0-based column positions for a file without a header"
         )
     return bool(header)
+
+
+def _header_without_ratings(
+    f: InputFile, spec: InputSpec, first: list[str], rest: list[list[str]]
+) -> bool:
+    """``data.header: auto`` with columns by position and no rating column: line 1 is data
+    when it looks like data (both ids, or the timestamp, are numbers), a header when it does
+    not but the next lines do; ids and timestamps that are text throughout (or a file of one
+    line) leave no way to tell."""
+    ids = [spec.columns[fld] for fld in ID_FIELDS]
+    t = spec.columns.get("timestamp")
+
+    def numbers(fields: list[str], cols: list) -> bool:
+        return all(isinstance(p, int) and p < len(fields) and _is_float(fields[p]) for p in cols)
+
+    def data_like(fields: list[str]) -> bool:
+        return numbers(fields, ids) or (t is not None and numbers(fields, [t]))
+
+    if data_like(first):
+        return False
+    if any(rest) and all(data_like(r) for r in rest if r):
+        return True
+    raise InputError(
+        f"{f.path}: cannot tell whether line 1 is a header (data.header is auto, the columns "
+        "are positions, there is no rating column, and the ids and timestamps are not all "
+        "numbers): set data.header to true or false"
+    )
 
 
 def _select_columns(
@@ -654,7 +708,7 @@ def _sniff_csv(f: InputFile, spec: InputSpec) -> tuple[_CsvLayout, dict[str, str
         raise InputError(f"{f.path}: the file is empty (no ratings)")
     delimiter = spec.delimiter or _sniff_delimiter(lines[0])
     first = _split_line(lines[0], delimiter)
-    header = _has_header(f, spec, first)
+    header = _has_header(f, spec, first, lambda: _split_lines(lines[1:50], delimiter))
     ncols = len(first)
     hint = (
         f" Only one column was found: is the delimiter right (data.delimiter, now {delimiter!r})?"
@@ -1004,7 +1058,10 @@ def _make_batch(
     b = Batch(file, kind, first, None, None, None, None, colnames)  # type: ignore[arg-type]
     b.user = _check_ids(b, "user", cols["user"], spec, text=kind == "line")
     b.item = _check_ids(b, "item", cols["item"], spec, text=kind == "line")
-    b.rating = _ratings(b, cols["rating"])
+    if "rating" in cols:
+        b.rating = _ratings(b, cols["rating"])
+    else:  # data.columns.rating: null: every event counts 1
+        b.rating = np.ones(len(cols["user"]), dtype=np.float64)
     b.timestamp = _timestamps(b, cols["timestamp"]) if "timestamp" in cols else None
     return b
 

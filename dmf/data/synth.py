@@ -1,8 +1,11 @@
-"""Planted-truth ratings of any size, streamed to Parquet or CSV.
+"""Planted-truth ratings (or implicit-feedback events) of any size, streamed to Parquet or CSV.
 
 The ratings follow the model dmf fits, so tests and benchmarks can check recovery::
 
     r_ij = mu + b_i + c_j + u_i . v_j + N(0, noise^2)      then clip, then round
+
+With ``synth.implicit`` (``dmf synth --implicit``) the output is implicit feedback instead:
+events (plays, clicks), whose items carry a planted preference (see *Implicit feedback* below).
 
 - ``U`` (n_users x rank) and ``V`` (n_items x rank) have entries of variance
   ``factor_scale / sqrt(rank)``, so the interaction ``u_i . v_j`` has standard deviation
@@ -21,6 +24,35 @@ The ratings follow the model dmf fits, so tests and benchmarks can check recover
   of popularity draws (successive sampling), or, for users who rate a large share of all items,
   the same distribution through Gumbel top-k keys.
 
+Implicit feedback (``synth.implicit``): ``U``, ``V`` (with the tail), the activity and popularity
+weights and the per-user counts are drawn as above (``mu``, ``noise``, ``bias_scale``, ``clip``
+and ``round_to`` do not apply); a user's count is now its number of event
+*rows* (at most ``n_items``; they sum to exactly ``n_ratings``). Each row's item is drawn, with
+replacement, from::
+
+    P(item j | user i)  proportional to  w_j exp(beta u_i . v_j)
+
+``w_j`` the popularity weight, ``beta = PREFERENCE_NATS / sqrt(factor_scale^2 + tail_scale^2)``
+(2 nats over the planted scores' standard deviation: beta = 4 at the default factor_scale 0.5;
+0 without factors, which leaves popularity alone).
+The preference term then varies by about 2 nats over a user's items against popularity's
+``item_skew`` (0.8 by default): preference clearly beats popularity, and the factors are
+recoverable from the events; ``factor_scale`` only scales ``U`` and ``V`` (and, with the tail,
+their share against it). Drawn with replacement, a user's favourite items come up again and
+again: those are repeated rows of one (user, item) pair, each its own event with its own
+timestamp, which ingest adds up (``data.duplicates: sum``). Each row's rating column is the
+event's count, ``1 + G`` with G geometric(1/2) (1, 2, 3, ... with probability 1/2, 1/4, 1/8,
+...; mean 2). Sampling a user's row costs a pass over every item (its scores, summed dimension by
+dimension, and their cumulative probabilities, in sub-batches of users of bounded size), so the
+time grows with users x items x (rank + tail_rank), not with the rows: fine up to about 1e10
+user-item cells (1M events of 20k users x 2k items at rank 8: about a second). Memory adds
+``top_items`` (40 bytes a user) and about 40 MiB per generating thread for a sub-batch. ``truth.npz`` also holds ``beta``, ``log_popularity`` (log w_j, normalised, by
+item id) and ``top_items``: each user's ``TOP_ITEMS`` items of highest ``u_i . v_j``, best first;
+its ``b``, ``c``, ``mu`` and ``noise`` are 0 (the model of implicit feedback has none). The
+summary (``synth.json``) adds ``distinct_pairs``, ``repeated_rows``, ``beta``, and the mean
+planted score of the rows' items against what popularity alone would give
+(``event_score_mean``, ``popularity_score_mean``).
+
 Every random number after the global set-up (counts, factors, permutations, all from ``seed``) is
 a counter-based hash of (seed, stream, user, draw or item) (splitmix64, :mod:`dmf.data.hashing`),
 not the state of a generator, so each user's items, ratings and timestamps depend on nothing but
@@ -30,10 +62,11 @@ chunk size bounds it, not ``n_ratings``.
 
 Output directory (a local path or a URL: ``s3://bucket/prefix``)::
 
-    out/ratings/part-NNNNN.TOKEN.parquet|csv   user, item (int64), rating (float32), timestamp
-                                         (int64), sorted by (user, item); files hold contiguous
-                                         user ranges
-    out/truth.TOKEN.npz                  U, V, b, c, mu, noise
+    out/ratings/part-NNNNN.TOKEN.parquet|csv   user, item (int64), rating (float32; implicit:
+                                         the event's count), timestamp (int64), sorted by (user,
+                                         item[, timestamp]); files hold contiguous user ranges
+    out/truth.TOKEN.npz                  U, V, b, c, mu, noise (implicit: and beta,
+                                         log_popularity, top_items)
     out/synth.json                       the settings and a summary (counts, rating range, ...),
                                          and the manifest: every file with its size and CRC-32
 
@@ -123,6 +156,16 @@ GUMBEL_ELEMENTS = 1 << 20  # users x items per Gumbel sub-batch (8 MiB of float6
 DOT_ROWS = 1 << 18  # rows per sub-batch of the factor dot products
 
 _STREAM_ITEMS, _STREAM_GUMBEL, _STREAM_NOISE, _STREAM_TIME = 1, 2, 3, 4
+_STREAM_EVENTS, _STREAM_COUNTS = 5, 6
+
+PREFERENCE_NATS = 2.0
+"""Implicit feedback: the standard deviation, in nats of log-probability, of the preference
+term ``beta * u_i . v_j`` over a user's items; beta is this over the planted scores' standard
+deviation, ``sqrt(factor_scale^2 + tail_scale^2)``. Popularity's term, ``log w_j``, varies by
+about ``item_skew`` nats (0.8 by default): preference clearly dominates which items a user's
+events fall on, and popularity still shapes them."""
+TOP_ITEMS = 10
+"""Implicit feedback: each user's planted top items (highest u_i . v_j) kept in ``truth.npz``."""
 
 
 class OutputExistsError(DmfError, FileExistsError):
@@ -256,8 +299,34 @@ class _Plan:
         self.cum = np.concatenate([[0], np.cumsum(self.counts)])
         self.keys = {
             s: _stream_key(cfg.seed, s)
-            for s in (_STREAM_ITEMS, _STREAM_GUMBEL, _STREAM_NOISE, _STREAM_TIME)
+            for s in (
+                _STREAM_ITEMS,
+                _STREAM_GUMBEL,
+                _STREAM_NOISE,
+                _STREAM_TIME,
+                _STREAM_EVENTS,
+                _STREAM_COUNTS,
+            )
         }
+        if cfg.implicit:
+            self._implicit_plan()
+
+    def _implicit_plan(self) -> None:
+        """What implicit feedback adds: beta, the items' popularity as probabilities, the
+        factors laid out for the score sums, and room for each user's top items."""
+        cfg = self.cfg
+        # The planted scores' standard deviation: factor_scale from the rank, tail_scale from
+        # the tail.
+        spread = math.hypot(
+            cfg.factor_scale if cfg.rank else 0.0, cfg.tail_scale if cfg.tail_rank else 0.0
+        )
+        self.beta = PREFERENCE_NATS / spread if spread > 0 and self.U.shape[1] else 0.0
+        lw = self.item_log_w - self.item_log_w.max()
+        self.item_log_p = (lw - math.log(np.exp(lw).sum())).astype(np.float32)
+        self.item_p = np.exp(self.item_log_p.astype(np.float64))
+        self.VT = np.ascontiguousarray(self.V.T)
+        self.top_k = min(TOP_ITEMS, cfg.n_items)
+        self.top_items = np.zeros((cfg.n_users, self.top_k), dtype=np.int32)
 
 
 def _user_counts(p: np.ndarray, n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
@@ -441,6 +510,16 @@ class _Stats:
     """Sum of squared differences from the noise-free ratings (float64)."""
     lowest: float = math.inf
     highest: float = -math.inf
+    distinct: int = 0
+    """Implicit feedback: distinct (user, item) pairs (the others are repeated rows)."""
+    event_score: float = 0.0
+    """Implicit feedback: sum of the planted scores u_i . v_j of the rows' items (float64)."""
+    popularity_score: float = 0.0
+    """Implicit feedback: what that sum would be in expectation, were the items drawn by
+    popularity alone (each row's user's score averaged over the popularity weights)."""
+    first_user: int = 0
+    top: np.ndarray | None = None
+    """Implicit feedback: the planted top items of users ``first_user`` on (one chunk's)."""
 
     def add(self, other: _Stats) -> None:
         self.item_counts += other.item_counts
@@ -449,6 +528,9 @@ class _Stats:
         self.sq_err += other.sq_err
         self.lowest = min(self.lowest, other.lowest)
         self.highest = max(self.highest, other.highest)
+        self.distinct += other.distinct
+        self.event_score += other.event_score
+        self.popularity_score += other.popularity_score
 
 
 def _chunk_table(plan: _Plan, ua: int, ub: int) -> tuple[pa.Table, _Stats]:
@@ -458,6 +540,8 @@ def _chunk_table(plan: _Plan, ua: int, ub: int) -> tuple[pa.Table, _Stats]:
     throughout (the truth is float32, and the noise dwarfs float32 rounding).
     """
     cfg = plan.cfg
+    if cfg.implicit:
+        return _implicit_chunk_table(plan, ua, ub)
     u, i = _chunk_pairs(plan, ua, ub)
     n = len(u)
     r32 = np.empty(n, dtype=np.float32)
@@ -503,6 +587,143 @@ def _chunk_table(plan: _Plan, ua: int, ub: int) -> tuple[pa.Table, _Stats]:
     )
     table = pa.Table.from_arrays(
         [pa.array(u), pa.array(i), pa.array(r32), pa.array(ts)], schema=RATINGS_SCHEMA
+    )
+    return table, stats
+
+
+# -- implicit feedback: planted-preference events -------------------------------------------------
+
+
+def _scores(plan: _Plan, users: np.ndarray) -> np.ndarray:
+    """Planted scores u_i . v_j of ``users`` for every item, float32, shape (len(users),
+    n_items).
+
+    Summed dimension by dimension with elementwise NumPy operations, never a matrix product:
+    a BLAS kernel's rounding may depend on the shape of the product, and so on how users are
+    batched; here each score is the same whatever the chunk.
+    """
+    n_dims = plan.U.shape[1]
+    out = np.zeros((len(users), plan.cfg.n_items), dtype=np.float32)
+    if n_dims == 0:
+        return out
+    uu = np.take(plan.U, users, axis=0)
+    tmp = np.empty_like(out)
+    for d in range(n_dims):
+        np.multiply(uu[:, d : d + 1], plan.VT[d][None, :], out=tmp)
+        out += tmp
+    return out
+
+
+def _top_items(score: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k`` items of highest score, best first, int32, shape (rows, k)."""
+    n = score.shape[1]
+    if k < n:
+        idx = np.argpartition(-score, k - 1, axis=1)[:, :k]
+    else:
+        idx = np.broadcast_to(np.arange(n), score.shape)
+    order = np.argsort(-np.take_along_axis(score, idx, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(idx, order, axis=1).astype(np.int32)
+
+
+def _search_rows(cum: np.ndarray, rows: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """For each draw, the first column ``j`` of row ``rows[d]`` of ``cum`` (non-decreasing
+    along rows) with ``cum[rows[d], j] > target[d]``: a binary search, vectorised over the
+    draws. Every target is below its row's last value."""
+    n = cum.shape[1]
+    flat = cum.ravel()
+    base = rows.astype(np.int64) * n
+    lo = np.zeros(len(rows), dtype=np.int64)
+    hi = np.full(len(rows), n - 1, dtype=np.int64)
+    for _ in range(bits(n) + 1):
+        active = lo < hi
+        if not active.any():
+            break
+        mid = (lo + hi) >> 1
+        right = active & (np.take(flat, base + mid) <= target)
+        lo = np.where(right, mid + 1, lo)
+        hi = np.where(active & ~right, mid, hi)
+    return lo
+
+
+def _implicit_chunk_table(plan: _Plan, ua: int, ub: int) -> tuple[pa.Table, _Stats]:
+    """Events of users ``ua..ub-1`` as an Arrow table (sorted by user, item, timestamp), and
+    their statistics.
+
+    For each sub-batch of users (at most GUMBEL_ELEMENTS users x items): every item's planted
+    score (:func:`_scores`), the users' top items, and the cumulative event probabilities
+    ``p_ij`` proportional to ``w_j exp(beta u_i . v_j)`` (float64 sums along each user's row,
+    so a user's draws depend on nothing else). Draw ``j`` of user ``u`` inverts that
+    distribution at ``uniform(hash(u, j))``; its count is ``1 + G`` with G geometric(1/2) and
+    its timestamp uniform, both hashed from (u, j).
+    """
+    cfg = plan.cfg
+    n_items = cfg.n_items
+    users = np.arange(ua, ub, dtype=np.int64)
+    ks = plan.counts[ua:ub]
+    rows = max(1, GUMBEL_ELEMENTS // n_items)
+    top = np.empty((ub - ua, plan.top_k), dtype=np.int32)
+    beta = np.float32(plan.beta)
+    parts_u, parts_i, parts_j = [], [], []
+    event_score = popularity_score = 0.0
+    for s in range(0, ub - ua, rows):
+        uu, kk = users[s : s + rows], ks[s : s + rows]
+        score = _scores(plan, uu)
+        top[s : s + len(uu)] = _top_items(score, plan.top_k)
+        has = kk > 0
+        if not has.any():
+            continue
+        uu, kk, score = uu[has], kk[has], score[has]
+        popularity_score += float(kk @ (score.astype(np.float64) @ plan.item_p))
+        logit = score * beta
+        logit += plan.item_log_p[None, :]
+        logit -= logit.max(axis=1, keepdims=True)
+        np.exp(logit, out=logit)
+        cum = np.cumsum(logit, axis=1, dtype=np.float64)
+        del logit
+        r = np.repeat(np.arange(len(uu), dtype=np.int64), kk)
+        j = np.arange(len(r), dtype=np.int64) - np.repeat(np.cumsum(kk) - kk, kk)
+        u_rep = uu[r]
+        u01 = _uniform(splitmix64(_pair_counter(u_rep, j), plan.keys[_STREAM_EVENTS]))
+        total = cum[:, -1]
+        # Below the row's total even where u01 * total rounds up to it.
+        target = np.minimum(u01 * total[r], np.nextafter(total, 0.0)[r])
+        item = _search_rows(cum, r, target)
+        del cum, target, u01
+        event_score += float(np.take(score.ravel(), r * n_items + item).sum(dtype=np.float64))
+        parts_u.append(u_rep)
+        parts_i.append(item)
+        parts_j.append(j)
+    if parts_u:
+        u, i, j = (np.concatenate(p) for p in (parts_u, parts_i, parts_j))
+    else:
+        u = i = j = np.empty(0, dtype=np.int64)
+    counter = _pair_counter(u, j)
+    # Count 1 + G, G ~ geometric(1/2) on {0, 1, ...}: P(G >= g) = 2^-g.
+    g = np.floor(-np.log2(_uniform(splitmix64(counter, plan.keys[_STREAM_COUNTS]))))
+    count = (1.0 + g).astype(np.float32)
+    h = splitmix64(counter, plan.keys[_STREAM_TIME]) >> np.uint64(32)
+    h *= np.uint64(T1 - T0)
+    h >>= np.uint64(32)
+    ts = h.view(np.int64) + T0
+    del counter, h, g
+    order = np.lexsort((j, ts, i, u))
+    u, i, count, ts = u[order], i[order], count[order], ts[order]
+    n = len(u)
+    repeats = int(((u[1:] == u[:-1]) & (i[1:] == i[:-1])).sum()) if n else 0
+    stats = _Stats(
+        item_counts=np.bincount(i, minlength=n_items),
+        n=n,
+        rating_sum=float(count.sum(dtype=np.float64)),
+        lowest=float(count.min()) if n else math.inf,
+        highest=float(count.max()) if n else -math.inf,
+        distinct=n - repeats,
+        event_score=event_score,
+        popularity_score=popularity_score,
+        first_user=ua,
+        top=top,
+    )
+    table = pa.Table.from_arrays(
+        [pa.array(u), pa.array(i), pa.array(count), pa.array(ts)], schema=RATINGS_SCHEMA
     )
     return table, stats
 
@@ -674,13 +895,16 @@ def _write_ratings(
         for ua, ub in _pairs(_chunk_bounds(plan.cum, fbounds[f], fbounds[f + 1], chunk_ratings))
     ]
     totals = _Stats(item_counts=np.zeros(cfg.n_items, dtype=np.int64))
-    writer = _Writer(commit, cfg.format, cfg.round_to is not None)
+    # Counts of implicit feedback are small integers: dictionary pages pay off, as for stars.
+    writer = _Writer(commit, cfg.format, cfg.round_to is not None or cfg.implicit)
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="dmf-synth-write") as pool:
             files = _RatingFiles(pool, writer, paths)
             for f, table, stats in _generate(plan, chunks, threads):
                 files.write(f, table)
                 totals.add(stats)
+                if stats.top is not None:
+                    plan.top_items[stats.first_user : stats.first_user + len(stats.top)] = stats.top
                 bar.update(len(table))
             files.finish()
     except BaseException:
@@ -696,6 +920,18 @@ def _summary(plan: _Plan, totals: _Stats, names: list[str], seconds: float) -> d
     cfg = plan.cfg
     n = cfg.n_ratings
     item_counts = totals.item_counts
+    implicit = (
+        {
+            "feedback": "implicit",
+            "beta": plan.beta,
+            "distinct_pairs": totals.distinct,
+            "repeated_rows": n - totals.distinct,
+            "event_score_mean": totals.event_score / n,
+            "popularity_score_mean": totals.popularity_score / n,
+        }
+        if cfg.implicit
+        else {"feedback": "explicit"}
+    )
     return {
         "dmf_version": __version__,
         "config": cfg.model_dump(mode="json"),
@@ -711,7 +947,8 @@ def _summary(plan: _Plan, totals: _Stats, names: list[str], seconds: float) -> d
         "rating_mean": totals.rating_sum / n,
         "rating_min": totals.lowest,
         "rating_max": totals.highest,
-        "noise_rmse": math.sqrt(totals.sq_err / n),
+        "noise_rmse": None if cfg.implicit else math.sqrt(totals.sq_err / n),
+        **implicit,
         "timestamp_range": [T0, T1 - 1],
         "format": cfg.format,
         "columns": {
@@ -746,16 +983,30 @@ def _write_truth(commit: Commit, plan: _Plan) -> None:
     """``truth.npz``: through a local temporary file, since ``np.savez`` needs a seekable one
     (the bytes are those of ``np.savez`` to a file), then streamed into the commit."""
     cfg = plan.cfg
+    if cfg.implicit:
+        # The model of implicit feedback has no mean, biases or noise: u_i . v_j alone.
+        arrays = {
+            "U": plan.U,
+            "V": plan.V,
+            "b": np.zeros_like(plan.b),
+            "c": np.zeros_like(plan.c),
+            "mu": np.float64(0.0),
+            "noise": np.float64(0.0),
+            "beta": np.float64(plan.beta),
+            "log_popularity": plan.item_log_p,
+            "top_items": plan.top_items,
+        }
+    else:
+        arrays = {
+            "U": plan.U,
+            "V": plan.V,
+            "b": plan.b,
+            "c": plan.c,
+            "mu": np.float64(cfg.mu),
+            "noise": np.float64(cfg.noise),
+        }
     with tempfile.TemporaryFile(prefix="dmf-truth-") as tmp:
-        np.savez(
-            tmp,
-            U=plan.U,
-            V=plan.V,
-            b=plan.b,
-            c=plan.c,
-            mu=np.float64(cfg.mu),
-            noise=np.float64(cfg.noise),
-        )
+        np.savez(tmp, **arrays)
         tmp.seek(0)
         with commit.open("truth.npz") as fh:
             shutil.copyfileobj(tmp, fh, 4 << 20)
@@ -771,6 +1022,12 @@ def _remove_empty_dirs(out: Location, existed: bool) -> None:
 
 
 def _validate(cfg: SynthConfig) -> None:
+    if cfg.implicit and cfg.n_ratings > cfg.n_users * cfg.n_items:
+        raise ConfigError(
+            f"synth.n_ratings: {cfg.n_ratings} events asked, but a user has at most as many "
+            f"event rows as items: {cfg.n_users} users x {cfg.n_items} items allow "
+            f"{cfg.n_users * cfg.n_items}; lower n_ratings or raise n_users/n_items"
+        )
     if cfg.n_ratings > cfg.n_users * cfg.n_items:
         raise ConfigError(
             f"synth.n_ratings: {cfg.n_ratings} ratings asked, but {cfg.n_users} users x "
@@ -802,7 +1059,8 @@ def synth(
     Parameters
     ----------
     cfg
-        The ``synth`` config section (sizes, rank, noise, skews, clip/round, seed, files, format).
+        The ``synth`` config section (sizes, rank, noise, skews, clip/round, seed, files, format;
+        ``implicit``: events of implicit feedback, ``n_ratings`` of them, instead of ratings).
     out
         Output directory: a local path or a URL (a :class:`dmf.store.storage.Location` carries
         its storage options). Written as a :class:`dmf.store.storage.Commit`: the files first,
@@ -829,7 +1087,9 @@ def synth(
         with ratings, max and median ratings per user), rating mean/min/max, ``noise_rmse`` (RMSE
         of the written ratings against the noise-free truth: what a perfect model scores), the
         logical names of the rating files (``ratings_files``), seconds and ratings per second;
-        and, as in the manifest, ``files`` (every file's entry) and ``version``.
+        and, as in the manifest, ``files`` (every file's entry) and ``version``. Implicit
+        feedback: ``noise_rmse`` is None, and ``distinct_pairs``, ``repeated_rows``, ``beta``,
+        ``event_score_mean`` and ``popularity_score_mean`` are added.
     """
     from tqdm import tqdm  # here, not at the top: keeps `import dmf` and the CLI light
 
@@ -901,7 +1161,8 @@ def synth_files(
 
 def load_truth(out: str | Path | Location, options: Mapping[str, Any] | None = None) -> dict:
     """The planted truth of the synth output ``out``: ``U``, ``V``, ``b``, ``c``, ``mu``,
-    ``noise`` as arrays, read through ``synth.json`` and checked against its size and CRC-32."""
+    ``noise`` (implicit feedback: and ``beta``, ``log_popularity``, ``top_items``) as arrays,
+    read through ``synth.json`` and checked against its size and CRC-32."""
     out = Location.of(out, options)
     entry = entries_of(_manifest_of(out))["truth.npz"]
     data = read_verified(out / (entry.path or "truth.npz"), entry, DmfError)

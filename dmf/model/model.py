@@ -80,6 +80,10 @@ HISTORY_FIELDS = [
 ]
 
 
+# history.csv's columns of implicit-feedback training, in place of the RMSEs.
+IMPLICIT_FIELDS = {"train_rmse": "train_loss", "validation_rmse": "validation_ndcg"}
+
+
 def versions() -> dict[str, str]:
     import dask
     import distributed
@@ -198,6 +202,16 @@ class Model:
     @property
     def dtype(self) -> str:
         return self.items.dtype
+
+    @property
+    def feedback(self) -> str:
+        """``explicit`` (ratings) or ``implicit`` (events: scores rank items, they are not
+        ratings), from the config the model was trained with."""
+        return str((self.config.get("model") or {}).get("feedback", "explicit"))
+
+    @property
+    def implicit(self) -> bool:
+        return self.feedback == "implicit"
 
     @property
     def rating_range(self) -> tuple[float, float] | None:
@@ -392,12 +406,36 @@ class Model:
             mc = ModelConfig.model_validate(self.config.get("model", {}))
         except Exception as exc:  # noqa: BLE001 - pydantic's error says which key
             raise ModelError(f"model config section 'model' is not valid: {exc}") from exc
+        imp = None
+        if mc.implicit:
+            from dmf.als.solver import Implicit
+
+            # The row solver does not matter for a single row: fold-in solves it exactly.
+            imp = Implicit(mc.alpha, mc.confidence, mc.eps, mc.biases)
         return {
             "reg": mc.reg,
             "reg_bias": mc.effective_reg_bias,
             "weighted_reg": mc.weighted_reg,
             "dtype": self.dtype,
+            "implicit": imp,
         }
+
+    def item_gram(self):
+        """Implicit feedback: the item side's :class:`dmf.als.solver.ImplicitGram`, computed
+        once per model object (what folding a user in holds fixed)."""
+        if getattr(self, "_item_gram", None) is None:
+            from dmf.als.solver import implicit_gram, sum_grams
+
+            biases = self.solve_params()["implicit"].biases
+            f, b = self.item_factors, self.item_bias
+            step = 1 << 16
+            self._item_gram = sum_grams(
+                [
+                    implicit_gram(np.hstack([f[lo : lo + step], b[lo : lo + step, None]]), biases)
+                    for lo in range(0, max(len(b), 1), step)
+                ]
+            )
+        return self._item_gram
 
     # -- using the model (see dmf.model.predict and dmf.model.recommend) -------------------------
     def predict_indices(
@@ -852,10 +890,14 @@ def commit_model(root: Location, c: Commit, doc: dict[str, Any], plot: bool) -> 
 def history_csv(history: list[dict[str, Any]]) -> str:
     """The text of history.csv: one row per iteration, the columns of :data:`HISTORY_FIELDS`."""
     buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+    fields = HISTORY_FIELDS
+    if any("validation_ndcg" in row for row in history):
+        # Implicit feedback: the weighted loss over every cell and the validation NDCG.
+        fields = [IMPLICIT_FIELDS.get(f, f) for f in HISTORY_FIELDS]
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     for row in history:
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in HISTORY_FIELDS})
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
     return buf.getvalue()
 
 

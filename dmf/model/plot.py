@@ -49,13 +49,20 @@ def convergence_figure(history: list[dict[str, Any]], model: Mapping[str, Any] |
     ax1.set_ylabel("objective J")
     ax1.set_yscale("log")
     ax1.set_title("objective")
-    ax2.plot(its, [_num(h.get("train_rmse")) for h in history], marker="o", label="train")
-    val = [_num(h.get("validation_rmse")) for h in history]
-    if any(math.isfinite(v) for v in val):
+    if _implicit(history):
+        # Implicit feedback: ranking quality of the validation users (no rating error).
+        val = [_num(h.get("validation_ndcg")) for h in history]
         ax2.plot(its, val, marker="s", label="validation")
+        ax2.set_ylabel("NDCG@k")
+        ax2.set_title("validation NDCG (implicit feedback)")
+    else:
+        ax2.plot(its, [_num(h.get("train_rmse")) for h in history], marker="o", label="train")
+        val = [_num(h.get("validation_rmse")) for h in history]
+        if any(math.isfinite(v) for v in val):
+            ax2.plot(its, val, marker="s", label="validation")
+        ax2.set_ylabel("RMSE")
+        ax2.set_title("RMSE")
     ax2.set_xlabel("iteration")
-    ax2.set_ylabel("RMSE")
-    ax2.set_title("RMSE")
     if history:
         _mark(ax1, ax2, history, model)
     ax2.legend(loc="best", fontsize="small")
@@ -72,6 +79,13 @@ def marked_iteration(
     on a tie); else, with no validation, the last one."""
     if model is not None and model.get("best_iteration") is not None:
         return int(model["best_iteration"]), "kept"
+    if _implicit(history):
+        scored = [
+            (-_num(h.get("validation_ndcg")), h["iteration"])
+            for h in history
+            if math.isfinite(_num(h.get("validation_ndcg")))
+        ]
+        return (min(scored)[1], "best") if scored else (history[-1]["iteration"], "last")
     scored = [
         (_num(h.get("validation_rmse")), h["iteration"])
         for h in history
@@ -108,6 +122,8 @@ def _mark(ax1, ax2, history: list[dict[str, Any]], model: Mapping[str, Any] | No
     rec = next((h for h in history if h["iteration"] == it), None)
     if rec is None:  # an iteration the history does not hold: the line alone
         y, curve = math.nan, "RMSE"
+    elif _implicit(history):
+        y, curve = _num(rec.get("validation_ndcg")), "validation NDCG"
     elif math.isfinite(_num(rec.get("validation_rmse"))):
         y, curve = _num(rec["validation_rmse"]), "validation RMSE"
     else:
@@ -117,6 +133,11 @@ def _mark(ax1, ax2, history: list[dict[str, Any]], model: Mapping[str, Any] | No
     for ax in (ax1, ax2):
         ax.axvline(it, color="0.5", linestyle=":", linewidth=1)
     ax2.plot([it], [y], marker="*", markersize=14, color="tab:red", linestyle="", label=label)
+
+
+def _implicit(history: list[dict[str, Any]]) -> bool:
+    """A history of implicit-feedback training (it records NDCG, not RMSE)."""
+    return any("validation_ndcg" in h for h in history)
 
 
 def _num(value: Any) -> float:

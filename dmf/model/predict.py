@@ -223,11 +223,20 @@ def fold_in(model: Model, items: Any, ratings: Any) -> tuple[np.ndarray, float, 
     info = ColdStart("fold_in", len(keep), "ratings", n_unknown, 0, n_unknown, handled("drop"))
     idx, r = idx[keep], r[keep]
     uniq, counts = np.unique(idx, return_counts=True)
-    if np.any(counts > 1):
+    p = model.solve_params()
+    if p["implicit"] is not None:
+        if np.any(r < 0):
+            raise InputError(
+                f"fold_in: weight {int(np.flatnonzero(r < 0)[0])} is negative; an implicit "
+                "model takes event weights >= 0"
+            )
+        # Events: repeats add up, as ingest's data.duplicates sum does.
+        idx, r = uniq, np.bincount(np.searchsorted(uniq, idx), weights=r, minlength=len(uniq))
+    elif np.any(counts > 1):
         dup = model.item_ids[int(uniq[np.argmax(counts > 1)])].as_py()
         raise InputError(f"fold_in: item {dup!r} is rated more than once; give each item once")
     block = RatingBlock.from_coo("user", 0, 1, np.zeros(len(idx), np.int64), idx, r)
-    p = model.solve_params()
+    imp = p["implicit"]
     sol = solve_block(
         block,
         model.item_factors,
@@ -237,6 +246,8 @@ def fold_in(model: Model, items: Any, ratings: Any) -> tuple[np.ndarray, float, 
         p["reg_bias"],
         p["weighted_reg"],
         dtype=p["dtype"],
+        implicit=imp,
+        gram=model.item_gram() if imp is not None else None,
     )
     return sol.factors[0], float(sol.bias[0]), info
 

@@ -27,7 +27,14 @@ import numpy as np
 # kernel (and with it SciPy's BLAS) before the task pins BLAS threads: threadpoolctl limits only
 # the libraries loaded so far.
 import dmf.als.kernels  # noqa: F401
-from dmf.als.solver import predict, solve_block
+from dmf.als.solver import (
+    Implicit,
+    ImplicitGram,
+    implicit_gram,
+    predict,
+    solve_block,
+    sum_grams,
+)
 from dmf.config import Config
 from dmf.dist.cluster import blas_single_thread, scheduler_workers
 from dmf.dist.tasks import gather_watched
@@ -79,6 +86,24 @@ class SolveParams:
     reg_bias: float
     weighted_reg: bool
     dtype: str
+    implicit: Implicit | None = None
+
+
+def solve_params(config: Config, store: Store) -> SolveParams:
+    """What every solve task of a run takes (mu is 0 under implicit feedback)."""
+    m = config.model
+    imp = None
+    if m.implicit:
+        tc = config.train
+        imp = Implicit(m.alpha, m.confidence, m.eps, m.biases, tc.solver, tc.cg_steps)
+    return SolveParams(
+        mu=0.0 if m.implicit else store.mu,
+        reg=m.reg,
+        reg_bias=m.effective_reg_bias,
+        weighted_reg=m.weighted_reg,
+        dtype=m.dtype,
+        implicit=imp,
+    )
 
 
 @dataclass(frozen=True)
@@ -97,6 +122,18 @@ class SolvedBlock:
     sse: float
     penalty: float
     nnz: int
+    gram: ImplicitGram | None = None
+    """Implicit feedback: the new rows' share of the side's :class:`ImplicitGram`, which the
+    next half-step holds fixed."""
+
+
+def gram_task(ref: SideBlockRef, biases: bool) -> ImplicitGram:
+    """One block's share of a side's :class:`ImplicitGram` (implicit feedback). BLAS pinned to
+    one thread, as in the solve tasks that return the same shares: a threaded product may add
+    up in another order, and a resumed run must get the same bits."""
+    rows = read_side_block(ref)
+    with blas_single_thread():
+        return implicit_gram(rows, biases)
 
 
 def load_block(ref: BlockRef) -> RatingBlock:
@@ -132,15 +169,21 @@ def solve_block_task(
     pieces: list | None,
     params: SolveParams,
     out: BlockTarget,
+    gram: ImplicitGram | None = None,
+    previous: SideBlockRef | None = None,
 ) -> SolvedBlock:
     """Solve one block on a worker and write its rows as block ``out.block`` of the new side
     version.
 
     ``block``: a cached RatingBlock, or where to read it. ``fixed``: the whole fixed side
-    (broadcast), or what this block needs to assemble its compact one from ``pieces``."""
+    (broadcast), or what this block needs to assemble its compact one from ``pieces``.
+    Implicit feedback: ``gram`` is the whole fixed side's :class:`ImplicitGram`, ``previous``
+    the block's rows before this half-step (where ``train.solver: cg`` starts; None: zeros)."""
     if not isinstance(block, RatingBlock):
         block = read_block_file(block)
     local, side = _fixed_for(block, fixed, pieces)
+    imp = params.implicit
+    prev = read_side_block(previous) if imp is not None and previous is not None else None
     with blas_single_thread():
         sol = solve_block(
             local,
@@ -152,9 +195,13 @@ def solve_block_task(
             params.weighted_reg,
             params.dtype,
             fixed_aug=side.aug,
+            implicit=imp,
+            gram=gram,
+            previous=prev,
         )
+        part = implicit_gram(sol.rows, imp.biases) if imp is not None else None
     entry = write_side_rows(out, out.block, sol.rows)
-    return SolvedBlock(out.block, entry, sol.sse, sol.penalty, sol.nnz)
+    return SolvedBlock(out.block, entry, sol.sse, sol.penalty, sol.nnz, part)
 
 
 def validation_task(
@@ -181,10 +228,68 @@ def validation_task(
     return float(np.square(r - pred).sum()), len(r)
 
 
+def ranking_validation_task(
+    heldout: tuple[Location, FileEntry],
+    users: SideBlockRef,
+    train: RatingBlock | BlockRef,
+    fixed: FixedSide,
+    k: int,
+    cap: int,
+    seed: int,
+    cold: np.ndarray,
+) -> tuple[float, int]:
+    """Implicit feedback: the sum of NDCG@k over (at most ``cap`` of) one user block's
+    validation users, and their number. Every item is ranked by u_i . v_j (+ c_j with biases),
+    in the factors' own dtype, the user's train items excluded; every held-out event of weight
+    above 0 is relevant, and one on an item without train events (``cold``) is never a hit, as
+    in :func:`dmf.model.evaluate.evaluate`. The users are those with the smallest hash of (seed,
+    user index): a sample that does not depend on the blocks."""
+    from dmf.data.hashing import splitmix64
+    from dmf.model.evaluate import ranking_from_hits
+    from dmf.model.scoring import csr_rows, default_tile_users, top_n
+
+    t = read_table(*heldout, columns=["user", "item", "rating"])
+    relevant = t.column("rating").to_numpy() > 0
+    u = t.column("user").to_numpy().astype(np.int64)[relevant] - users.start
+    i = t.column("item").to_numpy().astype(np.int64)[relevant]
+    sel = np.unique(u)
+    if len(sel) > cap:
+        keys = splitmix64((sel + users.start).astype(np.uint64), np.uint64(seed))
+        sel = np.sort(sel[np.argsort(keys, kind="stable")[:cap]])
+    if not len(sel):
+        return 0.0, 0
+    if not isinstance(train, RatingBlock):
+        train = read_block_file(train)
+    x = read_side_block(users)
+    rank = x.shape[1] - 1
+    v, c = fixed.factors, fixed.bias
+    n_items = len(v)
+    total = 0.0
+    step = default_tile_users(n_items)
+    with blas_single_thread():
+        for lo in range(0, len(sel), step):
+            rows = sel[lo : lo + step]
+            scores = x[rows, :rank].astype(v.dtype) @ v.T + c
+            r_of, cols = csr_rows(train.indptr, train.cols, rows)[:2]
+            scores[r_of, cols] = -np.inf
+            top, _ = top_n(scores, k)
+            pos = np.searchsorted(rows, u)
+            keep = (pos < len(rows)) & (rows[np.minimum(pos, len(rows) - 1)] == u)
+            rel = np.zeros(scores.shape, dtype=bool)
+            rel[pos[keep], i[keep]] = True
+            n_rel = rel.sum(axis=1)
+            rel[:, cold] = False
+            hits = np.take_along_axis(rel, top, axis=1)
+            total += float(ranking_from_hits(hits, n_rel, k)["ndcg"].sum())
+    return total, len(sel)
+
+
 def prediction_range(config: Config, store: Store) -> tuple[float, float] | None:
     """The rating range predictions are clipped to (under ``model.clip``): ``data.rating_range``,
     else the store's lowest and highest train rating (None for a store that predates that
     record)."""
+    if config.model.implicit:
+        return None  # scores rank items; they are not ratings
     if config.data.rating_range is not None:
         lo, hi = config.data.rating_range
         return float(lo), float(hi)
@@ -252,14 +357,10 @@ class HalfSteps:
         self.client = client
         self.work = work
         self.progress_disabled = progress_disabled
-        m = config.model
-        self.params = SolveParams(
-            mu=store.mu,
-            reg=m.reg,
-            reg_bias=m.effective_reg_bias,
-            weighted_reg=m.weighted_reg,
-            dtype=m.dtype,
-        )
+        self.params = solve_params(config, store)
+        # Implicit feedback: each side version's ImplicitGram, by its directory (the solve tasks
+        # that write a version return its blocks' shares; others are computed from the files).
+        self._grams: dict[str, ImplicitGram] = {}
         self.cached: dict[str, list] | None = None
         # Task keys must be unique per run: Dask hands back the result (or error) of any live
         # task with the same key. The hex token is dropped from the dashboard's task names.
@@ -337,6 +438,9 @@ class HalfSteps:
         rank = self.config.model.rank
         nnz = max(self.store.block_nnz(side), default=0)
         per_row = (rank + 1) * (8 + (4 if self.config.model.dtype == "float32" else 0)) + 40
+        if self.config.model.implicit and self.config.train.solver == "cg":
+            # The rows being replaced, where conjugate gradients start: read, then as float64.
+            per_row += (rank + 1) * (np.dtype(self.config.model.dtype).itemsize + 8)
         return 32 * nnz + self._largest_rows(side) * per_row
 
     def _compact_bytes(self, side: str) -> int:
@@ -577,9 +681,12 @@ class HalfSteps:
         return [_BlockCols(ref) for ref in self.store.block_refs(side)]
 
     # -- one half-step -------------------------------------------------------------------------------
-    def run(self, side: str, fixed: SideBlocks, it: int) -> HalfStepResult:
+    def run(
+        self, side: str, fixed: SideBlocks, it: int, current: SideBlocks | None = None
+    ) -> HalfStepResult:
         """Solve every row of ``side`` given the ``fixed`` side version; returns the new version
-        of ``side`` (written by the tasks) and the half-step's sums."""
+        of ``side`` (written by the tasks) and the half-step's sums. ``current``: the version of
+        ``side`` being replaced (implicit feedback's CG solver starts from it)."""
         from distributed import KilledWorker
 
         t0 = time.perf_counter()
@@ -593,8 +700,13 @@ class HalfSteps:
             routing = self._routing(f"{side}s", fixed.side, self._train_cols(side))
             xdir, _, for_destination = self._exchange(routing, fixed, it, f"{side}s")
             per_block = [for_destination(d) for d in range(self.store.n_blocks(side))]
+        gram = previous = None
+        if self.params.implicit is not None:
+            gram = self.gram(fixed)
+            if self.params.implicit.solver == "cg" and current is not None:
+                previous = current.refs()
         try:
-            done = self._solve_blocks(side, it, root, tok, per_block)
+            done = self._solve_blocks(side, it, root, tok, per_block, gram, previous)
         except KilledWorker as exc:
             raise TrainingError(
                 f"{side} half-step of iteration {it}: {exc}. {_WORKERS_DIED}"
@@ -612,6 +724,8 @@ class HalfSteps:
             tuple(done[b].entry for b in range(len(done))),
             math.fsum(d.penalty for d in done.values()),
         )
+        if self.params.implicit is not None:
+            self._grams = {new.root.url: sum_grams([done[b].gram for b in range(len(done))])}
         # fsum is exact, so the sums do not depend on the order blocks finished in.
         receivers = min(len(self.worker_memory()), self.store.n_blocks(side))
         return HalfStepResult(
@@ -623,7 +737,30 @@ class HalfSteps:
             seconds=time.perf_counter() - t0,
         )
 
-    def _solve_blocks(self, side, it, root, tok, per_block) -> dict[int, SolvedBlock]:
+    def gram(self, side: SideBlocks) -> ImplicitGram:
+        """The :class:`ImplicitGram` of a side version: kept from the half-step that wrote it,
+        else added up from one task per block (the initial items, a resumed run)."""
+        if side.root.url not in self._grams:
+            biases = self.params.implicit.biases
+            parts = self.gather(
+                [
+                    self.client.submit(
+                        gram_task,
+                        ref,
+                        biases,
+                        key=f"gram-{side.side}s-{version_of(side)}-{ref.block:05d}-{self.token}",
+                        pure=False,
+                    )
+                    for ref in side.refs()
+                ],
+                f"the Gram matrix of the {side.side} side",
+            )
+            self._grams[side.root.url] = sum_grams(parts)
+        return self._grams[side.root.url]
+
+    def _solve_blocks(
+        self, side, it, root, tok, per_block, gram=None, previous=None
+    ) -> dict[int, SolvedBlock]:
         """One solve task per block; returns each block's result as it completes."""
         from tqdm.auto import tqdm
 
@@ -636,6 +773,8 @@ class HalfSteps:
                 pieces,
                 self.params,
                 BlockTarget(root, tok, b),
+                gram,
+                None if previous is None else previous[b],
                 key=f"solve-{side}s-{it}-{b:05d}-{self.token}",
                 retries=self.config.train.retries,
                 pure=False,
@@ -667,6 +806,8 @@ class HalfSteps:
         blocks = self.store.split_blocks("validation")
         if not blocks or self.store.n_split("validation") == 0:
             return None
+        if self.params.implicit is not None:
+            return self._ranking_validation(users, items, blocks)
         if self.modes.get("user", "broadcast") == "broadcast":
             fixed_arg = self._broadcast(items)
             per_block = {b: (fixed_arg, None) for b in blocks}
@@ -696,6 +837,39 @@ class HalfSteps:
                 remove_quietly(xdir)
         n = sum(p[1] for p in parts)
         return math.sqrt(math.fsum(p[0] for p in parts) / n) if n else None
+
+    def _ranking_validation(self, users: SideBlocks, items: SideBlocks, blocks) -> float | None:
+        """Implicit feedback: mean NDCG@k (``evaluate.k``) of a sample of the validation users
+        (``train.validation_users``, spread over the blocks by their share of the split).
+        Ranking needs every item, so the item side is assembled whatever ``train.exchange``
+        says (it is the small side of the problems dmf is built for)."""
+        fixed = self._broadcast(items)
+        inputs = self._block_inputs("user")
+        cap = self.config.train.validation_users
+        cold = np.flatnonzero(self.store.counts("item") == 0)
+        n_val = self.store.n_split("validation")
+        futs = []
+        for b in blocks:
+            ref = self.store.split_ref("validation", b)
+            share = max(1, math.ceil(cap * ref[1].rows / n_val)) if ref[1].rows else cap
+            futs.append(
+                self.client.submit(
+                    ranking_validation_task,
+                    ref,
+                    users.ref(b),
+                    inputs[b],
+                    fixed,
+                    self.config.evaluate.k,
+                    share,
+                    self.config.split.seed,
+                    cold,
+                    key=f"validate-{version_of(users)}-{b:05d}-{self.token}",
+                    pure=False,
+                )
+            )
+        parts = self.gather(futs, "the validation NDCG")
+        n = sum(p[1] for p in parts)
+        return math.fsum(p[0] for p in parts) / n if n else None
 
     def gather(self, futures: list, what: str, on_result=None) -> list:
         """The futures' results in order, watched (:func:`dmf.dist.tasks.gather_watched`)."""

@@ -66,9 +66,23 @@ CHECKPOINT_FORMAT = 2
 log = logging.getLogger("dmf")
 
 
+def validation_loss(rec: dict[str, Any]) -> float | None:
+    """An iteration's validation figure as a loss (lower is better): the RMSE, or for implicit
+    feedback minus the NDCG."""
+    if "validation_ndcg" in rec:
+        v = rec["validation_ndcg"]
+        return None if v is None else -v
+    return rec["validation_rmse"]
+
+
+def validation_name(rec: dict[str, Any]) -> str:
+    return "NDCG" if "validation_ndcg" in rec else "RMSE"
+
+
 @dataclass
 class Best:
-    """The best model so far by validation RMSE (early stopping keeps it)."""
+    """The best model so far by validation RMSE, or minus NDCG for implicit feedback (early
+    stopping keeps it)."""
 
     rmse: float
     iteration: int
@@ -93,20 +107,21 @@ class Stopping:
 
     def update(self, rec: dict[str, Any], state: TrainState) -> str:
         """Take one iteration's record; returns why training stops now ('' to go on)."""
-        it, val, obj = rec["iteration"], rec["validation_rmse"], rec["objective"]
+        it, val, obj = rec["iteration"], validation_loss(rec), rec["objective"]
         es = self.config.early_stopping
         if es is not None and val is not None:
             if self.best is None or val < self.best.rmse - es.min_delta:
                 self.best = Best(val, it, state)  # immutable: its files are kept (GC)
             elif it - self.best.iteration >= es.patience and it >= es.min_iterations:
                 self.reason = (
-                    "early stopping: no better validation RMSE since iteration "
-                    f"{self.best.iteration}"
+                    f"early stopping: no better validation {validation_name(rec)} since "
+                    f"iteration {self.best.iteration}"
                 )
         tol, prev = self.config.tolerance, self.previous_objective
         if tol and prev is not None and not self.reason:
             rel = (prev - obj) / max(abs(prev), 1e-300)
-            if rel < tol:
+            # abs: under train.solver cg the objective may rise, which is not convergence.
+            if abs(rel) < tol:
                 self.reason = f"converged: relative objective change {rel:.2e} < tolerance {tol}"
         self.previous_objective = obj
         return self.reason
@@ -278,6 +293,11 @@ class Trainer:
         ``model.clip`` is left out: it changes predictions, never the factors (and checkpoints
         made before it existed resume)."""
         model = {k: v for k, v in self.config.to_dict()["model"].items() if k != "clip"}
+        if model["feedback"] == "explicit" and model["biases"]:
+            # The implicit-feedback keys change nothing here: left out, so checkpoints made
+            # before they existed resume.
+            for k in ("feedback", "alpha", "confidence", "eps", "biases"):
+                del model[k]
         return {"model": model, "store": self.store.fingerprint}
 
     def _may_overwrite(self, resume: bool) -> bool:
@@ -301,7 +321,7 @@ class Trainer:
         self.halfsteps.plan()
         # Compile the solver kernel here (or load it from numba's disk cache), so that workers
         # on this machine load it instead of all compiling it at once.
-        warm_up(self.config.model.dtype)
+        warm_up(self.config.model.dtype, self.config.model.implicit)
         state, progress = self._start(resume)
         if self.halfsteps.should_cache():
             self.halfsteps.cache_blocks()
@@ -421,7 +441,7 @@ class Trainer:
         """Solve ``side`` given the other side. Returns the state with the new version of
         ``side``, and the half-step's squared error, objective and ratings seen."""
         fixed = state.fixed_for(side)
-        res = self.halfsteps.run(side, fixed, it)
+        res = self.halfsteps.run(side, fixed, it, current=state.side(side))
         objective = res.sse + res.side.penalty + fixed.penalty
         return state.with_side(res.side), {
             "sse": res.sse,
@@ -434,10 +454,22 @@ class Trainer:
 
     def _record(self, it, after_users, after_items, seconds, validation) -> dict[str, Any]:
         n_train = self.store.n_train
+        if self.config.model.implicit:
+            # The weighted loss over every cell; ranking quality instead of rating error.
+            fit: dict[str, Any] = {
+                "train_rmse": None,
+                "train_loss": after_items["sse"],
+                "validation_rmse": None,
+                "validation_ndcg": validation,
+            }
+        else:
+            fit = {
+                "train_rmse": math.sqrt(after_items["sse"] / n_train) if n_train else None,
+                "validation_rmse": validation,
+            }
         return {
             "iteration": it,
-            "train_rmse": math.sqrt(after_items["sse"] / n_train) if n_train else None,
-            "validation_rmse": validation,
+            **fit,
             "objective": after_items["objective"],
             "objective_after_user_step": after_users["objective"],
             "seconds": seconds,
@@ -515,10 +547,14 @@ class Trainer:
         best = stopping.best
         if best is not None:
             final = best.state
-            meta.update(best_iteration=best.iteration, best_validation_rmse=best.rmse)
+            if self.config.model.implicit:
+                meta.update(best_iteration=best.iteration, best_validation_ndcg=-best.rmse)
+            else:
+                meta.update(best_iteration=best.iteration, best_validation_rmse=best.rmse)
             if best.iteration != len(progress.history):
+                what = "NDCG" if self.config.model.implicit else "RMSE"
                 self._say(
-                    f"dmf: keeping the model of iteration {best.iteration} (best validation RMSE)"
+                    f"dmf: keeping the model of iteration {best.iteration} (best validation {what})"
                 )
         # The directory exists once a checkpoint is written; it is only "overwritten" if it held
         # a model before this run (and a resumed run replaces its own model).
@@ -551,7 +587,7 @@ class Trainer:
                 for side in final.sides()
             }
             doc = {
-                "mu": self.store.mu,
+                "mu": self.halfsteps.params.mu,
                 # What predictions are clipped to while model.clip is on (the model's config
                 # has it; Model.clip switches it).
                 "rating_range": prediction_range(self.config, self.store),
@@ -579,10 +615,15 @@ class Trainer:
         return state.with_side(res)
 
     def _report(self, rec: dict[str, Any]) -> None:
-        val = rec["validation_rmse"]
+        if "validation_ndcg" in rec:
+            val = rec["validation_ndcg"]
+            k = self.config.evaluate.k
+            fit = f"val NDCG@{k} {'-' if val is None else f'{val:.4f}'}"
+        else:
+            val = rec["validation_rmse"]
+            fit = f"train RMSE {rec['train_rmse']:.4f}  val RMSE {'-' if val is None else f'{val:.4f}'}"
         self._say(
-            f"iter {rec['iteration']:3d}  train RMSE {rec['train_rmse']:.4f}  "
-            f"val RMSE {'-' if val is None else f'{val:.4f}'}  objective {rec['objective']:.6e}  "
+            f"iter {rec['iteration']:3d}  {fit}  objective {rec['objective']:.6e}  "
             f"{rec['seconds']:.2f} s  {(rec['ratings_per_second'] or 0) / 1e6:.2f}M ratings/s"
         )
 
