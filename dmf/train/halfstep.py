@@ -361,6 +361,7 @@ class HalfSteps:
         # Implicit feedback: each side version's ImplicitGram, by its directory (the solve tasks
         # that write a version return its blocks' shares; others are computed from the files).
         self._grams: dict[str, ImplicitGram] = {}
+        self._cold_items: np.ndarray | None = None  # items without train events (validation)
         self.cached: dict[str, list] | None = None
         # Task keys must be unique per run: Dask hands back the result (or error) of any live
         # task with the same key. The hex token is dropped from the dashboard's task names.
@@ -846,7 +847,9 @@ class HalfSteps:
         fixed = self._broadcast(items)
         inputs = self._block_inputs("user")
         cap = self.config.train.validation_users
-        cold = np.flatnonzero(self.store.counts("item") == 0)
+        if self._cold_items is None:  # read from the item id maps once per run
+            self._cold_items = np.flatnonzero(self.store.counts("item") == 0)
+        cold = self._cold_items
         n_val = self.store.n_split("validation")
         futs = []
         for b in blocks:

@@ -293,7 +293,7 @@ class Trainer:
         ``model.clip`` is left out: it changes predictions, never the factors (and checkpoints
         made before it existed resume)."""
         model = {k: v for k, v in self.config.to_dict()["model"].items() if k != "clip"}
-        if model["feedback"] == "explicit" and model["biases"]:
+        if model["feedback"] == "explicit":
             # The implicit-feedback keys change nothing here: left out, so checkpoints made
             # before they existed resume.
             for k in ("feedback", "alpha", "confidence", "eps", "biases"):
