@@ -68,7 +68,10 @@ def read_table_file(
     try:
         with loc.open("rb") as fh:
             if loc.name.endswith(PARQUET_SUFFIXES):
-                return pq.read_table(fh)
+                # A Python file object backs the reader: no Arrow threads (see
+                # dmf.store.storage.read_verified_buffer).
+                with pq.ParquetFile(fh) as pf:
+                    return pf.read(use_threads=False)
             return pcsv.read_csv(fh, **csv_options(loc.name, column_types))
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"cannot read {loc}: {exc}") from exc
@@ -117,7 +120,7 @@ def iter_columns(
             if loc.name.endswith(PARQUET_SUFFIXES):
                 pf = pq.ParquetFile(fh)
                 check_columns(loc, pf.schema_arrow.names, columns)
-                for b in pf.iter_batches(batch_size=batch_rows, columns=columns):
+                for b in pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
                     yield pa.Table.from_batches([b])
                 return
             reader = pcsv.open_csv(

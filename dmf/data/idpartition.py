@@ -140,12 +140,11 @@ def write_id_file(loc: Location, ids: pa.Array) -> None:
 
 def read_id_range(loc: Location, lo: int, hi: int) -> pa.Array:
     """Rows [lo, hi) of an id file (only the row groups holding them are read)."""
-    if hi <= lo:
-        pf = pq.ParquetFile(loc.open("rb"))
-        return pa.array([], type=pf.schema_arrow.field("id").type)
     first, last = lo // ID_ROW_GROUP, (hi - 1) // ID_ROW_GROUP
-    with loc.open("rb") as f:
-        pf = pq.ParquetFile(f)
-        t = pf.read_row_groups(list(range(first, last + 1)), columns=["id"])
+    # A Python file object backs the reader: no Arrow threads (see read_verified_buffer).
+    with loc.open("rb") as f, pq.ParquetFile(f) as pf:
+        if hi <= lo:
+            return pa.array([], type=pf.schema_arrow.field("id").type)
+        t = pf.read_row_groups(list(range(first, last + 1)), columns=["id"], use_threads=False)
     start = lo - first * ID_ROW_GROUP
     return t.column("id").combine_chunks().slice(start, hi - lo)

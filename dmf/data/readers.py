@@ -1191,7 +1191,14 @@ def _parquet_batches(f: InputFile, spec: InputSpec, pf: pq.ParquetFile) -> Itera
             select[fld] = col
     row = 1
     try:
-        for rb in pf.iter_batches(batch_size=spec.batch_rows, columns=list(select.values())):
+        # A remote file is read through Python file objects: no Arrow threads then (see
+        # dmf.store.storage.read_verified_buffer).
+        batches = pf.iter_batches(
+            batch_size=spec.batch_rows,
+            columns=list(select.values()),
+            use_threads=f.path.is_local,
+        )
+        for rb in batches:
             if rb.num_rows == 0:
                 continue
             cols = {fld: rb.column(col) for fld, col in select.items()}

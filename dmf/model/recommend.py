@@ -40,6 +40,7 @@ from dmf.store.storage import (
     FileEntry,
     Location,
     Target,
+    arrow_threads,
     atomic_file,
     open_parquet,
     preflight,
@@ -473,4 +474,6 @@ def _combine(files: list, sink, model: Model) -> None:
         for loc, entry in files:
             pf = open_parquet(loc, entry, error=ModelError)
             for g in range(pf.num_row_groups):
-                w.write_table(pf.read_row_group(g).cast(schema))
+                w.write_table(
+                    pf.read_row_group(g, use_threads=arrow_threads(loc, entry)).cast(schema)
+                )

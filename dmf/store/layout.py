@@ -50,6 +50,7 @@ from dmf.store.storage import (
     FileEntry,
     Location,
     Target,
+    arrow_threads,
     leftovers,
     open_parquet,
     read_manifest,
@@ -443,7 +444,9 @@ class Store:
         for b in self.split_blocks(name):
             loc, entry = self.split_ref(name, b)
             yield from open_parquet(loc, entry).iter_batches(
-                batch_size=batch_rows, columns=["user", "item", "rating"]
+                batch_size=batch_rows,
+                columns=["user", "item", "rating"],
+                use_threads=arrow_threads(loc, entry),
             )
 
     def n_split(self, name: str) -> int:

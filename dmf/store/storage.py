@@ -521,18 +521,53 @@ def read_verified(loc: Location, entry: FileEntry, error: type[Exception] = Stor
         raise _integrity_error(error, loc, "is missing (its manifest lists it)") from None
     except StorageError as exc:
         raise error(str(exc)) from exc
-    if len(data) != entry.bytes:
+    _check_read(loc, entry, len(data), crc32(data), error)
+    return data
+
+
+def read_verified_buffer(
+    loc: Location, entry: FileEntry, error: type[Exception] = StoreError
+) -> pa.Buffer:
+    """:func:`read_verified`, read straight into memory that Arrow owns: what Arrow's readers
+    are given, never Python bytes.
+
+    Arrow's thread pool may drop its last reference to a read's source after the read has
+    returned. Freeing a Python-owned source then takes the GIL from a pool thread, and when that
+    happens while the interpreter exits, the process aborts ("terminate called without an active
+    exception", apache/arrow#34314): a job that finished would report a crash."""
+    buf = pa.allocate_buffer(entry.bytes + 1)  # one byte more: a longer file shows
+    view = memoryview(buf)
+    n = 0
+    try:
+        with loc.open("rb") as fh:
+            while n < len(view) and (k := fh.readinto(view[n:])):
+                n += k
+    except FileNotFoundError:
+        raise _integrity_error(error, loc, "is missing (its manifest lists it)") from None
+    except StorageError as exc:
+        raise error(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - network, permissions: say which file
+        raise error(str(loc._fail("read", exc))) from exc
+    if n > entry.bytes:  # the size for the message
+        with contextlib.suppress(Exception):
+            n = loc.size()
+    _check_read(loc, entry, n, crc32(view[:n]), error)
+    return buf.slice(0, n)
+
+
+def _check_read(
+    loc: Location, entry: FileEntry, size: int, value: int, error: type[Exception]
+) -> None:
+    if size != entry.bytes:
         raise _integrity_error(
             error,
             loc,
-            f"has {len(data)} bytes, the manifest says {entry.bytes}: it is truncated or was "
-            "changed",
+            f"has {size} bytes, the manifest says {entry.bytes}: it is truncated or was changed",
         )
-    if crc32(data) != entry.crc32:
+    if value != entry.crc32:
         raise _integrity_error(
             error, loc, "is corrupt: its content does not match the checksum in its manifest"
         )
-    return data
 
 
 def verify_file(loc: Location, entry: FileEntry, error: type[Exception] = StoreError) -> None:
@@ -566,27 +601,43 @@ def read_table(
     error: type[Exception] = StoreError,
 ) -> pa.Table:
     """A Parquet file listed in a manifest, verified, then read (``columns``: a subset)."""
-    if entry.bytes > VERIFY_IN_MEMORY:
-        verify_file(loc, entry, error)
-        fs, path = loc.arrow()
-        source: Any = path
-    else:
-        source, fs = pa.BufferReader(read_verified(loc, entry, error)), None
+    pf = open_parquet(loc, entry, error)
     try:
-        return pq.read_table(source, columns=columns, filesystem=fs)
+        if columns is not None:
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise error(
+                    f"{loc.url} is not the Parquet file dmf wrote: it has no column "
+                    f"{missing[0]!r} (columns: {pf.schema_arrow.names})"
+                )
+        return pf.read(columns=columns, use_threads=arrow_threads(loc, entry))
     except (OSError, pa.ArrowException) as exc:
         raise error(f"{loc.url} is not readable Parquet: {exc}") from exc
+    finally:
+        pf.close()
 
 
 def open_parquet(
     loc: Location, entry: FileEntry, error: type[Exception] = StoreError
 ) -> pq.ParquetFile:
-    """A Parquet file listed in a manifest, verified (streaming), opened for batch reads."""
-    if entry.bytes <= VERIFY_IN_MEMORY:
-        return pq.ParquetFile(pa.BufferReader(read_verified(loc, entry, error)))
-    verify_file(loc, entry, error)
-    fs, path = loc.arrow()
-    return pq.ParquetFile(path, filesystem=fs)
+    """A Parquet file listed in a manifest, verified (streaming), opened for batch reads.
+
+    Read it with ``use_threads=arrow_threads(loc, entry)``: a remote file larger than
+    :data:`VERIFY_IN_MEMORY` is read through Python file objects."""
+    try:
+        if entry.bytes <= VERIFY_IN_MEMORY:
+            return pq.ParquetFile(pa.BufferReader(read_verified_buffer(loc, entry, error)))
+        verify_file(loc, entry, error)
+        fs, path = loc.arrow()
+        return pq.ParquetFile(path, filesystem=fs)
+    except (OSError, pa.ArrowException) as exc:
+        raise error(f"{loc.url} is not readable Parquet: {exc}") from exc
+
+
+def arrow_threads(loc: Location, entry: FileEntry) -> bool:
+    """Whether Arrow may read ``loc`` (opened by :func:`open_parquet`) on its thread pool: not
+    when Python file objects back it (see :func:`read_verified_buffer`)."""
+    return entry.bytes <= VERIFY_IN_MEMORY or loc.is_local
 
 
 # ---------------------------------------------------------------------------------------------
