@@ -500,18 +500,18 @@ def solve_rows_implicit(
                 for a in range(k):
                     p[a] = res[a] + beta * p[a]
                 rs = rs_new
-            if round32:
-                for a in range(k):
-                    x[a] = np.float64(np.float32(x[a]))
-            # x^T G x = x^T gram0 x + sum_obs (conf - 1) (a.x)^2 (ap: scratch).
-            _dgemv(
-                n_c, k_p, k_p, one_d, gram0.ctypes, k_p, x.ctypes, one_i, zero_d, ap.ctypes,
-                one_i,
-            )  # fmt: skip
+            # x^T G x without one more product: CG carries res = rhs - (G + P) x, so
+            # G x = rhs - res - P x. Rounding x to float32 (x + d) adds 2 d.(G x) + d^T G d;
+            # |d| <= 2^-24 |x|, so the second term is below 1e-14 of x^T G x and left out.
             quad = 0.0
             for a in range(k):
-                quad += ap[a] * x[a]
-            quad += _weighted_squares(x, aug, cols, wts, lo, length, k)
+                gx = rhs[a] - res[a] - (lam[r] if a < kb else lam_b[r]) * x[a]
+                if round32:
+                    xr = np.float64(np.float32(x[a]))
+                    quad += (x[a] + 2.0 * (xr - x[a])) * gx
+                    x[a] = xr
+                else:
+                    quad += x[a] * gx
         cross = 0.0
         for a in range(k):
             cross += x[a] * rhs[a]
