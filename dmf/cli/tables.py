@@ -65,14 +65,18 @@ def read_table_file(
 ) -> pa.Table:
     """A whole CSV or Parquet file (by suffix), local or a URL."""
     loc = _existing(path, options)
+    # A Python file object backs the readers: no Arrow threads (see
+    # dmf.store.storage.read_verified_buffer).
     try:
         with loc.open("rb") as fh:
             if loc.name.endswith(PARQUET_SUFFIXES):
-                # A Python file object backs the reader: no Arrow threads (see
-                # dmf.store.storage.read_verified_buffer).
                 with pq.ParquetFile(fh) as pf:
                     return pf.read(use_threads=False)
-            return pcsv.read_csv(fh, **csv_options(loc.name, column_types))
+            return pcsv.read_csv(
+                fh,
+                read_options=pcsv.ReadOptions(use_threads=False),
+                **csv_options(loc.name, column_types),
+            )
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"cannot read {loc}: {exc}") from exc
 
