@@ -197,7 +197,8 @@ def test_one_long_item_id_costs_its_own_length(tmp_path):
         text=True,
         timeout=300,
     )
-    # Its stderr in the message: this process once died of SIGABRT in a full run, not alone.
+    # Its stderr in the message: this process used to die of SIGABRT at exit now and then, when
+    # Arrow's threads freed Python bytes then (see tests/test_storage_reads.py).
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
     out = proc.stdout.split()
     n_items, longest, extra_mib = (int(x) for x in out)

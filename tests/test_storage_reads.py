@@ -5,8 +5,8 @@ memory, and (above ``VERIFY_IN_MEMORY``) verified in a streaming pass, then read
 Each path gives the rows written, and a damaged file is an error naming it. The in-memory path
 reads into memory that Arrow owns: Arrow's threads may free a read's source after the read has
 returned, and a Python-owned source then needs the GIL, which aborted a finished process at exit
-("terminate called without an active exception", the flaky ingest subprocess in
-tests/test_ids.py)."""
+("terminate called without an active exception": the ingest subprocess of
+tests/test_ids.py died so now and then)."""
 
 from __future__ import annotations
 
