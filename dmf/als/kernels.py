@@ -316,19 +316,6 @@ def _add_sparse_product(ap, vec, aug, cols, wts, lo, length, k, kb, lam, lam_b):
             ap[a] += d * aug[c, a]
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _weighted_squares(x, aug, cols, wts, lo, length, k):  # pragma: no cover
-    """sum over the row's events of (conf - 1) (a.x)^2."""
-    total = 0.0
-    for t in range(length):
-        c = cols[lo + t]
-        d = 0.0
-        for a in range(k):
-            d += aug[c, a] * x[a]
-        total += wts[t] * d * d
-    return total
-
-
 @numba.njit(cache=True, nogil=True)
 def solve_rows_implicit(
     indptr,
